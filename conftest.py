@@ -1,0 +1,19 @@
+"""Test set-up shared by tests/ and compile_tests/.
+
+Without a GPU, Triton kernels run under the interpreter: TRITON_INTERPRET must be set before triton is
+imported, so it is set here, before any test module loads. Interpreter tests feed fp16/fp32 (its bf16 tl.dot is
+wrong on CPU).
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped cleanly without one)")

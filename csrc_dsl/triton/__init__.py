@@ -1,0 +1,1 @@
+"""Triton kernels: the portable GPU path (every CUDA arch), also runnable on CPU under TRITON_INTERPRET=1."""

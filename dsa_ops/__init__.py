@@ -1,0 +1,32 @@
+"""dsa_ops: DeepSeek sparse-attention kernels as `torch.ops.dsa.*` custom ops.
+
+Importing the package defines every op (`dsa_ops.ops`), registers the fakes (`meta_kernels`) and the
+autograd formulas; `dsa_ops.dispatch` picks the implementation per device (`python -m dsa_ops.backends`).
+"""
+from . import ops  # noqa: F401  (defines torch.ops.dsa.*)
+import meta_kernels  # noqa: F401,E402  (registers the fakes)
+
+from ._validate import DSAArgumentError  # noqa: E402
+from .api import (  # noqa: E402
+    dense_attn_score,
+    dense_indexer_loss,
+    indexer_logits,
+    indexer_loss,
+    indexer_topk,
+    indexer_topk_paged,
+    sparse_attention,
+    sparse_attention_backward,
+    sparse_attention_decode,
+    sparse_attn_score,
+    sparse_indexer_score,
+    topk,
+)
+from .dispatch import report as backend_report  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DSAArgumentError", "backend_report", "dense_attn_score", "dense_indexer_loss", "indexer_logits",
+    "indexer_loss", "indexer_topk", "indexer_topk_paged", "sparse_attention", "sparse_attention_backward",
+    "sparse_attention_decode", "sparse_attn_score", "sparse_indexer_score", "topk",
+]

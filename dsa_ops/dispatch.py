@@ -1,0 +1,248 @@
+"""The SM-arch dispatch table: op x arch -> ordered candidates; the first that supports the call wins.
+
+Reading guide:
+- `TABLE` below is the whole policy. A row lists, per arch, the implementations to try in order; the
+  pure-torch reference is always last, so every call has an implementation.
+- An implementation is named by "module:function" and imported lazily, so a missing optional
+  dependency (triton, nvidia-cutlass-dsl) makes that candidate *unavailable* (with the import error as the
+  reason), never breaks the op.
+- `supports` looks at the (already validated) arguments: dtype, head dims, H, k. It must be cheap.
+- `DSA_OPS_BACKEND` forces a backend, for tests and benchmarks: `reference`, `triton` or `cute`
+  for every op, or per op `topk=triton,sparse_attention=reference`. A forced backend that is unavailable or
+  does not support the call raises instead of silently falling back.
+- `python -m dsa_ops.backends` prints this table for the current machine.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+ENV_FORCE = "DSA_OPS_BACKEND"
+ARCHES = ("sm90", "sm100", "cuda", "cpu")
+HALF = (torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Predicates: what a kernel needs from the call. Arguments are those of the op, in schema order.
+# ------------------------------------------------------------------------------------------------------
+def any_call(*args) -> bool:
+    return True
+
+
+def half_inputs(x, *args) -> bool:
+    """Kernels compute on bf16/fp16 activations; fp32/fp64 calls (tests, gradcheck) go to the reference."""
+    return x.dtype in HALF
+
+
+def fp32_scores(scores, k, *args) -> bool:
+    return scores.dtype == torch.float32 and k <= 4096
+
+
+def half_topk(q_idx, k_idx, w, topk, *args) -> bool:
+    return q_idx.dtype in HALF and topk <= 4096
+
+
+def half_paged_topk(q_idx, k_cache, block_table, seq_lens, w, topk, *args) -> bool:
+    return q_idx.dtype in HALF and topk <= 4096
+
+
+def half_grad_of(grad, x, *args) -> bool:  # backward ops: the activation is the second argument
+    return x.dtype in HALF
+
+
+def attention_kernel(q, kv, indices, scale, d_v, *args) -> bool:
+    """The MLA shapes the attention kernels are built for: D in {512, 576}, d_v = 512, H <= 128."""
+    return q.dtype in HALF and q.shape[-1] in (512, 576) and d_v == 512 and q.shape[-2] <= 128
+
+
+def attention_backward_kernel(dout, q, kv, out, lse, indices, scale, d_v, *args) -> bool:
+    return attention_kernel(q, kv, indices, scale, d_v)
+
+
+def attention_decode_kernel(q, kv_cache, block_table, seq_lens, indices, scale, d_v, *args) -> bool:
+    return q.dtype in HALF and q.shape[-1] in (512, 576) and d_v == 512 and q.shape[-2] <= 128
+
+
+# ------------------------------------------------------------------------------------------------------
+# Candidates
+# ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Impl:
+    backend: str                       # "cute-sm90" | "triton" | "reference"
+    target: str                        # "package.module:function"
+    supports: Callable[..., bool] = any_call
+    requires: str = "any input"        # what `supports` checks, for the report
+
+    @property
+    def family(self) -> str:
+        return self.backend.split("-")[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _load(target: str) -> tuple[Optional[Callable], str]:
+    """Imports "module:function"; returns (function, "") or (None, why it is unavailable)."""
+    module, _, name = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except Exception as exc:  # ImportError, or a kernel module that fails to build its tables
+        return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return fn, ""
+
+
+def ref(family: str, op: str) -> Impl:
+    return Impl("reference", f"dsa_ops.reference.{family}:{op}")
+
+
+def triton(module: str, op: str, supports=half_inputs, requires="bf16/fp16 inputs") -> Impl:
+    return Impl("triton", f"csrc_dsl.triton.{module}:{op}", supports, requires)
+
+
+def cute_sm90(module: str, op: str, supports, requires: str) -> Impl:
+    return Impl("cute-sm90", f"csrc_dsl.cute.sm90.{module}:{op}", supports, requires)
+
+
+def gpu_rows(sm90: list[Impl], portable: list[Impl], reference: Impl) -> dict[str, list[Impl]]:
+    """SM90 tries its own kernels first; SM100 and other CUDA archs use the portable (Triton) path until an
+    SM100 kernel can be tested; the CPU uses the reference."""
+    return {
+        "sm90": [*sm90, *portable, reference],
+        "sm100": [*portable, reference],
+        "cuda": [*portable, reference],
+        "cpu": [reference],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+# THE TABLE
+# ------------------------------------------------------------------------------------------------------
+TABLE: dict[str, dict[str, list[Impl]]] = {
+    # indexer family
+    "indexer_logits": gpu_rows(
+        [], [], ref("indexer", "indexer_logits")),
+    "indexer_logits_backward": gpu_rows(
+        [], [], ref("indexer", "indexer_logits_backward")),
+    "topk": gpu_rows(
+        [], [], ref("indexer", "topk")),
+    "indexer_topk": gpu_rows(
+        [], [], ref("indexer", "indexer_topk")),
+    "indexer_topk_paged": gpu_rows(
+        [], [], ref("indexer", "indexer_topk_paged")),
+    "sparse_indexer_score": gpu_rows(
+        [], [], ref("indexer", "sparse_indexer_score")),
+    # attention family
+    "sparse_attention": gpu_rows(
+        [], [], ref("attention", "sparse_attention")),
+    "sparse_attention_backward": gpu_rows(
+        [], [], ref("attention", "sparse_attention_backward")),
+    "sparse_attention_decode": gpu_rows(
+        [], [], ref("attention", "sparse_attention_decode")),
+    "sparse_attn_score": gpu_rows(
+        [], [], ref("attention", "sparse_attn_score")),
+    "dense_attn_score": gpu_rows(
+        [], [], ref("attention", "dense_attn_score")),
+    # indexer training loss
+    "indexer_loss": gpu_rows(
+        [], [], ref("loss", "indexer_loss")),
+    "indexer_loss_backward": gpu_rows(
+        [], [], ref("loss", "indexer_loss_backward")),
+    "dense_indexer_loss": gpu_rows(
+        [], [], ref("loss", "dense_indexer_loss")),
+    "dense_indexer_loss_backward": gpu_rows(
+        [], [], ref("loss", "dense_indexer_loss_backward")),
+}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Picking
+# ------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def arch_of(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    major, _ = torch.cuda.get_device_capability(device)
+    if major == 9:
+        return "sm90"
+    if major >= 10:
+        return "sm100"
+    return "cuda"
+
+
+def forced_backend(op: str) -> Optional[str]:
+    """The backend forced for `op` by DSA_OPS_BACKEND, or None."""
+    value = os.environ.get(ENV_FORCE, "").strip()
+    if not value:
+        return None
+    if "=" not in value:
+        return value
+    for item in value.split(","):
+        name, _, backend = item.partition("=")
+        if name.strip() == op:
+            return backend.strip()
+    return None
+
+
+class NoImplementation(RuntimeError):
+    pass
+
+
+def pick(op: str, args: tuple) -> Callable:
+    """The implementation of `op` for these (validated) arguments."""
+    return choose(op, args)[1]
+
+
+def choose(op: str, args: tuple) -> tuple[Impl, Callable]:
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    arch = arch_of(device)
+    forced = forced_backend(op)
+    reasons = []
+    for impl in TABLE[op][arch]:
+        if forced is not None and impl.family != forced and impl.backend != forced:
+            continue
+        fn, why = _load(impl.target)
+        if fn is None:
+            reasons.append(f"{impl.backend}: unavailable ({why})")
+            continue
+        if not impl.supports(*args):
+            reasons.append(f"{impl.backend}: needs {impl.requires}")
+            continue
+        return impl, fn
+    raise NoImplementation(
+        f"dsa.{op}: no implementation for this call on {arch}"
+        + (f" with {ENV_FORCE}={forced!r}" if forced else "")
+        + ("; " + "; ".join(reasons) if reasons else "")
+    )
+
+
+def report(device: Optional[torch.device] = None) -> str:
+    """One line per op and candidate: what this machine would run, and why the others are skipped."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    arch = arch_of(device)
+    lines = [f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+             f"arch row: {arch}"]
+    forced = os.environ.get(ENV_FORCE)
+    if forced:
+        lines.append(f"{ENV_FORCE}={forced}")
+    width = max(len(op) for op in TABLE)
+    for op, rows in TABLE.items():
+        chosen = None
+        notes = []
+        for impl in rows[arch]:
+            fn, why = _load(impl.target)
+            f = forced_backend(op)
+            if f is not None and impl.family != f and impl.backend != f:
+                notes.append(f"{impl.backend} (not the forced backend)")
+            elif fn is None:
+                notes.append(f"{impl.backend} unavailable: {why}")
+            elif chosen is None:
+                chosen = impl
+                notes.append(f"{impl.backend} <- used when the call has {impl.requires}")
+            else:
+                notes.append(f"{impl.backend} (fallback)")
+        lines.append(f"{op:<{width}}  " + " | ".join(notes))
+    return "\n".join(lines)

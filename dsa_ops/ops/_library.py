@@ -1,0 +1,75 @@
+"""The one place that turns a schema + a check into a `torch.ops.dsa.<op>` with device kernels.
+
+Every op gets the same CPU/CUDA kernel: validate the arguments, ask the dispatch table for an
+implementation, call it. Fakes live in `meta_kernels/`, autograd formulas next to each op family.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import dispatch
+
+NAMESPACE = "dsa"
+LIB = torch.library.Library(NAMESPACE, "DEF")
+
+# name -> schema string, in definition order (pinned by compile_tests/test_schemas.py)
+SCHEMAS: dict[str, str] = {}
+
+
+def define(name: str, schema: str, check: Callable) -> None:
+    """Defines dsa::<name> with `schema` and registers its CPU and CUDA kernel."""
+    LIB.define(name + schema)
+    SCHEMAS[name] = name + schema
+    op = getattr(torch.ops.dsa, name).default
+    # The dispatcher drops trailing arguments that equal their defaults; put them back once, here,
+    # so checks and implementations always see the full positional argument list.
+    defaults = tuple(a.default_value for a in op._schema.arguments)
+    n_args = len(defaults)
+
+    def kernel(*args):
+        if len(args) < n_args:
+            args = args + defaults[len(args):]
+        check(*args)
+        return dispatch.pick(name, args)(*args)
+
+    kernel.__name__ = f"{name}_kernel"
+    LIB.impl(name, kernel, "CPU")
+    LIB.impl(name, kernel, "CUDA")
+
+
+def with_defaults(name: str, fn: Callable) -> Callable:
+    """Wraps a fake so it receives the full positional argument list, like the kernels."""
+    op = getattr(torch.ops.dsa, name).default
+    defaults = tuple(a.default_value for a in op._schema.arguments)
+    n_args = len(defaults)
+
+    def fake(*args):
+        if len(args) < n_args:
+            args = args + defaults[len(args):]
+        return fn(*args)
+
+    fake.__name__ = f"{name}_fake"
+    return fake
+
+
+def no_gradient(name: str) -> None:
+    """Outputs of ops with no gradient never require grad (instead of failing late in backward)."""
+
+    def setup_context(ctx, inputs, output):
+        outs = output if isinstance(output, tuple) else (output,)
+        ctx.mark_non_differentiable(*outs)
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"dsa.{name} has no gradient")  # unreachable: outputs are non-differentiable
+
+    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=LIB)
+
+
+def input_grads(ctx, grads: dict) -> tuple:
+    """Backward return value: `grads` maps input position -> gradient; an input that does not require grad
+    gets None. The dispatcher may pass fewer inputs than the schema has (trailing defaults dropped), so the
+    tuple has exactly `len(ctx.needs_input_grad)` entries."""
+    need = ctx.needs_input_grad
+    return tuple(grads.get(i) if need[i] else None for i in range(len(need)))

@@ -1,0 +1,51 @@
+"""Sparse MQA attention ops: forward (with its autograd), backward, paged decode, score recompute."""
+from __future__ import annotations
+
+import torch
+
+from .. import _validate as V
+from ._library import LIB, define, input_grads, no_gradient
+
+define("sparse_attention",
+       "(Tensor q, Tensor kv, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, "
+       "Tensor? topk_length=None) -> (Tensor, Tensor)",
+       V.check_sparse_attention)
+define("sparse_attention_backward",
+       "(Tensor dout, Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor indices, float scale, int d_v=512, "
+       "Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False) -> (Tensor, Tensor, Tensor)",
+       V.check_sparse_attention_backward)
+define("sparse_attention_decode",
+       "(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, "
+       "int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor)",
+       V.check_sparse_attention_decode)
+define("sparse_attn_score",
+       "(Tensor q, Tensor kv, Tensor lse, Tensor indices, float scale, Tensor? topk_length=None) -> Tensor",
+       V.check_sparse_attn_score)
+define("dense_attn_score",
+       "(Tensor q, Tensor kv, Tensor lse, float scale, int ratio=1, Tensor? q_start=None) -> (Tensor, Tensor)",
+       V.check_dense_attn_score)
+
+
+# sparse_attention: gradient to q, kv, attn_sink through dsa::sparse_attention_backward.
+# `lse` is an output for the indexer loss and for merging branches; it carries no gradient (marked
+# non-differentiable, so it never silently drops one).
+def _attention_setup(ctx, inputs, output):
+    q, kv, indices, scale, d_v, attn_sink, topk_length = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, kv, indices, attn_sink, topk_length, out, lse)
+    ctx.scale, ctx.d_v = scale, d_v
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, kv, indices, attn_sink, topk_length, out, lse = ctx.saved_tensors
+    dq, dkv, d_sink = torch.ops.dsa.sparse_attention_backward(
+        dout.contiguous(), q, kv, out, lse, indices, ctx.scale, ctx.d_v, attn_sink, topk_length,
+        torch.are_deterministic_algorithms_enabled())
+    return input_grads(ctx, {0: dq, 1: dkv, 5: d_sink})
+
+
+torch.library.register_autograd("dsa::sparse_attention", _attention_backward, setup_context=_attention_setup,
+                                lib=LIB)
+for _name in ("sparse_attention_decode", "sparse_attn_score", "dense_attn_score"):
+    no_gradient(_name)

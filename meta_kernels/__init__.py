@@ -1,0 +1,5 @@
+"""Fake (meta) implementations of every dsa op: exact output shapes, dtypes and strides, no computation.
+
+Importing this package registers them; `dsa_ops` imports it right after defining the ops.
+"""
+from . import indexer, attention, loss  # noqa: F401  (registration side effects)

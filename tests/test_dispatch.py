@@ -1,0 +1,61 @@
+"""The dispatch table: every op has a row per arch ending in the reference, forcing works and fails loudly,
+the CPU falls back to the reference, and the report prints one line per op."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dsa_ops
+from dsa_ops import dispatch
+from dsa_ops.testing import ALL_OPS, sample_args
+
+
+def test_every_op_has_every_arch_ending_in_reference():
+    assert set(dispatch.TABLE) == set(ALL_OPS)
+    for op, rows in dispatch.TABLE.items():
+        assert set(rows) == set(dispatch.ARCHES), op
+        for arch, impls in rows.items():
+            assert impls[-1].backend == "reference", (op, arch)
+            assert dispatch._load(impls[-1].target)[0] is not None, (op, arch)
+        assert [i.backend for i in rows["cpu"]] == ["reference"]
+        # SM100 has no kernels of its own until one can be tested on Blackwell
+        assert all(not i.backend.startswith("cute") for i in rows["sm100"])
+
+
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_cpu_uses_reference(op):
+    impl, _ = dispatch.choose(op, sample_args(op))
+    assert impl.backend == "reference"
+
+
+def test_forcing(monkeypatch):
+    args = sample_args("topk")
+    monkeypatch.setenv(dispatch.ENV_FORCE, "reference")
+    assert dispatch.choose("topk", args)[0].backend == "reference"
+    monkeypatch.setenv(dispatch.ENV_FORCE, "sparse_attention=triton,topk=reference")
+    assert dispatch.forced_backend("topk") == "reference"
+    assert dispatch.forced_backend("sparse_attention") == "triton"
+    assert dispatch.forced_backend("indexer_logits") is None
+    monkeypatch.setenv(dispatch.ENV_FORCE, "triton")  # no triton row on the CPU: a clear error, no fallback
+    with pytest.raises(dispatch.NoImplementation, match="dsa.topk: no implementation for this call on cpu"):
+        torch.ops.dsa.topk(*args)
+
+
+def test_unavailable_candidate_is_skipped_with_reason(monkeypatch):
+    broken = dispatch.Impl("triton", "csrc_dsl.triton.does_not_exist:kernel")
+    rows = dict(dispatch.TABLE["topk"])
+    rows["cpu"] = [broken, *rows["cpu"]]
+    monkeypatch.setitem(dispatch.TABLE, "topk", rows)
+    assert dispatch.choose("topk", sample_args("topk"))[0].backend == "reference"
+    monkeypatch.setenv(dispatch.ENV_FORCE, "triton")
+    with pytest.raises(dispatch.NoImplementation, match="unavailable.*does_not_exist"):
+        dispatch.choose("topk", sample_args("topk"))
+
+
+def test_report_cli():
+    out = subprocess.run([sys.executable, "-m", "dsa_ops.backends"], capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("device:")
+    for op in ALL_OPS:
+        assert any(line.startswith(op + " ") for line in lines), op

@@ -19,7 +19,8 @@ def sparse_attention(q, kv, indices, scale, d_v, attn_sink, topk_length):
 def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length, deterministic):
     V.check_sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
                                       deterministic)
-    return torch.empty_like(q), torch.empty_like(kv), q.new_empty((q.shape[1],), dtype=score_dtype(q))
+    sink_dtype = attn_sink.dtype if attn_sink is not None else score_dtype(q)
+    return torch.empty_like(q), torch.empty_like(kv), q.new_empty((q.shape[1],), dtype=sink_dtype)
 
 
 @fake("sparse_attention_decode")

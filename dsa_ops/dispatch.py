@@ -55,17 +55,29 @@ def half_grad_of(grad, x, *args) -> bool:  # backward ops: the activation is the
     return x.dtype in HALF
 
 
-def attention_kernel(q, kv, indices, scale, d_v, *args) -> bool:
-    """The MLA shapes the attention kernels are built for: D in {512, 576}, d_v = 512, H <= 128."""
-    return q.dtype in HALF and q.shape[-1] in (512, 576) and d_v == 512 and q.shape[-2] <= 128
+MAX_HEADS, MAX_DIM = 128, 576
+ATTENTION_NEEDS = f"bf16/fp16, H <= {MAX_HEADS}, D <= {MAX_DIM}"
 
 
-def attention_backward_kernel(dout, q, kv, out, lse, indices, scale, d_v, *args) -> bool:
-    return attention_kernel(q, kv, indices, scale, d_v)
+def _attention_shapes(q) -> bool:
+    """Register-resident tiles: up to 128 heads (a query's heads share its gathered rows) and D <= 576."""
+    return q.dtype in HALF and q.shape[-2] <= MAX_HEADS and q.shape[-1] <= MAX_DIM
 
 
-def attention_decode_kernel(q, kv_cache, block_table, seq_lens, indices, scale, d_v, *args) -> bool:
-    return q.dtype in HALF and q.shape[-1] in (512, 576) and d_v == 512 and q.shape[-2] <= 128
+def attention_kernel(q, *args) -> bool:
+    return _attention_shapes(q)
+
+
+def attention_backward_kernel(dout, q, *args) -> bool:
+    return _attention_shapes(q)
+
+
+def attention_decode_kernel(q, *args) -> bool:
+    return _attention_shapes(q)
+
+
+def attention_score_kernel(q, *args) -> bool:
+    return _attention_shapes(q)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -123,37 +135,54 @@ def gpu_rows(sm90: list[Impl], portable: list[Impl], reference: Impl) -> dict[st
 TABLE: dict[str, dict[str, list[Impl]]] = {
     # indexer family
     "indexer_logits": gpu_rows(
-        [], [], ref("indexer", "indexer_logits")),
+        [], [triton("indexer", "indexer_logits")],
+        ref("indexer", "indexer_logits")),
     "indexer_logits_backward": gpu_rows(
-        [], [], ref("indexer", "indexer_logits_backward")),
+        [], [triton("indexer", "indexer_logits_backward", half_grad_of)],
+        ref("indexer", "indexer_logits_backward")),
     "topk": gpu_rows(
-        [], [], ref("indexer", "topk")),
+        [], [triton("topk", "topk", fp32_scores, "fp32 scores, k <= 4096")],
+        ref("indexer", "topk")),
     "indexer_topk": gpu_rows(
-        [], [], ref("indexer", "indexer_topk")),
+        [], [triton("indexer", "indexer_topk", half_topk, "bf16/fp16 inputs, topk <= 4096")],
+        ref("indexer", "indexer_topk")),
     "indexer_topk_paged": gpu_rows(
-        [], [], ref("indexer", "indexer_topk_paged")),
+        [], [triton("indexer", "indexer_topk_paged", half_paged_topk, "bf16/fp16 inputs, topk <= 4096")],
+        ref("indexer", "indexer_topk_paged")),
     "sparse_indexer_score": gpu_rows(
-        [], [], ref("indexer", "sparse_indexer_score")),
+        [], [triton("indexer", "sparse_indexer_score")],
+        ref("indexer", "sparse_indexer_score")),
     # attention family
     "sparse_attention": gpu_rows(
-        [], [], ref("attention", "sparse_attention")),
+        [], [triton("sparse_attention_fwd", "sparse_attention", attention_kernel, ATTENTION_NEEDS)],
+        ref("attention", "sparse_attention")),
     "sparse_attention_backward": gpu_rows(
-        [], [], ref("attention", "sparse_attention_backward")),
+        [], [triton("sparse_attention_bwd", "sparse_attention_backward", attention_backward_kernel,
+                    ATTENTION_NEEDS)],
+        ref("attention", "sparse_attention_backward")),
     "sparse_attention_decode": gpu_rows(
-        [], [], ref("attention", "sparse_attention_decode")),
+        [], [triton("sparse_attention_fwd", "sparse_attention_decode", attention_decode_kernel,
+                    ATTENTION_NEEDS)],
+        ref("attention", "sparse_attention_decode")),
     "sparse_attn_score": gpu_rows(
-        [], [], ref("attention", "sparse_attn_score")),
+        [], [triton("sparse_attention_fwd", "sparse_attn_score", attention_score_kernel, ATTENTION_NEEDS)],
+        ref("attention", "sparse_attn_score")),
     "dense_attn_score": gpu_rows(
-        [], [], ref("attention", "dense_attn_score")),
+        [], [triton("sparse_attention_fwd", "dense_attn_score", attention_score_kernel, ATTENTION_NEEDS)],
+        ref("attention", "dense_attn_score")),
     # indexer training loss
     "indexer_loss": gpu_rows(
-        [], [], ref("loss", "indexer_loss")),
+        [], [triton("indexer_loss", "indexer_loss")],
+        ref("loss", "indexer_loss")),
     "indexer_loss_backward": gpu_rows(
-        [], [], ref("loss", "indexer_loss_backward")),
+        [], [triton("indexer_loss", "indexer_loss_backward", half_grad_of)],
+        ref("loss", "indexer_loss_backward")),
     "dense_indexer_loss": gpu_rows(
-        [], [], ref("loss", "dense_indexer_loss")),
+        [], [triton("indexer_loss", "dense_indexer_loss")],
+        ref("loss", "dense_indexer_loss")),
     "dense_indexer_loss_backward": gpu_rows(
-        [], [], ref("loss", "dense_indexer_loss_backward")),
+        [], [triton("indexer_loss", "dense_indexer_loss_backward", half_grad_of)],
+        ref("loss", "dense_indexer_loss_backward")),
 }
 
 

@@ -59,3 +59,21 @@ def test_report_cli():
     assert lines[0].startswith("device:")
     for op in ALL_OPS:
         assert any(line.startswith(op + " ") for line in lines), op
+
+
+def test_triton_candidates_import():
+    """Every Triton implementation named in the table imports (under the interpreter on CPU)."""
+    pytest.importorskip("triton")
+    targets = {i.target for rows in dispatch.TABLE.values() for impls in rows.values() for i in impls
+               if i.backend == "triton"}
+    assert targets, "the table names no Triton kernel"
+    for target in targets:
+        fn, why = dispatch._load(target)
+        assert fn is not None, (target, why)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("op", ALL_OPS)
+def test_cuda_half_inputs_use_a_kernel(op):
+    impl, _ = dispatch.choose(op, sample_args(op, device="cuda", dtype=torch.bfloat16))
+    assert impl.backend != "reference", op

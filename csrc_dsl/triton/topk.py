@@ -1,0 +1,373 @@
+"""Exact row-wise top-k for fp32 score matrices (SPEC section 2), in Triton.
+
+    topk(scores[..., C] fp32, k, lengths[...] int32 or None, sorted) -> (indices int32 [..., k], values fp32 [..., k])
+
+Per row: the k largest among the first lengths[r] columns; -inf and NaN are never selected; rows with fewer
+than k candidates pad with index -1 / value -inf. Ties: the smaller column wins, so the selected set is a pure
+function of the input. -0.0 and +0.0 are equal (a tie); a selected -0.0 is reported as +0.0.
+
+Algorithm: one streaming pass over each row with a candidate buffer and a rising threshold (a threshold select;
+the row is never sorted):
+
+  * Each float maps to an int32 "key" whose signed order is the float order (sign-magnitude -> two's complement).
+    NaN maps below -inf; -inf never passes the initial threshold, so neither is ever a candidate.
+  * The row streams through in BLOCK-column steps. An element enters the buffer when its key is above the
+    threshold `thr`. Entries are appended in column order (a prefix count over the block), so the buffer is
+    always in column order.
+  * When the next block would overflow the buffer (CAP entries), the buffer is compacted to exactly its k best
+    entries: the k-th largest key T comes from a 4-round radix select (8 bits a round, on-chip histograms);
+    every key > T stays, and of the keys == T only the first (k - #greater) in column order stay. Then
+    thr = T: a later element with key == T loses the tie to the ones kept (they have smaller columns), so only
+    keys > T can still get in. This is what makes ties exact without any sort.
+  * At the end of the row the same compaction leaves the answer; it is written in column order (sorted=False)
+    or sorted by (value desc, column asc) with one in-register bitonic sort of packed 64-bit (key, ~column).
+
+So each score is read from global memory once; the buffer (CAP x 8 bytes per program) stays in L1/L2. Since
+CAP >= k + BLOCK, every compaction frees at least BLOCK slots, so the work stays bounded for any data (sorted
+ascending input is the worst case: a compaction every (CAP - k) columns).
+
+Long rows with few rows (not enough rows to fill the GPU) are split into segments: stage 1 finds each
+segment's top-k (in column order) into a workspace [R, S, k]; stage 2 runs the same stream over the S*k
+survivors of each row. Concatenating segments in order keeps column order, so the tie rule still holds.
+
+Programs are persistent: a grid sized to the GPU takes (row, segment) tasks from an atomic counter (the order
+in which programs take tasks varies; each task's result does not depend on which program ran it, so outputs
+are bitwise deterministic). Workspace sizes depend on shapes only, and nothing syncs the host: CUDA-graph safe.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration (read by `_plan`; tests shrink BLOCK to reach every code path on tiny inputs).
+# ----------------------------------------------------------------------------------------------------------
+BLOCK = 2048            # columns per streaming step: 8 KB of fp32 per program per step (plus 8 KB prefetched)
+NUM_WARPS = 8           # 256 threads: 8 columns per thread per step (16 needs ~250 registers: 1 program per SM)
+BUFFER_STEPS = 1        # buffer = 2k rounded up to BLOCK, plus this many BLOCKs (more: fewer compactions, more memory)
+SAMPLE = 2048           # values sampled per row to guess the first threshold (rows shorter than 4x this: no guess)
+SAMPLE_RUNS = 16        # ... taken as this many evenly spaced contiguous runs
+MAX_REGISTERS = None    # per-thread register cap handed to ptxas (None: its choice)
+PROGRAMS_PER_SM = 4     # persistent grid = SMs x this; extra programs that do not fit just find no work left
+MIN_SEGMENT = 32768     # a row is split only into segments at least this long ...
+SEGMENT_PER_K = 8       # ... and at least this many times k, so a segment's top-k really filters it
+
+# Keys are uint32 whose unsigned order is the float order: flip all bits of negative floats, only the sign bit of
+# the others. -0.0 gets the key of +0.0 (they are equal); NaN gets key 0, below -inf.
+_INT_MIN = tl.constexpr(-2147483648)
+_KEY_NEG_INF = tl.constexpr(0x007FFFFF)  # key(-inf); valid scores have larger keys
+_KEY_POS_ZERO = tl.constexpr(0x80000000)
+
+
+@triton.jit
+def _order_key(v):
+    """fp32 -> uint32 key with the same order (see above)."""
+    bits = v.to(tl.int32, bitcast=True)
+    key = (bits ^ ((bits >> 31) | _INT_MIN)).to(tl.uint32, bitcast=True)  # >> is arithmetic on int32
+    key = tl.where(v == 0.0, _KEY_POS_ZERO, key)
+    key = tl.where(v != v, 0, key)
+    return key
+
+
+@triton.jit
+def _key_to_value(key):
+    """Inverse of _order_key (for keys of non-NaN values)."""
+    k = key.to(tl.int32, bitcast=True)
+    bits = k ^ ((~k >> 31) | _INT_MIN)  # keys with the top bit clear came from negative floats
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick_byte(hist, remaining, prefix, shift: tl.constexpr):
+    """One radix-select round: the byte value where the count from the top reaches `remaining`."""
+    bins = tl.arange(0, 256)
+    at_or_above = tl.cumsum(hist, 0, reverse=True)  # at_or_above[d] = #in play with byte >= d
+    d_star = tl.max(tl.where(at_or_above >= remaining, bins, 0), 0)
+    remaining -= tl.sum(tl.where(bins > d_star, hist, 0), 0)
+    return remaining, prefix | (d_star.to(tl.uint32) << shift)
+
+
+@triton.jit
+def _kth_largest_in_block(key, live, need):
+    """Key of the need-th largest `live` key of a register tensor (1 <= need <= #live): 4 radix rounds of 8 bits,
+    most significant first, each histogramming the keys whose higher bytes match the answer so far."""
+    prefix = tl.zeros([], dtype=tl.uint32)
+    remaining = need
+    for r in tl.static_range(4):
+        shift = 24 - 8 * r  # constexpr: r comes from static_range
+        if r == 0:
+            in_play = live
+        else:
+            in_play = live & ((key >> (shift + 8)) == (prefix >> (shift + 8)))  # earlier bytes match
+        hist = tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
+        remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
+    return prefix
+
+
+@triton.jit
+def _kth_largest_key(buf_key_ptr, cnt, need, BLOCK: tl.constexpr):
+    """Same select over the buffer's first `cnt` keys, read in BLOCK-sized chunks (registers do not grow with
+    the buffer). Returns the key and how many keys exceed it."""
+    lane = tl.arange(0, BLOCK)
+    prefix = tl.zeros([], dtype=tl.uint32)
+    remaining = need
+    for r in tl.static_range(4):
+        shift = 24 - 8 * r
+        hist = tl.zeros([256], dtype=tl.int32)
+        for start in range(0, cnt, BLOCK):
+            offs = start + lane
+            live = offs < cnt
+            key = tl.load(buf_key_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
+            if r == 0:
+                in_play = live
+            else:
+                in_play = live & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
+        remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
+    return prefix, need - remaining
+
+
+@triton.jit
+def _compact(buf_key_ptr, buf_col_ptr, cnt, need, BLOCK: tl.constexpr):
+    """Shrink the buffer's first `cnt` entries (cnt >= need) in place to its `need` best, keeping column order.
+
+    Returns T, the key of the need-th best: every later entry must have key > T to get in.
+    """
+    tl.debug_barrier()  # the appends of all threads must be visible before we read them
+    thr, n_greater = _kth_largest_key(buf_key_ptr, cnt, need, BLOCK)
+    need_equal = need - n_greater  # how many of the keys == thr survive: the first ones in column order
+    lane = tl.arange(0, BLOCK)
+    gt_seen = tl.zeros([], dtype=tl.int32)  # kept entries before this chunk: keys > thr ...
+    eq_seen = tl.zeros([], dtype=tl.int32)  # ... and keys == thr (of which the first need_equal are kept)
+    for start in range(0, cnt, BLOCK):
+        offs = start + lane
+        live = offs < cnt
+        key = tl.load(buf_key_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
+        is_gt = live & (key > thr)
+        is_eq = live & (key == thr)
+        # One scan counts both kinds: greater in the low 16 bits, equal in the high 16 (BLOCK < 65536).
+        both = is_gt.to(tl.int32) + (is_eq.to(tl.int32) << 16)
+        before = tl.cumsum(both, 0) - both
+        gt_before = gt_seen + (before & 0xFFFF)
+        eq_before = eq_seen + (before >> 16)
+        keep = is_gt | (is_eq & (eq_before < need_equal))
+        pos = gt_before + tl.minimum(eq_before, need_equal)  # <= offs: entries only move left
+        col = tl.load(buf_col_ptr + offs, mask=keep, other=0)
+        tl.debug_barrier()  # this chunk is read by everyone before anyone overwrites it
+        tl.store(buf_key_ptr + pos, key.to(tl.int32, bitcast=True), mask=keep)
+        tl.store(buf_col_ptr + pos, col, mask=keep)
+        gt_seen += tl.sum(is_gt.to(tl.int32), 0)
+        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
+    tl.debug_barrier()
+    return thr
+
+
+@triton.jit
+def _stream(row_val, row_col, col_lo, col_hi, thr, buf_key, buf_col, k,
+            COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
+    """Append every column in [col_lo, col_hi) whose key is > thr to the (empty) buffer, compacting to the k
+    best and raising thr whenever a step would overflow it. Returns the number of buffered entries."""
+    lane = tl.arange(0, BLOCK)
+    cnt = tl.zeros([], dtype=tl.int32)
+    # Prefetch one step ahead so the next load is in flight while this step is processed.
+    nxt = col_lo + lane
+    v_next = tl.load(row_val + nxt, mask=nxt < col_hi, other=float("-inf"))
+    for start in range(col_lo, col_hi, BLOCK):
+        cols = start + lane
+        v = v_next
+        nxt = cols + BLOCK
+        v_next = tl.load(row_val + nxt, mask=nxt < col_hi, other=float("-inf"))
+        key = _order_key(v)
+        admit = key > thr
+        n_new = tl.sum(admit.to(tl.int32), 0)
+        if n_new > 0:
+            if cnt + n_new > CAP:
+                thr = _compact(buf_key, buf_col, cnt, k, BLOCK)
+                cnt = k
+                admit = key > thr
+                n_new = tl.sum(admit.to(tl.int32), 0)
+            a = admit.to(tl.int32)
+            pos = cnt + tl.cumsum(a, 0) - a
+            if COLS_FROM_SRC:
+                c = tl.load(row_col + cols, mask=admit, other=0)
+            else:
+                c = cols
+            tl.store(buf_key + pos, key.to(tl.int32, bitcast=True), mask=admit)
+            tl.store(buf_col + pos, c, mask=admit)
+            cnt += n_new
+    return cnt
+
+
+@triton.jit
+def _stream_topk_kernel(
+    src_val_ptr,      # fp32 [n_rows, row_stride]: the scores (stage 1) or segment survivors (stage 2)
+    src_col_ptr,      # int32, same shape: the survivors' columns (COLS_FROM_SRC), else unused
+    lengths_ptr,      # int32 [n_rows] (HAS_LENGTHS), else unused
+    out_val_ptr,      # fp32 [n_tasks, k]
+    out_col_ptr,      # int32 [n_tasks, k]
+    buf_key_ptr,      # uint32 keys [num_programs, CAP] scratch (an int32 tensor)
+    buf_col_ptr,      # int32 [num_programs, CAP] scratch
+    task_counter_ptr,  # int32 [1], zeroed: hands out tasks to programs
+    n_cols, row_stride, seg_len, n_segs, n_tasks, k,
+    HAS_LENGTHS: tl.constexpr,
+    COLS_FROM_SRC: tl.constexpr,
+    SORTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CAP: tl.constexpr,
+    K_POW2: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    SAMPLE_RUNS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    buf_key = buf_key_ptr + pid * CAP
+    buf_col = buf_col_ptr + pid * CAP
+    sample_lane = tl.arange(0, SAMPLE)
+
+    task = tl.atomic_add(task_counter_ptr, 1)
+    while task < n_tasks:
+        row = task // n_segs
+        seg = task - row * n_segs
+        col_lo = seg * seg_len
+        col_hi = tl.minimum(col_lo + seg_len, n_cols)
+        if HAS_LENGTHS:
+            col_hi = tl.minimum(col_hi, tl.load(lengths_ptr + row))
+        row_val = src_val_ptr + row.to(tl.int64) * row_stride
+        row_col = src_col_ptr + row.to(tl.int64) * row_stride
+        n_here = col_hi - col_lo
+
+        # Speculative first threshold: from SAMPLE values (SAMPLE_RUNS evenly spaced runs), the key expected to
+        # be beaten by ~1.25 k + a margin of the segment's values. If fewer than k beat it after all, the segment
+        # is streamed again from -inf, so the result stays exact whatever the data.
+        thr = tl.full([], _KEY_NEG_INF, tl.uint32)  # -inf (and NaN) never get in
+        rank = (SAMPLE * k * 5) // (4 * tl.maximum(n_here, 1)) + 16
+        if (n_here >= 4 * SAMPLE) & (rank < SAMPLE):
+            run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
+            s_cols = col_lo + (sample_lane // run_len) * (n_here // SAMPLE_RUNS) + sample_lane % run_len
+            s_key = _order_key(tl.load(row_val + s_cols))
+            thr = tl.maximum(_kth_largest_in_block(s_key, sample_lane < SAMPLE, rank), thr)
+        cnt = tl.zeros([], dtype=tl.int32)
+        guessed = thr > _KEY_NEG_INF
+        attempts = 0
+        while attempts < 1 + guessed.to(tl.int32):
+            cnt = _stream(row_val, row_col, col_lo, col_hi, thr, buf_key, buf_col, k, COLS_FROM_SRC, BLOCK, CAP)
+            # Enough got in (always true after a compaction): done. Else the guess was too high: again from -inf.
+            attempts = tl.where(cnt >= k, 2, attempts + 1)
+            thr = tl.full([], _KEY_NEG_INF, tl.uint32)
+            tl.debug_barrier()
+
+        if cnt > k:
+            _compact(buf_key, buf_col, cnt, k, BLOCK)
+            cnt = k
+        else:
+            tl.debug_barrier()  # appends visible to all threads
+
+        # Emit the (at most k) survivors, padded with (-inf, -1).
+        offs = tl.arange(0, K_POW2)
+        live = offs < cnt
+        key = tl.load(buf_key + offs, mask=live, other=_KEY_NEG_INF).to(tl.uint32, bitcast=True)
+        col = tl.load(buf_col + offs, mask=live, other=-1)
+        if SORTED:
+            # Descending on (key, ~col) == value descending, then column ascending; pads (key(-inf), ~-1 = 0)
+            # sort last.
+            lo = (~col).to(tl.uint32, bitcast=True).to(tl.uint64)
+            packed = tl.sort((key.to(tl.uint64) << 32) | lo, descending=True)
+            key = (packed >> 32).to(tl.uint32)
+            col = ~(packed.to(tl.uint32).to(tl.int32, bitcast=True))
+        out_off = task.to(tl.int64) * k + offs
+        tl.store(out_val_ptr + out_off, _key_to_value(key), mask=offs < k)
+        tl.store(out_col_ptr + out_off, col, mask=offs < k)
+        tl.debug_barrier()  # the buffer is read by everyone before the next task refills it
+
+        task = tl.atomic_add(task_counter_ptr, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_available(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * PROGRAMS_PER_SM
+    return 4  # Triton interpreter on CPU tensors: a few programs, so the task hand-out is exercised
+
+
+def _plan(n_rows: int, n_cols: int, k: int, programs: int, block: int, min_segment: int):
+    """Segments per row: 1 unless there are too few rows to fill the GPU and the rows are long."""
+    seg_min = max(min_segment, SEGMENT_PER_K * k)
+    n_segs = 1
+    if n_rows < programs and n_cols >= 2 * seg_min:
+        n_segs = max(1, min(n_cols // seg_min, triton.cdiv(programs, n_rows)))
+    seg_len = triton.cdiv(triton.cdiv(n_cols, n_segs), block) * block
+    n_segs = max(1, triton.cdiv(n_cols, seg_len))
+    return n_segs, seg_len
+
+
+def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
+            sorted_out, block, programs, sample):
+    n_tasks = n_rows * n_segs
+    k_pow2 = triton.next_power_of_2(max(k, 1))
+    # Buffer entries per program: room for the ~1.25 k that pass a good first threshold without any compaction,
+    # and >= k + BLOCK, so a compaction always frees room for a whole step.
+    cap = (triton.cdiv(2 * k, block) + BUFFER_STEPS) * block
+    grid = max(1, min(programs, n_tasks))
+    device = src_val.device
+    buf_key = torch.empty(grid * cap, dtype=torch.int32, device=device)
+    buf_col = torch.empty(grid * cap, dtype=torch.int32, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    extra = {} if MAX_REGISTERS is None or device.type != "cuda" else {"maxnreg": MAX_REGISTERS}
+    _stream_topk_kernel[(grid,)](
+        src_val, src_col if src_col is not None else src_val, lengths if lengths is not None else src_val,
+        out_val, out_col, buf_key, buf_col, counter,
+        n_cols, row_stride, seg_len, n_segs, n_tasks, k,
+        HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
+        BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample), num_warps=NUM_WARPS,
+        **extra,
+    )
+
+
+def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None):
+    """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path)."""
+    block = BLOCK if block is None else block
+    sample = SAMPLE if sample is None else sample
+    min_segment = MIN_SEGMENT if min_segment is None else min_segment
+    lead = scores.shape[:-1]
+    n_cols = scores.shape[-1]
+    n_rows = math.prod(lead)
+    k = int(k)
+    device = scores.device
+    out_val = torch.empty(*lead, k, dtype=torch.float32, device=device)
+    out_col = torch.empty(*lead, k, dtype=torch.int32, device=device)
+    if n_rows == 0 or k == 0:
+        return out_col, out_val
+    src = scores.reshape(n_rows, n_cols)
+    if src.dtype != torch.float32:
+        src = src.float()  # bf16/fp16 are exact in fp32
+    src = src.contiguous()
+    lens = None if lengths is None else lengths.reshape(n_rows).to(torch.int32).contiguous()
+    programs = _programs_available(device) if programs is None else programs
+
+    n_segs, seg_len = _plan(n_rows, n_cols, k, programs, block, min_segment)
+    if n_segs == 1:
+        _launch(src, None, lens, out_val, out_col, n_rows, n_cols, max(n_cols, 1), n_cols, 1, k,
+                sorted, block, programs, sample)
+        return out_col, out_val
+    # Stage 1: each segment's top-k, in column order, padded with (-inf, -1).
+    part_val = torch.empty(n_rows, n_segs, k, dtype=torch.float32, device=device)
+    part_col = torch.empty(n_rows, n_segs, k, dtype=torch.int32, device=device)
+    _launch(src, None, lens, part_val, part_col, n_rows, n_cols, n_cols, seg_len, n_segs, k,
+            False, block, programs, sample)
+    # Stage 2: the row's top-k among its segments' survivors.
+    width = n_segs * k
+    _launch(part_val, part_col, None, out_val, out_col, n_rows, width, width, width, 1, k,
+            sorted, block, programs, sample)
+    return out_col, out_val
+
+
+def topk(scores: torch.Tensor, k: int, lengths: torch.Tensor | None, sorted: bool):
+    """(indices int32 [..., k], values fp32 [..., k]): see the module docstring and SPEC section 2."""
+    return _topk(scores, k, lengths, sorted)

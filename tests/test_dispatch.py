@@ -73,6 +73,7 @@ def test_triton_candidates_import():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(bool(dispatch.os.environ.get(dispatch.ENV_FORCE)), reason="a backend is forced")
 @pytest.mark.parametrize("op", ALL_OPS)
 def test_cuda_half_inputs_use_a_kernel(op):
     impl, _ = dispatch.choose(op, sample_args(op, device="cuda", dtype=torch.bfloat16))

@@ -6,7 +6,6 @@ The oracle is torch.autograd in fp64 through a naive differentiable forward writ
 its out / lse are the kernel's inputs, as they would be in training.
 """
 
-import math
 import os
 
 import torch
@@ -313,7 +312,11 @@ def torch_reference(dout, q, kv, indices, scale, d_v, attn_sink, topk_length, ch
 def test_cuda_realistic(num_heads, topk):
     case, ref = make_cuda_case(num_heads, topk, seed=num_heads + topk)
     for deterministic in (False, True):
-        dq = torch.full_like(case["q"], float("nan"))  # outputs are fresh; poison is irrelevant
+        # The op allocates its outputs; NaN-fill the memory the caching allocator will hand it,
+        # so that an element the kernels never write shows up as NaN.
+        poison = [torch.full_like(case["q"], float("nan")),
+                  torch.full(case["kv"].shape, float("nan"), device="cuda")]
+        del poison
         dq, dkv, d_sink = run(case, deterministic)
         assert_close_grad("dq", dq, ref[0])
         assert_close_grad("dkv", dkv, ref[1])

@@ -85,7 +85,7 @@ CONFIG_ENV = "DSA_SPARSE_ATTN_BWD_CONFIG"
 WORKSPACE_ENV = "DSA_SPARSE_ATTN_BWD_WORKSPACE_MB"
 _DEFAULT_WORKSPACE_MB = 2048
 # Workspace rows are padded to a multiple of this many slots (zeros past each query's slots);
-# every BLOCK_N of the kernels that read the workspace must divide it.
+# the BLOCK_N of every kernel that writes or reads the workspace must divide it.
 _WS_PAD = 128
 
 
@@ -112,7 +112,7 @@ def pick_config(num_heads: int) -> dict:
     for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DQ_BLOCK_N", "DKV_BLOCK_D"):
         if config[key] < 16 or config[key] & (config[key] - 1):
             raise ValueError(f"{key} must be a power of two >= 16, got {config[key]}")
-    for key in ("DKV_BLOCK_N", "DQ_BLOCK_N"):
+    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DQ_BLOCK_N"):
         if _WS_PAD % config[key]:
             raise ValueError(f"{key} must divide {_WS_PAD}, got {config[key]}")
     return config

@@ -15,7 +15,7 @@ def fake(name: str):
     """Registers the decorated function as the fake of dsa::<name>, called with the full argument list."""
 
     def register(fn):
-        torch.library.register_fake(f"dsa::{name}", with_defaults(name, fn))
+        torch.library.register_fake(f"dsa::{name}", with_defaults(name, fn, "fake"))
         return fn
 
     return register

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, num_sms, pad_pow2
+
 # Upper bound on the score workspace used by the fused top-k (bytes). Its rows are reused chunk after
 # chunk, so the extra memory of indexer_topk is this plus the O(S_q * topk) outputs.
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -47,25 +49,10 @@ _MIN_ROWS_PER_PROG = 128
 # helpers
 # ----------------------------------------------------------------------------------------------------
 
-def _pad_pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 16): tl.dot needs every operand dimension >= 16."""
-    return max(16, triton.next_power_of_2(int(n)))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype in (torch.bfloat16, torch.float16):
-        return "tf32"  # ignored for 16-bit operands
-    if dtype == torch.float32:
-        return "ieee"  # exact fp32 products: scores must meet 2e-3 even for fp32 inputs
-    raise NotImplementedError(
-        f"Triton indexer kernels take bf16, fp16 or fp32 activations, got {dtype}; "
-        "fp64 (gradcheck) goes to the reference implementation")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: keep grids small
 
 
 def _default_q_start(B: int, Sq: int, Sk: int, ratio: int, device) -> torch.Tensor:
@@ -175,7 +162,7 @@ def _logits_kernel(
 
 def _rows_per_program(n_rows: int, n_key_tiles: int, B: int, device) -> int:
     # Enough programs for ~8 waves (causal tiles are uneven), but rows long enough to amortise the key tile.
-    target_programs = 8 * _num_sms(device)
+    target_programs = 8 * num_sms(device)
     n_chunks = max(1, triton.cdiv(target_programs, max(1, n_key_tiles * B)))
     return max(min(n_rows, _MIN_ROWS_PER_PROG), triton.cdiv(n_rows, n_chunks))
 
@@ -193,7 +180,7 @@ def _launch_logits(q, k, w, out, q_start, ratio, scale, row0=0, *, block_table=N
     Sk = out.shape[2]
     if B == 0 or n_rows == 0 or Sk == 0:
         return out
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype, "indexer")
     BLOCK_K = _FWD_BLOCK_K
     n_key_tiles = triton.cdiv(Sk, BLOCK_K)
     rows_per_prog = _rows_per_program(n_rows, n_key_tiles, B, q.device)
@@ -208,11 +195,11 @@ def _launch_logits(q, k, w, out, q_start, ratio, scale, row0=0, *, block_table=N
         out.stride(0), out.stride(1),
         block_table.stride(0) if paged else 0,
         float(scale), int(ratio), rows_per_prog,
-        HI=HI, DI=DI, HI_PAD=_pad_pow2(HI), DI_PAD=_pad_pow2(DI),
+        HI=HI, DI=DI, HI_PAD=pad_pow2(HI), DI_PAD=pad_pow2(DI),
         BLOCK_K=BLOCK_K, FILL_ROWS=_FILL_ROWS,
         NEG_SCALE=bool(scale < 0), PAGED=paged, PAGE=int(page),
         PRECISION=precision,
-        num_warps=_fwd_num_warps(BLOCK_K, _pad_pow2(HI)), num_stages=_FWD_NUM_STAGES,
+        num_warps=_fwd_num_warps(BLOCK_K, pad_pow2(HI)), num_stages=_FWD_NUM_STAGES,
     )
     return out
 
@@ -221,7 +208,7 @@ def indexer_logits(q_idx, k_idx, w, scale, ratio, q_start):
     """scores [B, Sq, Sk] fp32 (SPEC section 1), -inf where the ratio-causal mask hides a key."""
     B, Sq, HI, DI = q_idx.shape
     Sk = k_idx.shape[1]
-    _dot_precision(q_idx.dtype)
+    dot_precision(q_idx.dtype, "indexer")
     if q_start is None:
         q_start = _default_q_start(B, Sq, Sk, ratio, q_idx.device)
     scores = torch.empty((B, Sq, Sk), dtype=torch.float32, device=q_idx.device)
@@ -310,14 +297,14 @@ def indexer_logits_backward(grad_scores, q_idx, k_idx, w, scale, ratio, q_start)
     (no atomics): dq/dw walk keys per query, dk walks queries per key tile."""
     B, Sq, HI, DI = q_idx.shape
     Sk = k_idx.shape[1]
-    precision = _dot_precision(q_idx.dtype)
+    precision = dot_precision(q_idx.dtype, "indexer")
     if q_start is None:
         q_start = _default_q_start(B, Sq, Sk, ratio, q_idx.device)
     grad_scores = grad_scores.contiguous()
     dq = torch.empty_like(q_idx)
     dk = torch.empty_like(k_idx)
     dw = torch.empty_like(w)
-    meta = dict(HI=HI, DI=DI, HI_PAD=_pad_pow2(HI), DI_PAD=_pad_pow2(DI), PRECISION=precision)
+    meta = dict(HI=HI, DI=DI, HI_PAD=pad_pow2(HI), DI_PAD=pad_pow2(DI), PRECISION=precision)
     if B * Sq > 0:
         _logits_bwd_dq_dw_kernel[(Sq, B)](grad_scores, q_idx, k_idx, w, q_start, dq, dw,
                                           Sq, Sk, float(scale), int(ratio), BLOCK_K=64, **meta,
@@ -380,7 +367,7 @@ def indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_seqlens_q=None
     """
     if workspace_bytes is None:
         workspace_bytes = WORKSPACE_BYTES
-    _dot_precision(q_idx.dtype)
+    dot_precision(q_idx.dtype, "indexer")
     B, Sq = q_idx.shape[:2]
     device = q_idx.device
     out_idx = torch.full((B, Sq, topk), -1, dtype=torch.int32, device=device)
@@ -423,7 +410,7 @@ def indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale):
     page = k_cache.shape[1]
     n_cols = block_table.shape[1] * page
     device = q_idx.device
-    _dot_precision(q_idx.dtype)
+    dot_precision(q_idx.dtype, "indexer")
     out_idx = torch.full((B, Sq, topk), -1, dtype=torch.int32, device=device)
     out_val = torch.full((B, Sq, topk), float("-inf"), dtype=torch.float32, device=device)
     if topk == 0 or B * Sq == 0 or n_cols == 0:
@@ -501,7 +488,7 @@ def sparse_indexer_score(q_idx, k_idx, w, indices, scale, topk_length):
     B, Sq, HI, DI = q_idx.shape
     Sk = k_idx.shape[1]
     K = indices.shape[2]
-    precision = _dot_precision(q_idx.dtype)
+    precision = dot_precision(q_idx.dtype, "indexer")
     predict = torch.empty((B, Sq, K), dtype=torch.float32, device=q_idx.device)
     if B * Sq == 0 or K == 0:
         return predict
@@ -509,7 +496,7 @@ def sparse_indexer_score(q_idx, k_idx, w, indices, scale, topk_length):
     _sparse_score_kernel[(B * Sq,)](
         q_idx, k_idx, w, indices, topk_length if has_len else indices, predict,
         Sq, Sk, K, float(scale),
-        HI=HI, DI=DI, HI_PAD=_pad_pow2(HI), DI_PAD=_pad_pow2(DI),
+        HI=HI, DI=DI, HI_PAD=pad_pow2(HI), DI_PAD=pad_pow2(DI),
         BLOCK_J=64, HAS_LEN=has_len, NEG_SCALE=bool(scale < 0), PRECISION=precision,
         num_warps=4, num_stages=2,
     )

@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_precision, num_sms, pad_pow2
+
 # Tile sizes (keys per MMA tile). Tests patch them small to exercise several tiles on tiny shapes.
 _BLOCK_SLOTS = 64         # sparse kernels: top-k slots per tile
 _BLOCK_KEYS = 64          # dense kernels: keys per tile
@@ -80,31 +82,16 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: keep grids small
 
 
-def _pad_pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 16): tl.dot needs every operand dimension >= 16."""
-    return max(16, triton.next_power_of_2(int(n)))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype in (torch.bfloat16, torch.float16):
-        return "tf32"  # ignored for 16-bit operands
-    if dtype == torch.float32:
-        return "ieee"  # exact fp32 products
-    raise NotImplementedError(
-        f"Triton indexer-loss kernels take bf16, fp16 or fp32 activations, got {dtype}; "
-        "fp64 (gradcheck) goes to the reference implementation")
 
 
 def _shape_meta(q_idx: torch.Tensor) -> dict:
     _, _, heads, dim = q_idx.shape
-    return dict(HI=heads, DI=dim, HI_PAD=_pad_pow2(heads), DI_PAD=_pad_pow2(dim),
-                PRECISION=_dot_precision(q_idx.dtype))
+    return dict(HI=heads, DI=dim, HI_PAD=pad_pow2(heads), DI_PAD=pad_pow2(dim),
+                PRECISION=dot_precision(q_idx.dtype, "indexer-loss"))
 
 
 def _loss_from_rows(row_kl: torch.Tensor, row_nonempty: torch.Tensor, loss_coeff: float) -> torch.Tensor:
@@ -639,7 +626,7 @@ def dense_indexer_loss_backward(grad_loss, q_idx, k_idx, w, attn_scores, attn_l1
 
     n_key_tiles = triton.cdiv(Sk, _BLOCK_KEYS)
     n_splits = min(_DENSE_DK_MAX_SPLITS, triton.cdiv(Sq, _DENSE_DK_MIN_ROWS),
-                   triton.cdiv(4 * _num_sms(device), n_key_tiles * B))
+                   triton.cdiv(4 * num_sms(device), n_key_tiles * B))
     rows_per_split = triton.cdiv(Sq, n_splits)
     n_splits = triton.cdiv(Sq, rows_per_split)
     dk_parts = _empty((n_splits, B, Sk, DI), torch.float32, device)

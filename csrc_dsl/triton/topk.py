@@ -9,8 +9,11 @@ function of the input. -0.0 and +0.0 are equal (a tie); a selected -0.0 is repor
 Algorithm: one streaming pass over each row with a candidate buffer and a rising threshold (a threshold select;
 the row is never sorted):
 
-  * Each float maps to an int32 "key" whose signed order is the float order (sign-magnitude -> two's complement).
-    NaN maps below -inf; -inf never passes the initial threshold, so neither is ever a candidate.
+  * Each float maps to a uint32 "key" whose unsigned order is the float order. NaN maps below -inf; -inf never
+    passes the initial threshold, so neither is ever a candidate.
+  * First threshold: a guess from a sample of the row (SAMPLE values in evenly spaced runs), set so that about
+    1.25 k values should beat it. If fewer than k beat it after all, the row is streamed again from -inf, so the
+    guess only affects speed, never the result.
   * The row streams through in BLOCK-column steps. An element enters the buffer when its key is above the
     threshold `thr`. Entries are appended in column order (a prefix count over the block), so the buffer is
     always in column order.
@@ -22,9 +25,9 @@ the row is never sorted):
   * At the end of the row the same compaction leaves the answer; it is written in column order (sorted=False)
     or sorted by (value desc, column asc) with one in-register bitonic sort of packed 64-bit (key, ~column).
 
-So each score is read from global memory once; the buffer (CAP x 8 bytes per program) stays in L1/L2. Since
-CAP >= k + BLOCK, every compaction frees at least BLOCK slots, so the work stays bounded for any data (sorted
-ascending input is the worst case: a compaction every (CAP - k) columns).
+So each score is read from global memory once (twice for a row whose guess failed); the buffer (CAP x 8 bytes
+per program) stays in L1/L2. Since CAP >= k + BLOCK, every compaction frees at least BLOCK slots, so the work
+stays bounded for any data.
 
 Long rows with few rows (not enough rows to fill the GPU) are split into segments: stage 1 finds each
 segment's top-k (in column order) into a workspace [R, S, k]; stage 2 runs the same stream over the S*k
@@ -46,13 +49,14 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration (read by `_plan`; tests shrink BLOCK to reach every code path on tiny inputs).
 # ----------------------------------------------------------------------------------------------------------
-BLOCK = 2048            # columns per streaming step: 8 KB of fp32 per program per step (plus 8 KB prefetched)
-NUM_WARPS = 8           # 256 threads: 8 columns per thread per step (16 needs ~250 registers: 1 program per SM)
+BLOCK = 1024            # columns per streaming step: 4 KB of fp32 per program per step (plus 4 KB prefetched)
+NUM_WARPS = 4           # 128 threads: 8 columns per thread per step
 BUFFER_STEPS = 1        # buffer = 2k rounded up to BLOCK, plus this many BLOCKs (more: fewer compactions, more memory)
-SAMPLE = 2048           # values sampled per row to guess the first threshold (rows shorter than 4x this: no guess)
+SAMPLE = 1024           # values sampled per row to guess the first threshold (rows shorter than 4x this: no guess)
 SAMPLE_RUNS = 16        # ... taken as this many evenly spaced contiguous runs
+SAMPLE_ROUNDS = 2       # radix rounds for the guess: its top 16 bits (~1% of its value) are precise enough
 MAX_REGISTERS = None    # per-thread register cap handed to ptxas (None: its choice)
-PROGRAMS_PER_SM = 4     # persistent grid = SMs x this; extra programs that do not fit just find no work left
+PROGRAMS_PER_SM = 8     # persistent grid = SMs x this; extra programs that do not fit just find no work left
 MIN_SEGMENT = 32768     # a row is split only into segments at least this long ...
 SEGMENT_PER_K = 8       # ... and at least this many times k, so a segment's top-k really filters it
 
@@ -92,12 +96,14 @@ def _pick_byte(hist, remaining, prefix, shift: tl.constexpr):
 
 
 @triton.jit
-def _kth_largest_in_block(key, live, need):
-    """Key of the need-th largest `live` key of a register tensor (1 <= need <= #live): 4 radix rounds of 8 bits,
-    most significant first, each histogramming the keys whose higher bytes match the answer so far."""
+def _guess_threshold(key, need, ROUNDS: tl.constexpr):
+    """A key that at least `need` of the register tensor's keys reach (1 <= need <= numel): the need-th largest
+    rounded down to its top 8 * ROUNDS bits. Radix rounds of 8 bits, most significant first, each
+    histogramming the keys whose higher bytes match the answer so far."""
+    live = key == key
     prefix = tl.zeros([], dtype=tl.uint32)
     remaining = need
-    for r in tl.static_range(4):
+    for r in tl.static_range(ROUNDS):
         shift = 24 - 8 * r  # constexpr: r comes from static_range
         if r == 0:
             in_play = live
@@ -221,6 +227,7 @@ def _stream_topk_kernel(
     K_POW2: tl.constexpr,
     SAMPLE: tl.constexpr,
     SAMPLE_RUNS: tl.constexpr,
+    SAMPLE_ROUNDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     buf_key = buf_key_ptr + pid * CAP
@@ -229,6 +236,7 @@ def _stream_topk_kernel(
 
     task = tl.atomic_add(task_counter_ptr, 1)
     while task < n_tasks:
+        next_task = tl.atomic_add(task_counter_ptr, 1)  # asked for now, so its round trip overlaps this task
         row = task // n_segs
         seg = task - row * n_segs
         col_lo = seg * seg_len
@@ -248,7 +256,8 @@ def _stream_topk_kernel(
             run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
             s_cols = col_lo + (sample_lane // run_len) * (n_here // SAMPLE_RUNS) + sample_lane % run_len
             s_key = _order_key(tl.load(row_val + s_cols))
-            thr = tl.maximum(_kth_largest_in_block(s_key, sample_lane < SAMPLE, rank), thr)
+            guess = _guess_threshold(s_key, rank, SAMPLE_ROUNDS)
+            thr = tl.maximum(tl.maximum(guess, 1) - 1, thr)  # - 1: keys equal to the guess get in too
         cnt = tl.zeros([], dtype=tl.int32)
         guessed = thr > _KEY_NEG_INF
         attempts = 0
@@ -266,23 +275,32 @@ def _stream_topk_kernel(
             tl.debug_barrier()  # appends visible to all threads
 
         # Emit the (at most k) survivors, padded with (-inf, -1).
-        offs = tl.arange(0, K_POW2)
-        live = offs < cnt
-        key = tl.load(buf_key + offs, mask=live, other=_KEY_NEG_INF).to(tl.uint32, bitcast=True)
-        col = tl.load(buf_col + offs, mask=live, other=-1)
+        out_val_row = out_val_ptr + task.to(tl.int64) * k
+        out_col_row = out_col_ptr + task.to(tl.int64) * k
         if SORTED:
-            # Descending on (key, ~col) == value descending, then column ascending; pads (key(-inf), ~-1 = 0)
-            # sort last.
+            # One in-register sort, descending on (key, ~col) == value descending, then column ascending; pads
+            # (key(-inf), ~-1 = 0) sort last.
+            offs = tl.arange(0, K_POW2)
+            live = offs < cnt
+            key = tl.load(buf_key + offs, mask=live, other=_KEY_NEG_INF).to(tl.uint32, bitcast=True)
+            col = tl.load(buf_col + offs, mask=live, other=-1)
             lo = (~col).to(tl.uint32, bitcast=True).to(tl.uint64)
             packed = tl.sort((key.to(tl.uint64) << 32) | lo, descending=True)
             key = (packed >> 32).to(tl.uint32)
             col = ~(packed.to(tl.uint32).to(tl.int32, bitcast=True))
-        out_off = task.to(tl.int64) * k + offs
-        tl.store(out_val_ptr + out_off, _key_to_value(key), mask=offs < k)
-        tl.store(out_col_ptr + out_off, col, mask=offs < k)
+            tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
+            tl.store(out_col_row + offs, col, mask=offs < k)
+        else:
+            # Column order, in BLOCK-sized pieces (no big register tile).
+            for start in range(0, k, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                live = offs < cnt
+                key = tl.load(buf_key + offs, mask=live, other=_KEY_NEG_INF).to(tl.uint32, bitcast=True)
+                col = tl.load(buf_col + offs, mask=live, other=-1)
+                tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
+                tl.store(out_col_row + offs, col, mask=offs < k)
         tl.debug_barrier()  # the buffer is read by everyone before the next task refills it
-
-        task = tl.atomic_add(task_counter_ptr, 1)
+        task = next_task
 
 
 @functools.lru_cache(maxsize=None)
@@ -325,7 +343,8 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
         out_val, out_col, buf_key, buf_col, counter,
         n_cols, row_stride, seg_len, n_segs, n_tasks, k,
         HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
-        BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample), num_warps=NUM_WARPS,
+        BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample), SAMPLE_ROUNDS=SAMPLE_ROUNDS,
+        num_warps=NUM_WARPS,
         **extra,
     )
 

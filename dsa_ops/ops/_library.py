@@ -18,40 +18,36 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 SCHEMAS: dict[str, str] = {}
 
 
-def define(name: str, schema: str, check: Callable) -> None:
-    """Defines dsa::<name> with `schema` and registers its CPU and CUDA kernel."""
-    LIB.define(name + schema)
-    SCHEMAS[name] = name + schema
-    op = getattr(torch.ops.dsa, name).default
-    # The dispatcher drops trailing arguments that equal their defaults; put them back once, here,
-    # so checks and implementations always see the full positional argument list.
-    defaults = tuple(a.default_value for a in op._schema.arguments)
-    n_args = len(defaults)
+def with_defaults(name: str, fn: Callable, suffix: str) -> Callable:
+    """Wraps `fn` so it always receives the full positional argument list of dsa::<name>.
 
-    def kernel(*args):
-        if len(args) < n_args:
-            args = args + defaults[len(args):]
-        check(*args)
-        return dispatch.pick(name, args)(*args)
-
-    kernel.__name__ = f"{name}_kernel"
-    LIB.impl(name, kernel, "CPU")
-    LIB.impl(name, kernel, "CUDA")
-
-
-def with_defaults(name: str, fn: Callable) -> Callable:
-    """Wraps a fake so it receives the full positional argument list, like the kernels."""
+    The dispatcher drops trailing arguments that equal their defaults; they are put back here, once, so
+    checks, implementations and fakes never deal with missing arguments."""
     op = getattr(torch.ops.dsa, name).default
     defaults = tuple(a.default_value for a in op._schema.arguments)
     n_args = len(defaults)
 
-    def fake(*args):
+    def full_args(*args):
         if len(args) < n_args:
             args = args + defaults[len(args):]
         return fn(*args)
 
-    fake.__name__ = f"{name}_fake"
-    return fake
+    full_args.__name__ = f"{name}_{suffix}"
+    return full_args
+
+
+def define(name: str, schema: str, check: Callable) -> None:
+    """Defines dsa::<name> with `schema` and registers its CPU and CUDA kernel."""
+    LIB.define(name + schema)
+    SCHEMAS[name] = name + schema
+
+    def kernel(*args):
+        check(*args)
+        return dispatch.pick(name, args)(*args)
+
+    kernel = with_defaults(name, kernel, "kernel")
+    LIB.impl(name, kernel, "CPU")
+    LIB.impl(name, kernel, "CUDA")
 
 
 def no_gradient(name: str) -> None:

@@ -16,7 +16,10 @@ setup(
     install_requires=["torch>=2.5"],
     extras_require={
         "triton": ["triton>=3.2"],
-        "cute": ["nvidia-cutlass-dsl>=4.8"],
+        # CuTe-DSL kernels: the DSL compiles for sm_90a even without a GPU (CI checks every shipped config);
+        # launching needs apache-tvm-ffi; nvdisasm lets the tests read the SASS.
+        "cute": ["nvidia-cutlass-dsl>=4.8", "nvidia-cutlass-dsl-libs-cu13>=4.8", "apache-tvm-ffi",
+                 "nvidia-cuda-nvdisasm"],
         "test": ["pytest", "expecttest", "numpy", "triton>=3.2"],
     },
 )

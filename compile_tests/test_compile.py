@@ -127,3 +127,23 @@ def test_cuda_graph_replay_matches_eager():
     for c, e in zip(captured, want):
         assert torch.equal(c, e)
     assert not torch.equal(captured[0], eager[0])
+
+
+def api_pipeline(q, kv, sink, q_idx, k_idx, w, d_v, topk=6):
+    """The same step through the public Python wrappers, with every scalar left at its default."""
+    idx, _ = dsa_ops.indexer_topk(q_idx.detach(), k_idx.detach(), w.detach(), topk)
+    out, lse = dsa_ops.sparse_attention(q, kv, idx[0], d_v=d_v, attn_sink=sink)
+    target = dsa_ops.sparse_attn_score(q.detach(), kv.detach(), lse, idx[0], q.shape[-1] ** -0.5)
+    return out.float().square().sum() + dsa_ops.indexer_loss(q_idx, k_idx, w, idx, target.unsqueeze(0))
+
+
+def test_api_defaults_compile_once_with_dynamic_shapes():
+    """Defaults of the wrappers must not become symbolic floats (that restarts or recompiles the trace)."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(api_pipeline, backend=counter, fullgraph=True, dynamic=True)
+    for S in (15, 22):
+        inputs = make_inputs(S, seed=S)
+        for e, c in zip(grads_of(api_pipeline, inputs), grads_of(fn, inputs)):
+            torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1, f"{counter.frame_count} frames"

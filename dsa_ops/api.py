@@ -1,6 +1,8 @@
 """The public Python API: one thin function per op (docs and defaults), each a call of `torch.ops.dsa.<op>`.
 
 Calling `torch.ops.dsa.<op>` directly is equivalent. Math: SPEC.md (shared) and docs/IMPLEMENTATIONS.md.
+Scalar arguments shown as `None` take the SPEC defaults (scale 1.0 for the indexer, `D**-0.5` for attention,
+ratio 1, d_v 512, loss_coeff 1.0); see `_or` for why they are not written as float defaults.
 Layouts: indexer tensors are batched (`q_idx [B,S_q,H_I,D_I]`, `k_idx [B,S_k,D_I]`, `w [B,S_q,H_I]`), attention
 tensors packed (`q [T,H,D]`, `kv [S_kv,D]`, `indices [T,K]` rows of `kv`). Index tensors are int32.
 """
@@ -14,12 +16,20 @@ from torch import Tensor
 _ops = torch.ops.dsa
 
 
-def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: float = 1.0, ratio: int = 1,
+def _or(value, default):
+    """Scalar defaults are written `None` and resolved here: under torch.compile(dynamic=True) Dynamo treats a
+    float taken from a function's __defaults__ as a symbolic input, and passing it to an op's `float` argument
+    restarts the trace. A literal in the body is a plain constant."""
+    return default if value is None else value
+
+
+def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
+                   ratio: Optional[int] = None,
                    q_start: Optional[Tensor] = None) -> Tensor:
     """`scores[b,q,k] = sum_h w[b,q,h] * relu(scale * q_idx[b,q,h] . k_idx[b,k])`, fp32 `[B,S_q,S_k]`, `-inf`
     where the ratio-causal mask hides key k (query q sits at token `q_start[b] + q`; default: the last tokens).
     Differentiable in q_idx, k_idx, w."""
-    return _ops.indexer_logits(q_idx, k_idx, w, scale, ratio, q_start)
+    return _ops.indexer_logits(q_idx, k_idx, w, _or(scale, 1.0), _or(ratio, 1), q_start)
 
 
 def topk(scores: Tensor, k: int, lengths: Optional[Tensor] = None, sorted: bool = False) -> tuple[Tensor, Tensor]:
@@ -29,22 +39,24 @@ def topk(scores: Tensor, k: int, lengths: Optional[Tensor] = None, sorted: bool 
     return _ops.topk(scores, k, lengths, sorted)
 
 
-def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: float = 1.0, ratio: int = 1,
+def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: Optional[float] = None,
+                 ratio: Optional[int] = None,
                  q_start: Optional[Tensor] = None, cu_seqlens_q: Optional[Tensor] = None,
                  cu_seqlens_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """`topk(indexer_logits(...), topk)` without ever holding the `[S_q,S_k]` score matrix. Ids are local to the
     sequence; in the packed form (`cu_seqlens_q/k` given, B=1) they are global rows of the packed keys."""
-    return _ops.indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_seqlens_q, cu_seqlens_k)
+    return _ops.indexer_topk(q_idx, k_idx, w, topk, _or(scale, 1.0), _or(ratio, 1), q_start, cu_seqlens_q,
+                             cu_seqlens_k)
 
 
 def indexer_topk_paged(q_idx: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor, w: Tensor,
-                       topk: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                       topk: int, scale: Optional[float] = None) -> tuple[Tensor, Tensor]:
     """Decode form of `indexer_topk` over a paged key cache `[num_pages, page_size, D_I]`; query j of sequence b
     sits at `seq_lens[b] - S_q + j`. Returns token positions. No host sync (CUDA-graph safe)."""
-    return _ops.indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale)
+    return _ops.indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, _or(scale, 1.0))
 
 
-def sparse_attention(q: Tensor, kv: Tensor, indices: Tensor, scale: Optional[float] = None, d_v: int = 512,
+def sparse_attention(q: Tensor, kv: Tensor, indices: Tensor, scale: Optional[float] = None, d_v: Optional[int] = None,
                      attn_sink: Optional[Tensor] = None,
                      topk_length: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Sparse MQA attention over the selected rows of the shared latent `kv`: `(out [T,H,d_v], lse [T,H] fp32)`.
@@ -52,26 +64,26 @@ def sparse_attention(q: Tensor, kv: Tensor, indices: Tensor, scale: Optional[flo
     Differentiable in q, kv, attn_sink (lse carries no gradient)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _ops.sparse_attention(q, kv, indices, scale, d_v, attn_sink, topk_length)
+    return _ops.sparse_attention(q, kv, indices, scale, _or(d_v, 512), attn_sink, topk_length)
 
 
 def sparse_attention_backward(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
-                              scale: float, d_v: int = 512, attn_sink: Optional[Tensor] = None,
+                              scale: float, d_v: Optional[int] = None, attn_sink: Optional[Tensor] = None,
                               topk_length: Optional[Tensor] = None,
                               deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """`(dq, dkv, d_sink)` of `sparse_attention`; `deterministic=True` gives a bitwise reproducible dkv."""
-    return _ops.sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
+    return _ops.sparse_attention_backward(dout, q, kv, out, lse, indices, scale, _or(d_v, 512), attn_sink, topk_length,
                                           deterministic)
 
 
 def sparse_attention_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, indices: Tensor,
-                            scale: Optional[float] = None, d_v: int = 512, attn_sink: Optional[Tensor] = None,
+                            scale: Optional[float] = None, d_v: Optional[int] = None, attn_sink: Optional[Tensor] = None,
                             topk_length: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """`sparse_attention` for decode over a paged cache `[num_pages, page_size, D]`; `indices [B,S_q,K]` are
     token positions (invalid if `>= seq_lens[b]`). No host sync (CUDA-graph safe)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return _ops.sparse_attention_decode(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink,
+    return _ops.sparse_attention_decode(q, kv_cache, block_table, seq_lens, indices, scale, _or(d_v, 512), attn_sink,
                                         topk_length)
 
 
@@ -81,26 +93,27 @@ def sparse_attn_score(q: Tensor, kv: Tensor, lse: Tensor, indices: Tensor, scale
     return _ops.sparse_attn_score(q, kv, lse, indices, scale, topk_length)
 
 
-def sparse_indexer_score(q_idx: Tensor, k_idx: Tensor, w: Tensor, indices: Tensor, scale: float = 1.0,
+def sparse_indexer_score(q_idx: Tensor, k_idx: Tensor, w: Tensor, indices: Tensor, scale: Optional[float] = None,
                          topk_length: Optional[Tensor] = None) -> Tensor:
     """Indexer prediction over the selected keys: softmax of the indexer logits over valid slots."""
-    return _ops.sparse_indexer_score(q_idx, k_idx, w, indices, scale, topk_length)
+    return _ops.sparse_indexer_score(q_idx, k_idx, w, indices, _or(scale, 1.0), topk_length)
 
 
-def indexer_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, indices: Tensor, target: Tensor, scale: float = 1.0,
-                 loss_coeff: float = 1.0, topk_length: Optional[Tensor] = None) -> Tensor:
+def indexer_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, indices: Tensor, target: Tensor, scale: Optional[float] = None,
+                 loss_coeff: Optional[float] = None, topk_length: Optional[Tensor] = None) -> Tensor:
     """Clipped KL(target || predict) over the top-k set, averaged over non-empty rows. Trains q_idx, k_idx, w."""
-    return _ops.indexer_loss(q_idx, k_idx, w, indices, target, scale, loss_coeff, topk_length)
+    return _ops.indexer_loss(q_idx, k_idx, w, indices, target, _or(scale, 1.0), _or(loss_coeff, 1.0), topk_length)
 
 
-def dense_attn_score(q: Tensor, kv: Tensor, lse: Tensor, scale: float, ratio: int = 1,
+def dense_attn_score(q: Tensor, kv: Tensor, lse: Tensor, scale: float, ratio: Optional[int] = None,
                      q_start: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Dense warm-up target: `(scores [B,S_q,S_k] masked 0, l1 [B,S_q])`, head-summed attention probabilities."""
-    return _ops.dense_attn_score(q, kv, lse, scale, ratio, q_start)
+    return _ops.dense_attn_score(q, kv, lse, scale, _or(ratio, 1), q_start)
 
 
 def dense_indexer_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, attn_scores: Tensor, attn_l1: Tensor,
-                       scale: float = 1.0, ratio: int = 1, loss_coeff: float = 1.0,
+                       scale: Optional[float] = None, ratio: Optional[int] = None, loss_coeff: Optional[float] = None,
                        q_start: Optional[Tensor] = None) -> Tensor:
     """Clipped KL over all visible keys (dense warm-up). Trains q_idx, k_idx, w."""
-    return _ops.dense_indexer_loss(q_idx, k_idx, w, attn_scores, attn_l1, scale, ratio, loss_coeff, q_start)
+    return _ops.dense_indexer_loss(q_idx, k_idx, w, attn_scores, attn_l1, _or(scale, 1.0), _or(ratio, 1),
+                                   _or(loss_coeff, 1.0), q_start)

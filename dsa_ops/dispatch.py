@@ -87,8 +87,9 @@ def attention_score_kernel(q, *args) -> bool:
 class Impl:
     backend: str                       # "cute-sm90" | "triton" | "reference"
     target: str                        # "package.module:function"
-    supports: Callable[..., bool] = any_call
+    supports: Callable[..., bool] | str = any_call   # a predicate, or "module:function" of one (lazy)
     requires: str = "any input"        # what `supports` checks, for the report
+    unavailable: Optional[str] = None  # "module:function" returning None, or why the backend cannot run here
 
     @property
     def family(self) -> str:
@@ -114,8 +115,29 @@ def triton(module: str, op: str, supports=half_inputs, requires="bf16/fp16 input
     return Impl("triton", f"csrc_dsl.triton.{module}:{op}", supports, requires)
 
 
-def cute_sm90(module: str, op: str, supports, requires: str) -> Impl:
-    return Impl("cute-sm90", f"csrc_dsl.cute.sm90.{module}:{op}", supports, requires)
+def cute_sm90(module: str, op: str, requires: str) -> Impl:
+    """A CuTe-DSL kernel; its module's `supports` predicate decides, and it is unavailable without the DSL."""
+    return Impl("cute-sm90", f"csrc_dsl.cute.sm90.{module}:{op}", f"csrc_dsl.cute.sm90.{module}:supports",
+                requires, "csrc_dsl.cute.common.availability:launch_unavailable_reason")
+
+
+def _why_unavailable(impl: Impl) -> tuple[Optional[Callable], str]:
+    """(implementation, "") when it can run here, else (None, reason)."""
+    fn, why = _load(impl.target)
+    if fn is None or impl.unavailable is None:
+        return fn, why
+    probe, why = _load(impl.unavailable)
+    reason = probe() if probe is not None else why
+    return (None, reason) if reason else (fn, "")
+
+
+def _supports(impl: Impl, args: tuple) -> bool:
+    predicate = impl.supports
+    if isinstance(predicate, str):
+        predicate, _ = _load(predicate)
+        if predicate is None:
+            return False
+    return predicate(*args)
 
 
 def gpu_rows(sm90: list[Impl], portable: list[Impl], reference: Impl) -> dict[str, list[Impl]]:
@@ -154,7 +176,8 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
         ref("indexer", "sparse_indexer_score")),
     # attention family
     "sparse_attention": gpu_rows(
-        [], [triton("sparse_attention_fwd", "sparse_attention", attention_kernel, ATTENTION_NEEDS)],
+        [cute_sm90("sparse_attention_fwd", "sparse_attention", "bf16, D in {512, 576}, d_v = 512, H <= 128")],
+        [triton("sparse_attention_fwd", "sparse_attention", attention_kernel, ATTENTION_NEEDS)],
         ref("attention", "sparse_attention")),
     "sparse_attention_backward": gpu_rows(
         [], [triton("sparse_attention_bwd", "sparse_attention_backward", attention_backward_kernel,
@@ -232,11 +255,11 @@ def choose(op: str, args: tuple) -> tuple[Impl, Callable]:
     for impl in TABLE[op][arch]:
         if forced is not None and impl.family != forced and impl.backend != forced:
             continue
-        fn, why = _load(impl.target)
+        fn, why = _why_unavailable(impl)
         if fn is None:
             reasons.append(f"{impl.backend}: unavailable ({why})")
             continue
-        if not impl.supports(*args):
+        if not _supports(impl, args):
             reasons.append(f"{impl.backend}: needs {impl.requires}")
             continue
         return impl, fn
@@ -262,7 +285,7 @@ def report(device: Optional[torch.device] = None) -> str:
         chosen = None
         notes = []
         for impl in rows[arch]:
-            fn, why = _load(impl.target)
+            fn, why = _why_unavailable(impl)
             f = forced_backend(op)
             if f is not None and impl.family != f and impl.backend != f:
                 notes.append(f"{impl.backend} (not the forced backend)")

@@ -78,3 +78,16 @@ def test_triton_candidates_import():
 def test_cuda_half_inputs_use_a_kernel(op):
     impl, _ = dispatch.choose(op, sample_args(op, device="cuda", dtype=torch.bfloat16))
     assert impl.backend != "reference", op
+
+
+def test_sm90_row_falls_back_cleanly_without_a_gpu(monkeypatch):
+    """The SM90 row lists CuTe-DSL first; with no GPU (or no DSL) it is skipped with a reason, never an error."""
+    assert [i.backend for i in dispatch.TABLE["sparse_attention"]["sm90"]] == ["cute-sm90", "triton", "reference"]
+    monkeypatch.setattr(dispatch, "arch_of", lambda device: "sm90")
+    impl, fn = dispatch.choose("sparse_attention", sample_args("sparse_attention"))  # fp32 on the CPU
+    assert impl.backend == "reference"
+    out, lse = fn(*sample_args("sparse_attention"))
+    assert torch.isfinite(out).all()
+    monkeypatch.setenv(dispatch.ENV_FORCE, "cute")
+    with pytest.raises(dispatch.NoImplementation, match="cute-sm90"):
+        dispatch.choose("sparse_attention", sample_args("sparse_attention"))

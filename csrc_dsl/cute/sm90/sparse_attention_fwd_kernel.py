@@ -1,0 +1,602 @@
+"""The CuTe-DSL kernel behind `sparse_attention_fwd.sparse_attention` (SM90, bf16).
+
+How one CTA works (read this first)
+-----------------------------------
+One CTA computes one query token for a block of 64 heads (the wgmma M dimension). The registers set the
+block size: the output accumulator of 64 heads x 512 values in fp32 is 128 KB, half the register file, so
+a CTA cannot hold 128 heads; H = 128 runs as two CTAs per token (next to each other in the grid, so the
+second finds the gathered kv rows in L2). H < 64 pads the block inside the tile: the padding rows of Q are
+zero-filled in shared memory, never copied in global memory, and never stored.
+
+Three warpgroups of 128 threads:
+
+  WG0, producer: cp.async (LDGSTS) gathers. First Q (64 x D), then, per tile of 64 top-k slots, the 64
+       kv rows named by the indices, each row's address read from `indices` (a gather: no TMA). Invalid
+       slots (id < 0, id >= S, slot >= topk_length) are zero-filled (cp.async with source size 0) and get
+       a -inf bias. Two stages, each a full/empty mbarrier pair.
+  WG1, WG2, consumers (w = 0, 1). Consumer w keeps O_w = the output columns [256w, 256w+256) of all
+       64 heads (64 x 256 fp32 = 128 registers per thread). Two schedules share out the rest
+       (FwdConfig.schedule):
+
+       "split_keys": each tile's 64 keys are split between the consumers.
+           S_w = Q K_w^T   wgmma 64 x 32 x D over the 32 keys [32w, 32w+32), Q and K from smem;
+           row max shared through smem (both use the same max) -> P_w = exp2(S_w - m), bf16, to smem;
+           O_w += P V_w    wgmma 64 x 256 x 64 over all 64 keys.
+           The consumers meet twice per tile (row maxima, then P). Simple, but both re-read all of Q
+           from smem for a narrow N = 32 GEMM, and nothing overlaps the softmax.
+       "alternate": consumer w owns tiles w, w+2, ... (always in kv stage w).
+           S_t = Q K_t^T   wgmma 64 x 64 x D over the whole tile, by its owner only;
+           the owner continues the running max from the other consumer's last tile, writes P_t and the
+           new max to smem (for D = 576, P_t goes into the tile's own RoPE columns, which no GEMM reads
+           once S_t is done), and signals the other on a named barrier;
+           both consumers add P_t V_t to their O_w (the non-owner first moves O_w to the new max).
+           While a consumer's S runs on the tensor cores it folds in the other's previous tile, so one
+           warpgroup's GEMMs overlap the other's softmax.
+
+Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
+
+Correctness details that are easy to miss:
+- the kv smem tile is written by cp.async (generic proxy) and read by wgmma (async proxy): consumers
+  issue `fence.proxy.async` after each full-barrier wait; P is written with st.shared and fenced the same
+  way before the barrier that publishes it;
+- the full barrier expects 256 arrivals: 128 from `cp.async.mbarrier.arrive.noinc` (the copies landed)
+  and 128 ordinary arrivals that release the bias writes;
+- zero-filled rows make invalid keys contribute exactly 0 * 0 to O (never 0 * NaN from stale smem);
+- a row with no valid key keeps m = -inf and l = 0: out = 0 and lse = +inf; exp2 never sees -inf - -inf
+  because the max is replaced by 0 while it is -inf.
+"""
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import BFloat16, Boolean, Float32, Int32, Int64, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.memory import SmemAllocator
+from cutlass.tensor_utils import LayoutEnum
+
+LOG2_E = 1.4426950408889634
+LN_2 = 0.6931471805599453
+HEADS_PER_CTA = 64  # wgmma M
+
+# Named barriers (0 is __syncthreads). Between the two consumer warpgroups (256 threads):
+BAR_MAX_READY = 1   # split_keys: both halves of the row max are in smem
+BAR_P_READY = 2     # split_keys: both halves of P are in smem
+BAR_EPILOGUE = 3
+BAR_TILE_READY = 4  # alternate: 4 + w, warpgroup w published P and the row max of its tile
+BAR_OWN_P = 6       # alternate: 6 + w, within warpgroup w (128 threads): its P is complete in smem
+
+
+def rows_cols_view(acc: cute.Tensor) -> cute.Tensor:
+    """View a wgmma accumulator ((2, 2, N/8), M_atoms, N_atoms) as (rows, cols) of this thread.
+
+    In the SM90 accumulator layout, mode 0 is (column pair, row +8, column +8): so the rows of a thread
+    are (mode0[1], M_atoms) and its columns are (mode0[0], mode0[2], N_atoms)."""
+    layout = acc.layout
+    shape, stride = layout.shape, layout.stride
+    rows = ((shape[0][1], shape[1]), (stride[0][1], stride[1]))
+    cols = ((shape[0][0], shape[0][2], shape[2]), (stride[0][0], stride[0][2], stride[2]))
+    return cute.make_tensor(acc.iterator, cute.make_layout((rows[0], cols[0]), stride=(rows[1], cols[1])))
+
+
+@cute.jit
+def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a: cute.Tensor, frag_b: cute.Tensor,
+          zero_init: cutlass.Constexpr[bool], wait: cutlass.Constexpr[bool] = True):
+    """acc (+)= A B over all k-blocks, issued as one wgmma group; waited for unless `wait` is False
+    (then the caller waits with `warpgroup.wait_group(n)`)."""
+    warpgroup.fence()
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+    for k in cutlass.range_constexpr(cute.size(frag_a.shape[2])):
+        cute.gemm(atom, acc, frag_a[None, None, k], frag_b[None, None, k], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    if const_expr(wait):
+        warpgroup.wait_group(0)
+
+
+class SparseAttentionFwdSm90:
+    """One compiled variant: `FwdConfig` fixes D, d_v, the optional inputs and the tiles;
+    T, H, S and K are runtime values."""
+
+    def __init__(self, config):
+        if config.block_n != 64 or config.num_stages != 2:
+            raise ValueError("this kernel is written for block_n = 64 and 2 stages")
+        if config.d_v != 512 or config.head_dim % 64 != 0 or config.head_dim < config.d_v:
+            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
+        self.cfg = config
+        self.D = config.head_dim
+        self.DV = config.d_v
+        self.BM = HEADS_PER_CTA
+        self.BN = config.block_n
+        self.stages = config.num_stages
+        self.keys_per_wg = self.BN // 2        # S columns of one consumer
+        self.dv_per_wg = self.DV // 2          # O columns of one consumer
+        self.num_threads = 3 * 128
+        if config.schedule not in ("split_keys", "alternate"):
+            raise ValueError(f"unknown schedule {config.schedule!r}")
+        self.alternate = config.schedule == "alternate"
+        # alternate + D = 576: P of a tile lives in that tile's RoPE columns, dead once S is computed.
+        self.p_in_rope = self.alternate and self.D - self.DV == self.BN
+        self.p_buffers = 1 if not self.alternate else (0 if self.p_in_rope else self.stages)
+
+    # -------------------------------------------------------------------------------------------
+    # Host side: layouts, MMAs, shared storage, launch
+    # -------------------------------------------------------------------------------------------
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mOut: cute.Tensor,
+                 mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
+                 scale_log2: Float32, stream: cuda.CUstream):
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        # K-major, 128-byte-swizzled smem tiles (the wgmma canonical layout): rows of 64 bf16.
+        atom = warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, BFloat16, 64), BFloat16)
+        sQ_layout = cute.tile_to_shape(atom, (BM, D), order=(0, 1))
+        sKV_layout = cute.tile_to_shape(atom, (BN, D, self.stages), order=(0, 1, 2))
+        sP_layout = cute.tile_to_shape(atom, (BM, BN, max(self.p_buffers, 1)), order=(0, 1, 2))
+        sO_layout = cute.tile_to_shape(atom, (BM, DV), order=(0, 1))
+
+        # S_w = Q K_w^T: both operands K-major in smem.
+        mma_qk = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
+            Float32, (1, 1, 1), (BM, BN if self.alternate else self.keys_per_wg))
+        # O_w += P V_w: P K-major in smem, V read from the same kv tile, which is MN-major for this GEMM.
+        mma_pv = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
+            Float32, (1, 1, 1), (BM, self.dv_per_wg))
+
+        @cute.struct
+        class SharedStorage:
+            full_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
+            empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
+            q_bar: cute.struct.MemRange[cutlass.Int64, 1]
+            bias: cute.struct.MemRange[Float32, BN * self.stages]   # 0 or -inf per kv row and stage
+            row_max: cute.struct.MemRange[Float32, BM * 2]           # per row, per consumer
+            row_sum: cute.struct.MemRange[Float32, BM * 2]
+            sQ: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sQ_layout)], 1024]
+            sKV: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sKV_layout)], 1024]
+            sP: cute.struct.Align[
+                cute.struct.MemRange[BFloat16, cute.cosize(sP_layout) if self.p_buffers > 0 else 0], 1024]
+
+        self.shared_storage = SharedStorage
+
+        # One CTA per (token, block of 64 heads); the head block varies fastest so that the CTAs of one
+        # token run side by side and share the gathered kv rows through L2.
+        head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
+        grid_x = mQ.shape[0] * head_blocks
+        self.kernel(mQ, mKV, mIdx, mOut, mLse, mSink, mTopkLen, scale_log2,
+                    sQ_layout, sKV_layout, sP_layout, sO_layout, mma_qk, mma_pv).launch(
+            grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
+
+    # -------------------------------------------------------------------------------------------
+    # Device side
+    # -------------------------------------------------------------------------------------------
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mOut: cute.Tensor,
+               mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
+               scale_log2: Float32, sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout,
+               sP_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
+               mma_qk: cute.TiledMma, mma_pv: cute.TiledMma):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg_idx = warp_idx // 4
+        head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
+        token = bidx // head_blocks
+        head_block = bidx - token * head_blocks
+
+        smem = SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        full_bar = storage.full_bar.data_ptr()
+        empty_bar = storage.empty_bar.data_ptr()
+        q_bar = storage.q_bar.data_ptr()
+        if warp_idx == 0:
+            with cute.arch.elect_one():
+                for s in cutlass.range_constexpr(self.stages):
+                    cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
+                    cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
+                cute.arch.mbarrier_init(q_bar, 128)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        if const_expr(self.p_in_rope):
+            sP = cute.flat_divide(sKV, (self.BM, self.BN))[None, None, 0, self.D // self.BN - 1, None]
+        else:
+            sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)   # (64, 64, buffers)
+        sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # Q is dead by then
+        sBias = storage.bias.get_tensor(cute.make_layout((self.BN, self.stages)))
+        sMax = storage.row_max.get_tensor(cute.make_layout((self.BM, 2)))
+        sSum = storage.row_sum.get_tensor(cute.make_layout((self.BM, 2)))
+
+        # Top-k slots [0, k_valid) may hold keys; tiles past the last one are skipped entirely.
+        k_valid = mIdx.shape[1]
+        if const_expr(mTopkLen is not None):
+            k_valid = cutlass.min(k_valid, cutlass.max(mTopkLen[token], 0))
+        n_tiles = (k_valid + self.BN - 1) // self.BN
+
+        if wg_idx == 0:
+            cute.arch.setmaxregister_decrease(self.cfg.producer_regs)
+            self.produce(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
+                         token, head_block, k_valid, n_tiles, tidx)
+        else:
+            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+            if const_expr(self.alternate):
+                self.consume_alternate(mOut, mLse, mSink, sQ, sKV, sP, sO, sBias, sMax, sSum,
+                                       full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
+                                       token, head_block, n_tiles, wg_idx - 1, tidx - 128)
+            else:
+                self.consume(mOut, mLse, mSink, sQ, sKV, sP[None, None, 0], sO, sBias, sMax, sSum,
+                             full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
+                             token, head_block, n_tiles, wg_idx - 1, tidx - 128)
+
+    # ---- producer: cp.async gathers ------------------------------------------------------------
+    @cute.jit
+    def produce(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
+                sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar,
+                token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
+        D, H = self.D, mQ.shape[1]
+        copy_16B = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128)
+        # 8 threads per row, each moving 16-byte pieces 128 bytes apart; 16 rows per pass, 4 passes.
+        row_in_pass = tidx // 8
+        piece = tidx % 8
+        passes = self.BN // 16
+        row_bytes = D * 2
+
+        # Q rows of this head block; heads past H are zero-filled.
+        q_base = mQ.iterator.toint()
+        for p in cutlass.range_constexpr(passes):
+            r = row_in_pass + 16 * p
+            head = head_block * self.BM + r
+            valid = head < H
+            src_row = q_base + (Int64(token) * H + Int64(head if valid else 0)) * row_bytes
+            self.copy_row(copy_16B, src_row, sQ[r, None], piece, valid)
+        cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
+
+        # kv tiles: indices for tile `it` are loaded one tile ahead, before waiting for the buffer.
+        kv_rows = mKV.shape[0]
+        kv_base = mKV.iterator.toint()
+        slot_ids = cute.make_rmem_tensor((passes,), Int32)
+        self.load_slot_ids(mIdx, slot_ids, token, 0, k_valid, row_in_pass)
+        for it in cutlass.range(n_tiles, unroll=1):
+            stage = it % self.stages
+            phase = (it // self.stages) % 2
+            cute.arch.mbarrier_wait(empty_bar + stage, phase ^ 1)
+            for p in cutlass.range_constexpr(passes):
+                r = row_in_pass + 16 * p
+                kv_id = slot_ids[p]
+                valid = kv_id >= 0 and kv_id < kv_rows
+                src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
+                if const_expr(self.cfg.ablation != "no_gather"):
+                    self.copy_row(copy_16B, src_row, sKV[r, None, stage], piece, valid)
+                if piece == 0:
+                    sBias[r, stage] = Float32(0.0) if valid else -Float32.inf
+            cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
+            cute.arch.mbarrier_arrive(full_bar + stage)
+            if it + 1 < n_tiles:
+                self.load_slot_ids(mIdx, slot_ids, token, it + 1, k_valid, row_in_pass)
+
+    @cute.jit
+    def load_slot_ids(self, mIdx: cute.Tensor, slot_ids: cute.Tensor, token: Int32, tile: Int32,
+                      k_valid: Int32, row_in_pass: Int32):
+        """kv ids of this thread's rows of `tile`; -1 (invalid) past the valid slots."""
+        for p in cutlass.range_constexpr(cute.size(slot_ids)):
+            slot = tile * self.BN + row_in_pass + 16 * p
+            slot_ids[p] = Int32(-1)
+            if slot < k_valid:
+                slot_ids[p] = mIdx[token, slot]
+
+    @cute.jit
+    def copy_row(self, copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor, piece: Int32,
+                 valid: Boolean):
+        """This thread's 16-byte pieces of one row (columns piece*8 + 64j); zero-filled when not valid."""
+        pred = cute.make_rmem_tensor((1,), Boolean)
+        pred[0] = valid
+        for j in cutlass.range_constexpr(self.D // 64):
+            col = j * 64 + piece * 8
+            src = cute.make_tensor(
+                cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
+                cute.make_layout(((8, 1),)))
+            dst_piece = cute.local_tile(dst_row, (8,), (j * 8 + piece,))
+            dst = cute.make_tensor(dst_piece.iterator, cute.make_layout(((8, 1),)))
+            cute.copy(copy_16B, src, dst, pred=pred)
+
+    # ---- consumers: wgmma + online softmax --------------------------------------------------------
+    @cute.jit
+    def consume(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
+                sQ: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor, sO: cute.Tensor, sBias: cute.Tensor,
+                sMax: cute.Tensor, sSum: cute.Tensor, full_bar, empty_bar, q_bar,
+                mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, scale_log2: Float32,
+                token: Int32, head_block: Int32, n_tiles: Int32, w: Int32, tid: Int32):
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        KW, NW = self.keys_per_wg, self.dv_per_wg
+        thr_qk = mma_qk.get_slice(tid % 128)
+        thr_pv = mma_pv.get_slice(tid % 128)
+
+        # Operand fragments (smem descriptors). K_w: rows [32w, 32w+32) of each kv stage.
+        sK_w = cute.flat_divide(sKV, (KW, D))[None, None, w, 0, None]             # (32, D, stage)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK_w))
+        # V_w^T: columns [256w, 256w+256) of the kv tile seen as (dv, key): MN-major for the PV GEMM.
+        sVt = cute.composition(sKV, cute.make_layout((DV, BN, self.stages), stride=(BN, 1, BN * D)))
+        sVt_w = cute.flat_divide(sVt, (NW, BN))[None, None, w, 0, None]            # (256, 64, stage)
+        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
+        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))
+
+        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BM, NW)), Float32)
+        acc_O.fill(0.0)
+        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BM, KW)), Float32)
+        S = rows_cols_view(acc_S)
+        O = rows_cols_view(acc_O)
+        # (row, col) of each accumulator value, from the same partitioning as the MMA.
+        S_coord = rows_cols_view(thr_qk.partition_C(cute.make_identity_tensor((BM, KW))))
+        n_rows = cute.size(S, mode=[0])          # 2 rows per thread (8 of the 32 keys each)
+        leader = cute.arch.lane_idx() % 4 == 0   # a row's 4 threads share its max and sum
+
+        row_max = cute.make_rmem_tensor((n_rows,), Float32)
+        row_sum = cute.make_rmem_tensor((n_rows,), Float32)
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+
+        cute.arch.mbarrier_wait(q_bar, 0)
+        for it in cutlass.range(n_tiles, unroll=1):
+            stage = it % self.stages
+            phase = (it // self.stages) % 2
+            cute.arch.mbarrier_wait(full_bar + stage, phase)
+            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
+
+            if const_expr(self.cfg.ablation != "no_math"):
+                wgmma(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True)
+
+                if const_expr(self.cfg.ablation != "tensor_only"):
+                    self.softmax_tile(S, O, S_coord, sBias, sMax, sP, row_max, row_sum, scale_log2, stage, w, leader)
+                else:  # keep S alive (raw scores as P, no max/exp/barriers)
+                    for i in cutlass.range_constexpr(cute.size(S, mode=[0])):
+                        for j in cutlass.range_constexpr(cute.size(S, mode=[1])):
+                            sP[S_coord[i, j][0], w * KW + S_coord[i, j][1]] = BFloat16(S[i, j])
+                    cute.arch.fence_proxy("async.shared", space="cta")
+                wgmma(mma_pv, acc_O, tOrP, tOrV[None, None, None, stage], zero_init=False)
+            cute.arch.mbarrier_arrive(empty_bar + stage)
+
+        self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
+                      token, head_block, w, tid, leader)
+
+    # ---- consumers, alternate schedule ----------------------------------------------------------------
+    @cute.jit
+    def consume_alternate(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
+                          sQ: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor, sO: cute.Tensor,
+                          sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor, full_bar, empty_bar,
+                          q_bar, mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, scale_log2: Float32,
+                          token: Int32, head_block: Int32, n_tiles: Int32, w: Int32, tid: Int32):
+        """Consumer w owns tiles w, w+2, ... (so its tiles always sit in kv stage w). For its tile t it
+        computes S_t = Q K_t^T over all 64 keys, the softmax with the running max, and publishes P_t and
+        the new max in smem; both consumers then add P_t V_t to their half of O. While its S_t runs on the
+        tensor cores, it folds in the other consumer's tile t-1, so one warpgroup's GEMMs overlap the
+        other's softmax."""
+        BM, BN, D, DV, NW = self.BM, self.BN, self.D, self.DV, self.dv_per_wg
+        thr_qk = mma_qk.get_slice(tid % 128)
+        thr_pv = mma_pv.get_slice(tid % 128)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKV))                      # all 64 rows, by stage
+        sVt = cute.composition(sKV, cute.make_layout((DV, BN, self.stages), stride=(BN, 1, BN * D)))
+        sVt_w = cute.flat_divide(sVt, (NW, BN))[None, None, w, 0, None]            # (256, 64, stage)
+        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
+        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))                       # P of each stage's tile
+
+        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BM, NW)), Float32)
+        acc_O.fill(0.0)
+        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BM, BN)), Float32)
+        S = rows_cols_view(acc_S)
+        O = rows_cols_view(acc_O)
+        S_coord = rows_cols_view(thr_qk.partition_C(cute.make_identity_tensor((BM, BN))))
+        n_rows = cute.size(S, mode=[0])
+        leader = cute.arch.lane_idx() % 4 == 0
+        row_max = cute.make_rmem_tensor((n_rows,), Float32)   # the running max after the last tile seen
+        row_sum = cute.make_rmem_tensor((n_rows,), Float32)   # sum over this consumer's own tiles only
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+        other = 1 - w
+
+        cute.arch.mbarrier_wait(q_bar, 0)
+        own_tiles = (n_tiles - w + 1) // 2
+        for k in cutlass.range(own_tiles, unroll=1):
+            t = w + 2 * k
+            cute.arch.mbarrier_wait(full_bar + w, k % 2)
+            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
+            wgmma(mma_qk, acc_S, tSrQ, tSrK[None, None, None, w], zero_init=True, wait=False)
+            if t >= 1:
+                self.fold_other_tile(O, S_coord, sMax, row_max, row_sum, acc_O, tOrP, tOrV, mma_pv, other)
+            warpgroup.wait_group(0)
+            if t >= 1:
+                cute.arch.mbarrier_arrive(empty_bar + other)      # done with the other's tile t-1
+            self.softmax_own_tile(S, O, S_coord, sBias, sMax, sP, row_max, row_sum, scale_log2, w, leader)
+            wgmma(mma_pv, acc_O, tOrP[None, None, None, w], tOrV[None, None, None, w], zero_init=False)
+            cute.arch.mbarrier_arrive(empty_bar + w)              # done with own tile t
+        if n_tiles > 0 and (n_tiles - 1) % 2 == other:
+            # The last tile is the other consumer's: fold it in here.
+            self.fold_other_tile(O, S_coord, sMax, row_max, row_sum, acc_O, tOrP, tOrV, mma_pv, other)
+            warpgroup.wait_group(0)
+            cute.arch.mbarrier_arrive(empty_bar + other)
+
+        self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
+                      token, head_block, w, tid, leader)
+
+    @cute.jit
+    def fold_other_tile(self, O: cute.Tensor, S_coord: cute.Tensor, sMax: cute.Tensor, row_max: cute.Tensor,
+                        row_sum: cute.Tensor, acc_O: cute.Tensor, tOrP: cute.Tensor, tOrV: cute.Tensor,
+                        mma_pv: cute.TiledMma, other: Int32):
+        """Add the other consumer's latest tile to this consumer's half of O: move to its new max, then
+        issue O += P V (left in flight; the caller waits)."""
+        cute.arch.barrier(barrier_id=BAR_TILE_READY + other, number_of_threads=256)
+        for i in cutlass.range_constexpr(cute.size(row_max)):
+            m_new = sMax[S_coord[i, 0][0], other]
+            m_use = m_new
+            if m_new == -Float32.inf:
+                m_use = Float32(0.0)
+            scale = cute.math.exp2(row_max[i] - m_use, fastmath=True)
+            row_max[i] = m_new
+            row_sum[i] = row_sum[i] * scale
+            O_row = O[i, None]
+            O_row.store(O_row.load() * scale)
+        wgmma(mma_pv, acc_O, tOrP[None, None, None, other], tOrV[None, None, None, other], zero_init=False,
+              wait=False)
+
+    @cute.jit
+    def softmax_own_tile(self, S: cute.Tensor, O: cute.Tensor, S_coord: cute.Tensor, sBias: cute.Tensor,
+                         sMax: cute.Tensor, sP: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                         scale_log2: Float32, w: Int32, leader: Boolean):
+        """Softmax of this consumer's tile (it sits in stage w); publishes P and the new row max."""
+        n_rows = cute.size(S, mode=[0])          # 2 rows per thread
+        n_cols = cute.size(S, mode=[1])          # 16 of the 64 keys per row
+        col_bias = cute.make_rmem_tensor((n_cols,), Float32)
+        for j in cutlass.range_constexpr(n_cols):
+            col_bias[j] = sBias[S_coord[0, j][1], w]
+        for i in cutlass.range_constexpr(n_rows):
+            m = row_max[i]
+            for j in cutlass.range_constexpr(n_cols):
+                s = S[i, j] * scale_log2 + col_bias[j]
+                S[i, j] = s
+                m = cute.arch.fmax(m, s)
+            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1))
+            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=2))
+            m_use = m
+            if m == -Float32.inf:
+                m_use = Float32(0.0)
+            scale = cute.math.exp2(row_max[i] - m_use, fastmath=True)
+            row_max[i] = m
+            total = Float32(0.0)
+            for j in cutlass.range_constexpr(n_cols):
+                p = cute.math.exp2(S[i, j] - m_use, fastmath=True)
+                S[i, j] = p
+                total += p
+            row_sum[i] = row_sum[i] * scale + total
+            O_row = O[i, None]
+            O_row.store(O_row.load() * scale)
+            if leader:
+                sMax[S_coord[i, 0][0], w] = m
+        for i in cutlass.range_constexpr(n_rows):
+            for j in cutlass.range_constexpr(n_cols):
+                sP[S_coord[i, j][0], S_coord[i, j][1], w] = BFloat16(S[i, j])
+        cute.arch.fence_proxy("async.shared", space="cta")   # st.shared P -> wgmma reads (both consumers)
+        cute.arch.barrier(barrier_id=BAR_OWN_P + w, number_of_threads=128)
+        cute.arch.barrier_arrive(barrier_id=BAR_TILE_READY + w, number_of_threads=256)
+
+    @cute.jit
+    def softmax_tile(self, S: cute.Tensor, O: cute.Tensor, S_coord: cute.Tensor, sBias: cute.Tensor,
+                     sMax: cute.Tensor, sP: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                     scale_log2: Float32, stage: Int32, w: Int32, leader: Boolean):
+        """Online softmax of one tile: S (this consumer's 32 keys) -> P in smem; O and the row sums
+        rescaled to the new row max, which both consumers agree on through smem."""
+        KW = self.keys_per_wg
+        n_rows = cute.size(S, mode=[0])          # 2 rows per thread
+        n_cols = cute.size(S, mode=[1])          # 8 of the 32 keys per row
+        row_scale = cute.make_rmem_tensor((n_rows,), Float32)
+        local_max = cute.make_rmem_tensor((n_rows,), Float32)
+        col_bias = cute.make_rmem_tensor((n_cols,), Float32)
+        # Scores in log2 units, invalid keys at -inf; this thread's part of each row max.
+        for j in cutlass.range_constexpr(n_cols):
+            col_bias[j] = sBias[w * KW + S_coord[0, j][1], stage]
+        for i in cutlass.range_constexpr(n_rows):
+            m = -Float32.inf
+            for j in cutlass.range_constexpr(n_cols):
+                s = S[i, j] * scale_log2 + col_bias[j]
+                S[i, j] = s
+                m = cute.arch.fmax(m, s)
+            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1))
+            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=2))
+            local_max[i] = m
+            if leader:
+                sMax[S_coord[i, 0][0], w] = m
+        cute.arch.barrier(barrier_id=BAR_MAX_READY, number_of_threads=256)
+
+        # Both consumers now take the same new max, so their halves of P share one scale.
+        for i in cutlass.range_constexpr(n_rows):
+            other = sMax[S_coord[i, 0][0], 1 - w]
+            m_new = cute.arch.fmax(row_max[i], cute.arch.fmax(local_max[i], other))
+            m_use = m_new
+            if m_new == -Float32.inf:
+                m_use = Float32(0.0)
+            row_scale[i] = cute.math.exp2(row_max[i] - m_use, fastmath=True)
+            row_max[i] = m_new
+            total = Float32(0.0)
+            for j in cutlass.range_constexpr(n_cols):
+                p = cute.math.exp2(S[i, j] - m_use, fastmath=True)
+                S[i, j] = p
+                total += p
+            row_sum[i] = row_sum[i] * row_scale[i] + total
+        for i in cutlass.range_constexpr(n_rows):
+            O_row = O[i, None]
+            O_row.store(O_row.load() * row_scale[i])
+        for i in cutlass.range_constexpr(n_rows):
+            for j in cutlass.range_constexpr(n_cols):
+                sP[S_coord[i, j][0], w * KW + S_coord[i, j][1]] = BFloat16(S[i, j])
+        cute.arch.fence_proxy("async.shared", space="cta")   # st.shared P -> wgmma reads
+        cute.arch.barrier(barrier_id=BAR_P_READY, number_of_threads=256)
+
+    @cute.jit
+    def epilogue(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
+                 sO: cute.Tensor, sSum: cute.Tensor, thr_pv: cute.ThrMma, acc_O: cute.Tensor,
+                 O: cute.Tensor, S_coord: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
+                 token: Int32, head_block: Int32, w: Int32, tid: Int32, leader: Boolean):
+        BM, H, DV, NW = self.BM, mOut.shape[1], self.DV, self.dv_per_wg
+        n_rows = cute.size(row_max)
+        # The full row sum: over this thread's columns, its 4 row-mates, then both consumers.
+        for i in cutlass.range_constexpr(n_rows):
+            s = row_sum[i]
+            s += cute.arch.shuffle_sync_bfly(s, offset=1)
+            s += cute.arch.shuffle_sync_bfly(s, offset=2)
+            if leader:
+                sSum[S_coord[i, 0][0], w] = s
+        cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=256)
+
+        row_inv = cute.make_rmem_tensor((n_rows,), Float32)
+        for i in cutlass.range_constexpr(n_rows):
+            r = S_coord[i, 0][0]
+            head = head_block * BM + r
+            total = sSum[r, 0] + sSum[r, 1]
+            m_use = row_max[i]
+            if m_use == -Float32.inf:
+                m_use = Float32(0.0)
+            denom = total
+            if const_expr(mSink is not None):
+                # The sink adds exp(sink) to the denominator only (never to lse).
+                denom = denom + cute.math.exp2(mSink[cutlass.min(head, H - 1)] * LOG2_E - m_use,
+                                               fastmath=True)
+            inv = Float32(0.0)
+            lse = Float32.inf
+            if total > Float32(0.0):
+                inv = Float32(1.0) / denom
+                lse = (row_max[i] + cute.math.log2(total, fastmath=True)) * LN_2
+            row_inv[i] = inv
+            if w == 0 and leader and head < H:
+                mLse[token, head] = lse
+
+        # O / denominator -> bf16 -> smem (over dead Q) -> 16-byte coalesced stores of valid heads.
+        for i in cutlass.range_constexpr(n_rows):
+            O_row = O[i, None]
+            O_row.store(O_row.load() * row_inv[i])
+        out_frag = cute.make_rmem_tensor_like(acc_O, BFloat16)
+        out_frag.store(acc_O.load().to(BFloat16))
+        sO_w = cute.flat_divide(sO, (BM, NW))[None, None, 0, w]
+        cute.autovec_copy(out_frag, thr_pv.partition_C(sO_w))
+        cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=256)
+
+        copy_16B = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
+        pieces_per_row = DV // 8                     # 64 threads cover one row
+        rows_per_pass = 256 // pieces_per_row        # 4 rows per pass
+        piece = tid % pieces_per_row
+        out_base = mOut.iterator.toint()
+        for p in cutlass.range_constexpr(BM // rows_per_pass):
+            r = tid // pieces_per_row + rows_per_pass * p
+            head = head_block * BM + r
+            if head < H:
+                src_piece = cute.local_tile(sO[r, None], (8,), (piece,))
+                src = cute.make_tensor(src_piece.iterator, cute.make_layout(((8, 1),)))
+                dst_addr = out_base + ((Int64(token) * H + Int64(head)) * DV + Int64(piece * 8)) * 2
+                dst = cute.make_tensor(
+                    cute.make_ptr(BFloat16, dst_addr, cute.AddressSpace.gmem, assumed_align=16),
+                    cute.make_layout(((8, 1),)))
+                cute.copy(copy_16B, src, dst)

@@ -510,7 +510,7 @@ def torch_indexer_logits(q_idx, k_idx, w, scale, ratio, q_start):
 
 def torch_indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_q=None, cu_k=None):
     if cu_q is not None or cu_k is not None:
-        raise NotImplementedError("packed form")
+        raise ValueError("this baseline has no packed form")
     scores = torch_indexer_logits(q_idx, k_idx, w, scale, ratio, q_start)
     take = min(topk, scores.shape[-1])
     ids, values = torch_topk(scores, take, None, False)
@@ -635,7 +635,7 @@ def cudnn_indexer_logits(q_idx, k_idx, w, scale, ratio, q_start):
 def cudnn_indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_q=None, cu_k=None):
     """cuDNN's SM90 path is two kernels: dense scores, then its radix top-k over each row's visible keys."""
     if cu_q is not None or cu_k is not None:
-        raise NotImplementedError("packed form")
+        raise ValueError("this baseline has no packed form")
     scores = cudnn_indexer_logits(q_idx, k_idx, w, scale, ratio, q_start)
     B, Sq, Sk = scores.shape
     starts = q_start if q_start is not None else torch.full((B,), Sk * ratio - Sq, device=scores.device)
@@ -648,7 +648,7 @@ def cudnn_indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_q=None, 
 def cudnn_sparse_attention(q, kv, indices, scale, d_v, attn_sink, topk_length):
     dsa = cudnn_dsa()
     if d_v != 512:
-        raise NotImplementedError(f"d_v={d_v}")
+        raise ValueError(f"this baseline needs d_v=512, got {d_v}")
     res = _call(dsa.sparse_attention_forward_wrapper, q, kv, indices, attn_sink=attn_sink,
                 topk_length=topk_length, softmax_scale=scale, stream=common.cudnn_stream())
     return res["out"], res["lse"]

@@ -22,11 +22,12 @@ from .api import (  # noqa: E402
     topk,
 )
 from .dispatch import report as backend_report  # noqa: E402
+from .warmup import warmup  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DSAArgumentError", "backend_report", "dense_attn_score", "dense_indexer_loss", "indexer_logits",
     "indexer_loss", "indexer_topk", "indexer_topk_paged", "sparse_attention", "sparse_attention_backward",
-    "sparse_attention_decode", "sparse_attn_score", "sparse_indexer_score", "topk",
+    "sparse_attention_decode", "sparse_attn_score", "sparse_indexer_score", "topk", "warmup",
 ]

@@ -17,7 +17,7 @@ def dot_precision(dtype: torch.dtype, what: str) -> str:
         return "tf32"  # ignored for 16-bit operands
     if dtype == torch.float32:
         return "ieee"
-    raise NotImplementedError(
+    raise TypeError(
         f"Triton {what} kernels take bf16, fp16 or fp32 activations, got {dtype}; "
         "fp64 (gradcheck) goes to the reference implementation")
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import compute_dtype, row_chunks, valid_slots
+
 # Largest number of elements one chunk's temporaries (the [rows, K, D] gather and friends) may hold.
 # A module global, not an argument, because the op signatures are fixed; tests monkeypatch it.
 GATHER_BUDGET_ELEMENTS = 64 * 1024 * 1024
@@ -27,21 +29,9 @@ GATHER_BUDGET_ELEMENTS = 64 * 1024 * 1024
 # ----------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (gradcheck); everything else is computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rows_per_chunk(elements_per_row: int) -> int:
-    """How many query rows fit in one chunk's budget (always at least one)."""
-    return max(1, GATHER_BUDGET_ELEMENTS // max(1, elements_per_row))
-
-
 def _chunks(num_rows: int, elements_per_row: int):
-    """Yield (start, stop) row ranges that cover [0, num_rows)."""
-    step = _rows_per_chunk(elements_per_row)
-    for start in range(0, num_rows, step):
-        yield start, min(start + step, num_rows)
+    """Row ranges within GATHER_BUDGET_ELEMENTS (read at call time: tests shrink it)."""
+    return row_chunks(num_rows, elements_per_row, GATHER_BUDGET_ELEMENTS)
 
 
 def _valid_slots(indices: torch.Tensor, num_kv_rows: int, topk_length: torch.Tensor | None):
@@ -51,10 +41,7 @@ def _valid_slots(indices: torch.Tensor, num_kv_rows: int, topk_length: torch.Ten
     `indices` is [..., K]; `topk_length`, if given, has the leading shape of `indices`.
     """
     ids = indices.long()
-    valid = (ids >= 0) & (ids < num_kv_rows)
-    if topk_length is not None:
-        slot = torch.arange(indices.shape[-1], device=indices.device)
-        valid = valid & (slot < topk_length.long().unsqueeze(-1))
+    valid = valid_slots(ids, num_kv_rows, topk_length)
     safe_ids = torch.where(valid, ids, torch.zeros_like(ids))
     return safe_ids, valid
 
@@ -140,7 +127,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
     num_rows, num_heads, head_dim = q.shape
     num_kv_rows = kv.shape[0]
     num_slots = indices.shape[1]
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = compute_dtype(q)
     sink = None if attn_sink is None else attn_sink.to(cdtype)
 
     out = torch.empty(num_rows, num_heads, d_v, dtype=q.dtype, device=q.device)
@@ -182,7 +169,7 @@ def sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, kv: torch.Ten
     num_rows, num_heads, head_dim = q.shape
     num_kv_rows = kv.shape[0]
     num_slots = indices.shape[1]
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = compute_dtype(q)
     sink = None if attn_sink is None else attn_sink.to(cdtype)
 
     dq = torch.empty_like(q)
@@ -294,7 +281,7 @@ def sparse_attn_score(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, indi
     """
     num_rows, num_heads, head_dim = q.shape
     num_slots = indices.shape[1]
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = compute_dtype(q)
 
     target = torch.empty(num_rows, num_slots, dtype=cdtype, device=q.device)
     safe_ids, valid = _valid_slots(indices, kv.shape[0], topk_length)
@@ -322,7 +309,7 @@ def dense_attn_score(q: torch.Tensor, kv: torch.Tensor, lse: torch.Tensor, scale
     """
     batch, num_q, num_heads, head_dim = q.shape
     num_k = kv.shape[1]
-    cdtype = _compute_dtype(q.dtype)
+    cdtype = compute_dtype(q)
 
     scores = torch.empty(batch, num_q, num_k, dtype=cdtype, device=q.device)
     kv_c = kv.to(cdtype)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import compute_dtype, row_chunks, valid_slots
+
 # Upper bound on the number of elements of one chunk's biggest intermediate (e.g. the
 # [rows, H_I, S_k] pre-activation). Tests patch it small to prove the chunking is exact.
 _CHUNK_ELEMENTS = 1 << 26
@@ -28,23 +30,9 @@ _CHUNK_ELEMENTS = 1 << 26
 # small helpers
 # --------------------------------------------------------------------------------------
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64 (gradcheck), else fp32 (bf16/fp16/fp32 inputs)."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
-def _rows_per_chunk(elements_per_row: int) -> int:
-    """How many query rows fit in one chunk of at most _CHUNK_ELEMENTS elements (at least 1)."""
-    return max(1, _CHUNK_ELEMENTS // max(1, elements_per_row))
-
-
 def _row_chunks(n_rows: int, elements_per_row: int):
-    """Yield (start, end) row ranges covering 0..n_rows."""
-    step = _rows_per_chunk(elements_per_row)
-    for start in range(0, n_rows, step):
-        yield start, min(start + step, n_rows)
+    """Row ranges whose temporaries stay within _CHUNK_ELEMENTS (read at call time: tests shrink it)."""
+    return row_chunks(n_rows, elements_per_row, _CHUNK_ELEMENTS)
 
 
 def _visible(positions: torch.Tensor, n_keys: int, ratio: int) -> torch.Tensor:
@@ -92,15 +80,6 @@ def _logits_block(q_rows: torch.Tensor, keys: torch.Tensor, w_rows: torch.Tensor
 # gather_indexer_logits: the indexer logits at given key ids (differentiable)
 # --------------------------------------------------------------------------------------
 
-def _valid_slots(indices: torch.Tensor, n_keys: int, topk_length) -> torch.Tensor:
-    """bool mask of valid index slots (SPEC section 0 'invalid index'), same shape as indices."""
-    valid = (indices >= 0) & (indices < n_keys)
-    if topk_length is not None:
-        slot = torch.arange(indices.shape[-1], device=indices.device)
-        valid = valid & (slot < topk_length.unsqueeze(-1).to(torch.int64))
-    return valid
-
-
 def gather_indexer_logits(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,
                           indices: torch.Tensor, scale: float,
                           topk_length: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,8 +96,8 @@ def gather_indexer_logits(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Ten
     batch, n_queries, heads, dim = q_idx.shape
     n_keys = k_idx.shape[1]
     n_slots = indices.shape[-1]
-    dtype = _compute_dtype(q_idx, k_idx, w)
-    valid = _valid_slots(indices, n_keys, topk_length)
+    dtype = compute_dtype(q_idx, k_idx, w)
+    valid = valid_slots(indices, n_keys, topk_length)
     # Invalid ids point at key 0 for the gather; torch.where below discards them, and its
     # backward sends them no gradient.
     safe_ids = torch.where(valid, indices, torch.zeros_like(indices)).to(torch.int64)
@@ -162,7 +141,7 @@ def indexer_logits(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,
     """
     batch, n_queries, heads, _ = q_idx.shape
     n_keys = k_idx.shape[1]
-    dtype = _compute_dtype(q_idx, k_idx, w)
+    dtype = compute_dtype(q_idx, k_idx, w)
     scores = torch.empty(batch, n_queries, n_keys, dtype=dtype, device=q_idx.device)
     for b in range(batch):
         keys = k_idx[b].to(dtype)
@@ -192,7 +171,7 @@ def indexer_logits_backward(grad_scores: torch.Tensor, q_idx: torch.Tensor,
     """
     batch, n_queries, heads, dim = q_idx.shape
     n_keys = k_idx.shape[1]
-    dtype = _compute_dtype(q_idx, k_idx, w, grad_scores)
+    dtype = compute_dtype(q_idx, k_idx, w, grad_scores)
     device = q_idx.device
     dq = torch.empty(q_idx.shape, dtype=dtype, device=device)
     dk = torch.zeros(k_idx.shape, dtype=dtype, device=device)
@@ -290,7 +269,7 @@ def _indexer_topk_rows(q_rows: torch.Tensor, keys: torch.Tensor, w_rows: torch.T
     """
     n_queries, heads, _ = q_rows.shape
     n_keys = keys.shape[0]
-    dtype = _compute_dtype(q_rows, keys, w_rows)
+    dtype = compute_dtype(q_rows, keys, w_rows)
     keys = keys.to(dtype)
     out_ids = torch.empty(n_queries, k, dtype=torch.int32, device=q_rows.device)
     out_values = torch.empty(n_queries, k, dtype=dtype, device=q_rows.device)
@@ -320,7 +299,7 @@ def indexer_topk(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor, topk
     cu_seqlens on the host (a sync; fine for a reference).
     """
     batch, n_queries, _, _ = q_idx.shape
-    dtype = _compute_dtype(q_idx, k_idx, w)
+    dtype = compute_dtype(q_idx, k_idx, w)
     device = q_idx.device
     if cu_seqlens_q is None and cu_seqlens_k is None:
         out_ids = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=device)
@@ -366,7 +345,7 @@ def indexer_topk_paged(q_idx: torch.Tensor, k_cache: torch.Tensor, block_table: 
     batch, n_queries, _, dim = q_idx.shape
     n_pages, page_size, _ = k_cache.shape
     max_pages = block_table.shape[1]
-    dtype = _compute_dtype(q_idx, k_cache, w)
+    dtype = compute_dtype(q_idx, k_cache, w)
     device = q_idx.device
     pages = block_table.to(torch.int64).clamp(0, max(n_pages - 1, 0))
     out_ids = torch.empty(batch, n_queries, topk, dtype=torch.int32, device=device)

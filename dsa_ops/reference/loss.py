@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from dsa_ops.reference.indexer import gather_indexer_logits, indexer_logits
+from ._common import compute_dtype, row_chunks, valid_slots
+from .indexer import gather_indexer_logits, indexer_logits
 
 # Upper bound on the elements of one chunk's biggest intermediate. Tests patch it small to
 # prove that the chunking changes nothing.
@@ -44,27 +45,9 @@ _PROB_FLOOR = math.exp(_LOG_FLOOR)
 # helpers shared by the sparse and the dense loss
 # --------------------------------------------------------------------------------------
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """fp64 if any input is fp64 (gradcheck), else fp32 (bf16/fp16/fp32 inputs)."""
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return torch.float64
-    return torch.float32
-
-
 def _row_chunks(n_rows: int, elements_per_row: int):
-    """Yield (start, end) row ranges covering 0..n_rows, each within _CHUNK_ELEMENTS."""
-    step = max(1, _CHUNK_ELEMENTS // max(1, elements_per_row))
-    for start in range(0, n_rows, step):
-        yield start, min(start + step, n_rows)
-
-
-def _valid_slots(indices: torch.Tensor, n_keys: int, topk_length) -> torch.Tensor:
-    """bool mask of the valid index slots (SPEC section 0), same shape as indices."""
-    valid = (indices >= 0) & (indices < n_keys)
-    if topk_length is not None:
-        slot = torch.arange(indices.shape[-1], device=indices.device)
-        valid = valid & (slot < topk_length.unsqueeze(-1).to(torch.int64))
-    return valid
+    """Row ranges whose temporaries stay within _CHUNK_ELEMENTS (read at call time: tests shrink it)."""
+    return row_chunks(n_rows, elements_per_row, _CHUNK_ELEMENTS)
 
 
 def _query_starts(q_start, batch: int, n_queries: int, n_keys: int, ratio: int) -> list[int]:
@@ -141,8 +124,8 @@ def indexer_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor,
     is < 0 or >= Sk or its slot number j >= topk_length. A duplicate id counts once per slot.
     Returns a 0-dim fp32 loss (fp64 for fp64 inputs).
     """
-    dtype = _compute_dtype(q_idx, k_idx, w, target)
-    valid = _valid_slots(indices, k_idx.shape[1], topk_length)
+    dtype = compute_dtype(q_idx, k_idx, w, target)
+    valid = valid_slots(indices, k_idx.shape[1], topk_length)
     n_rows = int(valid.any(dim=-1).sum())
     if n_rows == 0:
         return torch.zeros((), dtype=dtype, device=q_idx.device)
@@ -165,12 +148,12 @@ def indexer_loss_backward(grad_loss: torch.Tensor, q_idx: torch.Tensor, k_idx: t
     batch, n_queries, heads, dim = q_idx.shape
     n_keys = k_idx.shape[1]
     n_slots = indices.shape[-1]
-    dtype = _compute_dtype(q_idx, k_idx, w, target)
+    dtype = compute_dtype(q_idx, k_idx, w, target)
     device = q_idx.device
     dq = torch.zeros(q_idx.shape, dtype=dtype, device=device)
     dk = torch.zeros(k_idx.shape, dtype=dtype, device=device)
     dw = torch.zeros(w.shape, dtype=dtype, device=device)
-    valid = _valid_slots(indices, n_keys, topk_length)
+    valid = valid_slots(indices, n_keys, topk_length)
     n_rows = int(valid.any(dim=-1).sum())
     if n_rows == 0:  # no row has a key: the loss is the constant 0
         return dq.to(q_idx.dtype), dk.to(k_idx.dtype), dw.to(w.dtype)
@@ -245,7 +228,7 @@ def dense_indexer_loss(q_idx: torch.Tensor, k_idx: torch.Tensor, w: torch.Tensor
     """
     batch, n_queries, heads, _ = q_idx.shape
     n_keys = k_idx.shape[1]
-    dtype = _compute_dtype(q_idx, k_idx, w, attn_scores)
+    dtype = compute_dtype(q_idx, k_idx, w, attn_scores)
     device = q_idx.device
     starts = _query_starts(q_start, batch, n_queries, n_keys, ratio)
     n_rows = _dense_rows_with_keys(batch, n_queries, n_keys, ratio, starts, device)
@@ -271,7 +254,7 @@ def dense_indexer_loss_backward(grad_loss: torch.Tensor, q_idx: torch.Tensor,
     """
     batch, n_queries, heads, dim = q_idx.shape
     n_keys = k_idx.shape[1]
-    dtype = _compute_dtype(q_idx, k_idx, w, attn_scores)
+    dtype = compute_dtype(q_idx, k_idx, w, attn_scores)
     device = q_idx.device
     dq = torch.zeros(q_idx.shape, dtype=dtype, device=device)
     dk = torch.zeros(k_idx.shape, dtype=dtype, device=device)

@@ -27,4 +27,10 @@ dsa::dense_attn_score(Tensor q, Tensor kv, Tensor lse, float scale, int ratio=1,
 dsa::indexer_loss(Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, Tensor target, float scale=1., float loss_coeff=1., Tensor? topk_length=None) -> Tensor
 dsa::indexer_loss_backward(Tensor grad_loss, Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, Tensor target, float scale=1., float loss_coeff=1., Tensor? topk_length=None) -> (Tensor, Tensor, Tensor)
 dsa::dense_indexer_loss(Tensor q_idx, Tensor k_idx, Tensor w, Tensor attn_scores, Tensor attn_l1, float scale=1., int ratio=1, float loss_coeff=1., Tensor? q_start=None) -> Tensor
-dsa::dense_indexer_loss_backward(Tensor grad_loss, Tensor q_idx, Tensor k_idx, Tensor w, Tensor attn_scores, Tensor attn_l1, float scale=1., int ratio=1, float loss_coeff=1., Tensor? q_start=None) -> (Tensor, Tensor, Tensor)""")
+dsa::dense_indexer_loss_backward(Tensor grad_loss, Tensor q_idx, Tensor k_idx, Tensor w, Tensor attn_scores, Tensor attn_l1, float scale=1., int ratio=1, float loss_coeff=1., Tensor? q_start=None) -> (Tensor, Tensor, Tensor)
+dsa::hca_compress(Tensor c, Tensor z, int m=128) -> Tensor
+dsa::hca_compress_backward(Tensor grad_out, Tensor c, Tensor z, int m=128) -> (Tensor, Tensor)
+dsa::csa_compress(Tensor c, Tensor z, int m=4) -> Tensor
+dsa::csa_compress_backward(Tensor grad_out, Tensor c, Tensor z, int m=4) -> (Tensor, Tensor)
+dsa::merge_attention_with_sink(Tensor outs, Tensor lses, Tensor? attn_sink=None) -> (Tensor, Tensor)
+dsa::merge_attention_with_sink_backward(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None) -> (Tensor, Tensor, Tensor)""")

@@ -8,12 +8,15 @@ import meta_kernels  # noqa: F401,E402  (registers the fakes)
 
 from ._validate import DSAArgumentError  # noqa: E402
 from .api import (  # noqa: E402
+    csa_compress,
     dense_attn_score,
     dense_indexer_loss,
+    hca_compress,
     indexer_logits,
     indexer_loss,
     indexer_topk,
     indexer_topk_paged,
+    merge_attention_with_sink,
     sparse_attention,
     sparse_attention_backward,
     sparse_attention_decode,
@@ -30,4 +33,5 @@ __all__ = [
     "DSAArgumentError", "backend_report", "dense_attn_score", "dense_indexer_loss", "indexer_logits",
     "indexer_loss", "indexer_topk", "indexer_topk_paged", "sparse_attention", "sparse_attention_backward",
     "sparse_attention_decode", "sparse_attn_score", "sparse_indexer_score", "topk", "warmup",
+    "csa_compress", "hca_compress", "merge_attention_with_sink",
 ]

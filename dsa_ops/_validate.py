@@ -310,3 +310,72 @@ def check_dense_attn_score(q, kv, lse, scale, ratio, q_start):
     tensor(op, "lse", lse, 3, (torch.float32, torch.float64), dev)
     shape(op, "lse", lse, (B, Sq, H), "[B, S_q, H] fp32")
     mask_args(op, ratio, q_start, B, dev)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepSeek-V4 family (SPEC section 7): compressors c, z [B,S,d] (CSA: [B,S,2d]); merge outs [J,T,H,d_v]
+# ---------------------------------------------------------------------------------------------------------
+def compressor_inputs(op: str, c, z, m: int, split_halves: bool) -> tuple[int, int, int]:
+    """Checks c, z and the window length m; returns (B, S // m, output channels)."""
+    tensor(op, "c", c, 3, ACTIVATION_DTYPES)
+    B, S, channels = c.shape
+    tensor(op, "z", z, 3, ACTIVATION_DTYPES, c.device)
+    # The gate logits may stay fp32 while c is bf16 (softmax runs in fp32 anyway).
+    if z.dtype not in (c.dtype, torch.float32):
+        fail(op, "z", f"the dtype of 'c' ({c.dtype}) or torch.float32", str(z.dtype))
+    shape(op, "z", z, (B, S, channels), "the shape of 'c'")
+    if split_halves and (channels < 2 or channels % 2):
+        fail(op, "c", "shape [B, S, 2d]: an even channel count (the [a | b] halves)", f"{tuple(c.shape)}")
+    positive(op, "m", m)
+    return B, S // m, channels // 2 if split_halves else channels
+
+
+def compressor_grad(op: str, grad_out, c, expected: tuple) -> None:
+    tensor(op, "grad_out", grad_out, 3, ACTIVATION_DTYPES, c.device)
+    same_dtype(op, "grad_out", grad_out, "c", c)
+    shape(op, "grad_out", grad_out, expected, "[B, S // m, d], the shape of the output")
+
+
+def check_hca_compress(c, z, m):
+    compressor_inputs("hca_compress", c, z, m, split_halves=False)
+
+
+def check_hca_compress_backward(grad_out, c, z, m):
+    op = "hca_compress_backward"
+    compressor_grad(op, grad_out, c, compressor_inputs(op, c, z, m, split_halves=False))
+
+
+def check_csa_compress(c, z, m):
+    compressor_inputs("csa_compress", c, z, m, split_halves=True)
+
+
+def check_csa_compress_backward(grad_out, c, z, m):
+    op = "csa_compress_backward"
+    compressor_grad(op, grad_out, c, compressor_inputs(op, c, z, m, split_halves=True))
+
+
+def merge_inputs(op: str, outs, lses, attn_sink) -> tuple[int, int, int, int]:
+    """Checks the branch outputs, their LSEs and the sink; returns (J, T, H, d_v)."""
+    tensor(op, "outs", outs, 4, ACTIVATION_DTYPES)
+    J, T, H, d_v = outs.shape
+    if J < 1:
+        fail(op, "outs", "shape [J, T, H, d_v] with J >= 1 branches", f"{tuple(outs.shape)}")
+    tensor(op, "lses", lses, 3, (torch.float32, torch.float64), outs.device)
+    shape(op, "lses", lses, (J, T, H), "[J, T, H] fp32")
+    sink(op, attn_sink, H, outs.device)
+    return J, T, H, d_v
+
+
+def check_merge_attention_with_sink(outs, lses, attn_sink):
+    merge_inputs("merge_attention_with_sink", outs, lses, attn_sink)
+
+
+def check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink):
+    op = "merge_attention_with_sink_backward"
+    _, T, H, d_v = merge_inputs(op, outs, lses, attn_sink)
+    for name, t in (("grad_out", grad_out), ("out", out)):
+        tensor(op, name, t, 3, ACTIVATION_DTYPES, outs.device)
+        same_dtype(op, name, t, "outs", outs)
+        shape(op, name, t, (T, H, d_v), "[T, H, d_v]")
+    tensor(op, "lse", lse, 2, (torch.float32, torch.float64), outs.device)
+    shape(op, "lse", lse, (T, H), "[T, H] fp32")

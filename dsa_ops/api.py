@@ -117,3 +117,30 @@ def dense_indexer_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, attn_scores: Ten
     """Clipped KL over all visible keys (dense warm-up). Trains q_idx, k_idx, w."""
     return _ops.dense_indexer_loss(q_idx, k_idx, w, attn_scores, attn_l1, _or(scale, 1.0), _or(ratio, 1),
                                    _or(loss_coeff, 1.0), q_start)
+
+
+# DeepSeek-V4 hybrid attention (SPEC section 7)
+def hca_compress(c: Tensor, z: Tensor, m: Optional[int] = None) -> Tensor:
+    """HCA token compressor: `c, z [B,S,d]` -> `[B, S // m, d]` in c's dtype (m defaults to 128). Entry w is
+    `sum_{r<m} softmax_r(z[b, w*m + r]) * c[b, w*m + r]`, softmax per channel in fp32; trailing tokens that do
+    not fill a window make no entry. z may be fp32 while c is bf16. Differentiable in c, z."""
+    return _ops.hca_compress(c, z, _or(m, 128))
+
+
+def csa_compress(c: Tensor, z: Tensor, m: Optional[int] = None) -> Tensor:
+    """CSA token compressor: `c, z [B,S,2d] = [a | b]` -> `[B, S // m, d]` (m defaults to 4). Entry w pools, per
+    channel, the a halves of window w-1 and the b halves of window w (entry 0: the b halves only) with a softmax
+    of the matching halves of z. Differentiable in c, z."""
+    return _ops.csa_compress(c, z, _or(m, 4))
+
+
+def merge_attention_with_sink(outs: Tensor, lses: Tensor,
+                              attn_sink: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Merges J attention branches over disjoint key sets (`outs [J,T,H,d_v]`, each branch's own `lses [J,T,H]`,
+    computed without a sink; +inf = empty branch) into one softmax with the sink:
+    `out = sum_j e^(lse_j - M) o_j / (e^(sink - M) + sum_j e^(lse_j - M))`; returns `(out [T,H,d_v],
+    lse [T,H] = logsumexp_j lse_j)`, equal to sparse_attention with the sink over the concatenated index lists.
+    Differentiable in outs, lses, attn_sink (the merged lse carries no gradient). The gradient equals that of one
+    softmax only if the branch lses carry theirs; `sparse_attention`'s lse does not, so for training attend over
+    the concatenated index list in one `sparse_attention` call."""
+    return _ops.merge_attention_with_sink(outs, lses, attn_sink)

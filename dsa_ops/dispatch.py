@@ -206,6 +206,13 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
     "dense_indexer_loss_backward": gpu_rows(
         [], [triton("indexer_loss", "dense_indexer_loss_backward", half_grad_of)],
         ref("loss", "dense_indexer_loss_backward")),
+    # DeepSeek-V4 hybrid attention (SPEC section 7): reference only for now
+    "hca_compress": gpu_rows([], [], ref("v4", "hca_compress")),
+    "hca_compress_backward": gpu_rows([], [], ref("v4", "hca_compress_backward")),
+    "csa_compress": gpu_rows([], [], ref("v4", "csa_compress")),
+    "csa_compress_backward": gpu_rows([], [], ref("v4", "csa_compress_backward")),
+    "merge_attention_with_sink": gpu_rows([], [], ref("v4", "merge_attention_with_sink")),
+    "merge_attention_with_sink_backward": gpu_rows([], [], ref("v4", "merge_attention_with_sink_backward")),
 }
 
 

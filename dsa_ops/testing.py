@@ -146,6 +146,30 @@ def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shap
         if op == "dense_indexer_loss":
             return args
         return (flt(), *args)
+    if op in ("hca_compress", "hca_compress_backward", "csa_compress", "csa_compress_backward"):
+        # S = Sq + Sk tokens, not a multiple of m (trailing tokens make no entry); an odd channel count d
+        hca = op.startswith("hca")
+        m = 4 if hca else 3
+        S, d = s.Sq + s.Sk, s.d_v // 2 + 1
+        channels = d if hca else 2 * d
+        c, z = act(s.B, S, channels, grad=True), act(s.B, S, channels, grad=True)
+        if not op.endswith("_backward"):
+            return (c, z, m)
+        return (act(s.B, S // m, d), c, z, m)
+    if op in ("merge_attention_with_sink", "merge_attention_with_sink_backward"):
+        J = 3  # branches, e.g. window, compressed, and one more
+        outs = act(J, T, s.H, s.d_v, grad=True)
+        lses = flt(J, T, s.H, grad=True)
+        with torch.no_grad():  # empty branches (lse +inf, out 0): one in row 0, all of them in the last row
+            lses[0, 0, 0], outs[0, 0, 0] = float("inf"), 0.0
+            lses[:, -1, -1], outs[:, -1, -1] = float("inf"), 0.0
+        sink = opt(flt(s.H, grad=True))
+        if op == "merge_attention_with_sink":
+            return (outs, lses, sink)
+        with torch.no_grad():
+            out, lse = torch.ops.dsa.merge_attention_with_sink(outs.detach(), lses.detach(),
+                                                               None if sink is None else sink.detach())
+        return (act(T, s.H, s.d_v), outs, lses, out, lse, sink)
     raise KeyError(op)
 
 
@@ -154,6 +178,8 @@ ALL_OPS = (
     "sparse_indexer_score", "sparse_attention", "sparse_attention_backward", "sparse_attention_decode",
     "sparse_attn_score", "dense_attn_score", "indexer_loss", "indexer_loss_backward", "dense_indexer_loss",
     "dense_indexer_loss_backward",
+    "hca_compress", "hca_compress_backward", "csa_compress", "csa_compress_backward",
+    "merge_attention_with_sink", "merge_attention_with_sink_backward",
 )
 # ops with a gradient: op -> positions of the differentiable inputs
 DIFFERENTIABLE = {
@@ -161,4 +187,7 @@ DIFFERENTIABLE = {
     "sparse_attention": (0, 1, 5),
     "indexer_loss": (0, 1, 2),
     "dense_indexer_loss": (0, 1, 2),
+    "hca_compress": (0, 1),
+    "csa_compress": (0, 1),
+    "merge_attention_with_sink": (0, 1, 2),
 }

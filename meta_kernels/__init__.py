@@ -2,4 +2,4 @@
 
 Importing this package registers them; `dsa_ops` imports it right after defining the ops.
 """
-from . import indexer, attention, loss  # noqa: F401  (registration side effects)
+from . import indexer, attention, loss, v4  # noqa: F401  (registration side effects)

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 
 from csrc_dsl.triton import indexer_loss as kernels  # noqa: E402
 from dsa_ops.reference import loss as ref  # noqa: E402
+from dsa_ops.reference._common import valid_slots  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -120,7 +121,7 @@ def sparse_inputs(seed, B, Sq, Sk, HI, DI, K, dtype, use_len=True, empty_rows=()
     topk_length = torch.randint(0, K + 1, (B, Sq), generator=gen, dtype=torch.int32) if use_len else None
     for b, t in empty_rows:
         indices[b, t] = -1
-    valid = ref._valid_slots(indices, Sk, topk_length)
+    valid = valid_slots(indices, Sk, topk_length)
     raw = torch.rand(B, Sq, K, generator=gen) + 0.05
     if zero_targets:  # exact zeros on some valid slots: clip(log 0) = -100 and g's e^-100 floor
         raw = torch.where(torch.rand(B, Sq, K, generator=gen) < 0.3, 0.0, raw)
@@ -307,7 +308,7 @@ def _realistic_sparse(K, seed=11):
     length[:, ::10] = torch.randint(0, K, (B, length[:, ::10].shape[1]), generator=gen, device=DEV,
                                     dtype=torch.int32)
     length[0, 0] = 0
-    valid = ref._valid_slots(idx, Sk, length)
+    valid = valid_slots(idx, Sk, length)
     raw = torch.where(valid, torch.randn(B, Sq, K, generator=gen, device=DEV) * 2.0, float("-inf"))
     target = torch.softmax(raw, dim=-1).nan_to_num(0.0)
     return (q, k, w, idx, target, DI ** -0.5, 1.0, length)

@@ -1,3 +1,3 @@
 """torch.library definitions of every dsa op. Importing this package registers them (once)."""
-from . import indexer, attention, loss  # noqa: F401  (registration side effects)
+from . import indexer, attention, loss, v4  # noqa: F401  (registration side effects)
 from ._library import SCHEMAS  # noqa: F401

@@ -1,0 +1,323 @@
+"""Sparse attention backward (SPEC section 5) for Hopper (SM90), in CuTe-DSL.
+
+    sparse_attention_backward(dout [T,H,d_v], q [T,H,D], kv [S,D], out [T,H,d_v], lse [T,H] fp32,
+                              indices [T,K] int32, scale, d_v=512, attn_sink [H] fp32 | None,
+                              topk_length [T] int32 | None, deterministic: bool)
+        -> (dq [T,H,D] bf16, dkv [S,D] bf16, d_sink [H] fp32 (zeros without a sink))
+
+Design (the kernel's own docstring has the details): ONE fused kernel per (query token, 64-head block),
+unlike the Triton backward's three kernels. The Triton version splits at the [T, H, K] matrices P and dS
+because Triton cannot hold the dQ accumulator next to the score tiles without spilling; with explicit
+warp specialisation and setmaxnreg, the two math warpgroups here keep dQ (64 x D fp32) in registers
+while a producer warpgroup gathers kv tiles with cp.async, so P and dS never leave the SM (no workspace,
+no second gather of kv for dQ). The dkv tile of each 32 slots (dS'^T Q + P^T dO) is computed with wgmma
+and sent to global memory:
+  - fast mode: `red.global.add.f32` into an fp32 [S, D] accumulator (cast to bf16 at the end);
+  - deterministic mode: stores into a per-slot partial buffer [head_blocks, chunk*K, D] fp32, summed per
+    kv row in ascending slot order (head block 0 first) by the Triton backward's `_reduce_kernel`.
+Torch ops in this launcher: Delta = out . dout and L = logaddexp(lse, sink) (both [T, H] fp32),
+d_sink = -sum_t exp(sink - L) * Delta, and the final fp32 -> bf16 cast of dkv.
+
+Status: compiled and inspected for sm_90a on a CPU machine only (tests/test_cute_sm90_bwd.py); NOT yet
+run on a GPU, so it stays out of dsa_ops/dispatch.py until its GPU tests pass.
+Expected bottleneck: the dkv scatter. Each CTA sends 32 x D fp32 values per tile; the wgmma accumulator
+gives a thread two neighbouring KEYS (different kv rows), never neighbouring columns, so the reductions
+are scalar `red.global.add.f32` (coalesced 32 bytes per 8 lanes). If the benchmark shows it, the next
+step is to stage each dkv^T block through smem and send whole rows with `cp.reduce.async.bulk .add.f32`
+(one 2304-byte bulk reduction per kv row), which needs about 8 KB of smem per consumer (today 2 KB are
+free at D = 576, so it needs one of: P/dS exchange in registers, or dO read as a register operand).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from csrc_dsl.cute.common import KernelCache, current_stream, is_sm90, launch_unavailable_reason
+from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
+
+LOG2_E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (512, 576)
+SUPPORTED_DV = (512,)
+MAX_HEADS = 128
+HEADS_PER_CTA = 64
+# Deterministic mode: budget in MiB for the partial dkv rows (queries are processed in chunks under it).
+WORKSPACE_ENV = "DSA_OPS_CUTE_SPARSE_BWD_WORKSPACE_MB"
+_DEFAULT_WORKSPACE_MB = 2048
+_DELTA_CHUNK_ROWS = 1 << 16   # (token, head) rows per fp32 chunk of the Delta reduction
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """One compiled variant. Static scalars only: T, H, S, K (and topk_length, always passed) are runtime."""
+    head_dim: int               # D (576: V3.2, 512: V4)
+    d_v: int
+    deterministic: bool         # dkv: per-slot partial rows (True) or fp32 atomics (False)
+    dtype: str = "bfloat16"
+    block_n: int = 32           # top-k slots (kv rows) per tile
+    num_stages: int = 2
+    producer_regs: int = 40     # setmaxnreg for the gather warpgroup
+    consumer_regs: int = 232    # setmaxnreg for each math warpgroup (40 + 2 * 232 <= 512)
+    arch: str = "sm_90a"
+    # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
+    # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
+    ablation: str = "none"
+
+
+def shipped_configs() -> list[BwdConfig]:
+    """Every variant the op can run; CI compiles all of them (tests/test_cute_sm90_bwd.py)."""
+    return [BwdConfig(head_dim, d_v, deterministic)
+            for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV for deterministic in (False, True)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# The launcher (torch side)
+# ------------------------------------------------------------------------------------------------------
+def supports(dout, q, kv, out, lse, indices, scale=None, d_v=512, attn_sink=None, topk_length=None,
+             deterministic=False) -> bool:
+    """Cheap predicate for the dispatch table: the shapes and devices this kernel is built for."""
+    import torch
+
+    if launch_unavailable_reason() is not None:
+        return False
+    if q.device.type != "cuda" or not is_sm90(q.device):
+        return False
+    if any(t.dtype != torch.bfloat16 for t in (dout, q, kv, out)) or indices.dtype != torch.int32:
+        return False
+    if lse.dtype != torch.float32:
+        return False
+    if q.dim() != 3 or kv.dim() != 2 or indices.dim() != 2 or dout.dim() != 3 or out.dim() != 3:
+        return False
+    num_tokens, num_heads, head_dim = q.shape
+    if head_dim not in SUPPORTED_HEAD_DIMS or kv.shape[1] != head_dim or d_v not in SUPPORTED_DV:
+        return False
+    if tuple(dout.shape) != (num_tokens, num_heads, d_v) or tuple(out.shape) != tuple(dout.shape):
+        return False
+    if tuple(lse.shape) != (num_tokens, num_heads) or indices.shape[0] != num_tokens:
+        return False
+    if not 1 <= num_heads <= MAX_HEADS:
+        return False
+    if attn_sink is not None and (attn_sink.dtype != torch.float32 or attn_sink.numel() != num_heads):
+        return False
+    if topk_length is not None and topk_length.dtype != torch.int32:
+        return False
+    tensors = (dout, q, kv, out, lse, indices, attn_sink, topk_length)
+    if not all(t is None or t.is_contiguous() for t in tensors):
+        return False
+    # cp.async moves 16-byte pieces: rows must start on 16 bytes.
+    return all(t.data_ptr() % 16 == 0 for t in (q, kv, dout))
+
+
+def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v: int = 512, attn_sink=None,
+                              topk_length=None, deterministic: bool = False):
+    """SPEC section 5 on SM90. Inputs are validated and contiguous (the op layer's contract)."""
+    import torch
+
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_rows, topk = kv.shape[0], indices.shape[1]
+    device = q.device
+    dq = torch.empty_like(q)
+    dkv_acc = torch.zeros(num_kv_rows, head_dim, dtype=torch.float32, device=device)
+    if num_tokens == 0 or num_heads == 0:
+        return dq, dkv_acc.to(kv.dtype), torch.zeros(num_heads, dtype=torch.float32, device=device)
+
+    delta, l2, d_sink = row_terms(out, dout, lse, attn_sink)
+    if num_kv_rows == 0 or topk == 0:
+        dq.zero_()                         # no valid key anywhere: every gradient is 0
+        return dq, dkv_acc.to(kv.dtype), d_sink
+
+    if topk_length is None:
+        topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=device)
+    config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic))
+    if not deterministic:
+        _launch(config, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_acc, scale)
+        return dq, dkv_acc.to(kv.dtype), d_sink
+
+    # Deterministic: per-slot partial rows for a chunk of queries, then an ordered per-row sum.
+    from csrc_dsl.triton import sparse_attention_bwd as triton_bwd
+
+    head_blocks = (num_heads + HEADS_PER_CTA - 1) // HEADS_PER_CTA
+    per_query = head_blocks * topk * head_dim * 4
+    budget = int(os.environ.get(WORKSPACE_ENV, _DEFAULT_WORKSPACE_MB)) << 20
+    chunk = max(1, min(num_tokens, budget // per_query))
+    partial = torch.empty(head_blocks, chunk * topk, head_dim, dtype=torch.float32, device=device)
+    sorted_slots, composite = triton_bwd._slots_by_kv_row(indices, topk_length, num_kv_rows)
+    reduce_block_d = 64
+    for t_begin in range(0, num_tokens, chunk):
+        t_end = min(num_tokens, t_begin + chunk)
+        rows = t_end - t_begin
+        part = partial[:, : rows * topk].contiguous() if rows != chunk else partial
+        _launch(config, q[t_begin:t_end], kv, indices[t_begin:t_end], dout[t_begin:t_end],
+                l2[t_begin:t_end], delta[t_begin:t_end], topk_length[t_begin:t_end], dq[t_begin:t_end],
+                part.view(-1, head_dim), scale)
+        bounds = triton_bwd._chunk_bounds(composite, num_tokens, topk, num_kv_rows, t_begin, t_end)
+        for hb in range(head_blocks):     # a fixed order of head blocks: the same bits every run
+            triton_bwd._reduce_kernel[(num_kv_rows, math.ceil(head_dim / reduce_block_d))](
+                part[hb], sorted_slots, bounds, dkv_acc, t_begin * topk, num_kv_rows,
+                D=head_dim, BLOCK_D=reduce_block_d, BLOCK_E=16, num_warps=2)
+    return dq, dkv_acc.to(kv.dtype), d_sink
+
+
+def row_terms(out, dout, lse, attn_sink):
+    """The per-(token, head) torch side of the backward: (Delta, L2, d_sink).
+
+    Delta = out . dout; L = logaddexp(lse, sink) (= lse without a sink); L2 = log2(e) * L, which the
+    kernel subtracts from its log2-unit scores (+inf on rows with no valid key: P = 0 there);
+    d_sink[h] = -sum_t exp(sink[h] - L[t, h]) * Delta[t, h] (zeros without a sink)."""
+    import torch
+
+    delta = _delta(out, dout)
+    big_l = lse.float()
+    if attn_sink is not None:
+        big_l = torch.logaddexp(big_l, attn_sink.float()[None, :])
+        d_sink = -(torch.exp(attn_sink.float()[None, :] - big_l) * delta).sum(dim=0)
+    else:
+        d_sink = torch.zeros(lse.shape[1], dtype=torch.float32, device=lse.device)
+    return delta, (big_l * LOG2_E).contiguous(), d_sink
+
+
+def _delta(out, dout):
+    """Delta[t, h] = out[t, h] . dout[t, h] in fp32, in chunks (no [T, H, d_v] fp32 temporary)."""
+    import torch
+
+    num_tokens, num_heads, d_v = out.shape
+    flat_out, flat_dout = out.reshape(-1, d_v), dout.reshape(-1, d_v)
+    delta = torch.empty(flat_out.shape[0], dtype=torch.float32, device=out.device)
+    for start in range(0, flat_out.shape[0], _DELTA_CHUNK_ROWS):
+        stop = start + _DELTA_CHUNK_ROWS
+        delta[start:stop] = (flat_out[start:stop].float() * flat_dout[start:stop].float()).sum(dim=1)
+    return delta.view(num_tokens, num_heads)
+
+
+def _launch(config: BwdConfig, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_target, scale) -> None:
+    kernel = _CACHE.get(config)
+    kernel(q, kv, indices, dout, l2, delta, topk_length, dq, dkv_target,
+           float(scale) * LOG2_E, float(scale), current_stream())
+
+
+def warmup(configs=None) -> int:
+    """Compile ahead of time (before CUDA-graph capture); default: every shipped variant."""
+    from csrc_dsl.cute.common import warmup as _warmup
+
+    return _warmup(shipped_configs() if configs is None else configs)
+
+
+def compile_kernel(config: BwdConfig):
+    """Compile one variant with TVM-FFI (the callable takes torch tensors). Needs no GPU."""
+    import cutlass.cute as cute
+
+    args = fake_arguments(config)
+    return cute.compile(_make_kernel(config), *args, options=f"--enable-tvm-ffi --gpu-arch={config.arch}")
+
+
+def compile_for_inspection(config: BwdConfig) -> tuple[str, bytes, int]:
+    """(ptx, cubin, shared memory bytes per CTA) of one variant for `config.arch`, built from fake tensors
+    on a machine with no GPU."""
+    from csrc_dsl.cute.common.fake_compile import compile_fake
+
+    kernel = _make_kernel(config)
+    ptx, cubin = compile_fake(kernel, *fake_arguments(config), arch=config.arch)
+    return ptx, cubin, kernel.smem_bytes
+
+
+def fake_arguments(config: BwdConfig) -> list:
+    """Fake tensors with symbolic T, H, S, K and dkv rows: one compiled kernel serves every size."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    if config.dtype != "bfloat16":
+        raise ValueError(f"only bfloat16 is implemented, got {config.dtype}")
+    bf16, f32 = cutlass.BFloat16, cutlass.Float32
+    num_tokens, num_heads, num_rows, topk, dkv_rows = (cute.sym_int() for _ in range(5))
+    D, DV = config.head_dim, config.d_v
+    q = make_fake_compact_tensor(bf16, (num_tokens, num_heads, D), stride_order=(2, 1, 0), assumed_align=16)
+    kv = make_fake_compact_tensor(bf16, (num_rows, D), stride_order=(1, 0), assumed_align=16)
+    indices = make_fake_compact_tensor(cutlass.Int32, (num_tokens, topk), stride_order=(1, 0), assumed_align=4)
+    dout = make_fake_compact_tensor(bf16, (num_tokens, num_heads, DV), stride_order=(2, 1, 0), assumed_align=16)
+    l2 = make_fake_compact_tensor(f32, (num_tokens, num_heads), stride_order=(1, 0), assumed_align=4)
+    delta = make_fake_compact_tensor(f32, (num_tokens, num_heads), stride_order=(1, 0), assumed_align=4)
+    topk_length = make_fake_compact_tensor(cutlass.Int32, (num_tokens,), assumed_align=4)
+    dq = make_fake_compact_tensor(bf16, (num_tokens, num_heads, D), stride_order=(2, 1, 0), assumed_align=16)
+    dkv = make_fake_compact_tensor(f32, (dkv_rows, D), stride_order=(1, 0), assumed_align=16)
+    return [q, kv, indices, dout, l2, delta, topk_length, dq, dkv, cutlass.Float32(1.0), cutlass.Float32(1.0),
+            make_fake_stream()]
+
+
+def unavailable_reason() -> Optional[str]:
+    return _dsl_unavailable_reason()
+
+
+def _make_kernel(config: BwdConfig):
+    from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import SparseAttentionBwdSm90
+
+    return SparseAttentionBwdSm90(config)
+
+
+_HERE = Path(__file__).resolve().parent
+_CACHE = KernelCache(
+    "sparse_attention_bwd_sm90", BwdConfig, compile_kernel,
+    source_files=[_HERE / "sparse_attention_bwd.py", _HERE / "sparse_attention_bwd_kernel.py",
+                  _HERE / "sparse_attention_fwd_kernel.py", *sorted((_HERE.parent / "common").glob("*.py"))],
+)
+
+
+def _benchmark(argv=None) -> None:
+    """`python -m csrc_dsl.cute.sm90.sparse_attention_bwd [--T 4096 --S 8192 --H 64 128 --K 2048 --D 576]`:
+    this kernel vs the Triton backward, FLOPs 2*T*H*K*(3D + 2 d_v)."""
+    import argparse
+
+    import torch
+    from triton.testing import do_bench
+
+    from csrc_dsl.triton import sparse_attention_bwd as triton_bwd
+
+    parser = argparse.ArgumentParser(description=_benchmark.__doc__)
+    for name, default in [("T", 4096), ("S", 8192), ("K", 2048), ("D", 576)]:
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--H", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--sink", action="store_true")
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--no-triton", action="store_true", help="time only the CuTe kernel")
+    parser.add_argument("--ablation", default="none", choices=["none", "no_dkv_write", "no_dkv"],
+                        help="time a partial kernel (wrong dkv) to see where the time goes")
+    args = parser.parse_args(argv)
+    d_v = 512
+    for num_heads in args.H:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(args.T, num_heads, args.D, device="cuda", generator=gen).to(torch.bfloat16)
+        kv = torch.randn(args.S, args.D, device="cuda", generator=gen).to(torch.bfloat16)
+        indices = torch.randint(0, args.S, (args.T, args.K), device="cuda", generator=gen, dtype=torch.int32)
+        dout = torch.randn(args.T, num_heads, d_v, device="cuda", generator=gen).to(torch.bfloat16)
+        out = torch.randn(args.T, num_heads, d_v, device="cuda", generator=gen).to(torch.bfloat16) * 0.05
+        # A realistic lse: the log-sum-exp of K scores of about this size.
+        lse = torch.full((args.T, num_heads), math.log(args.K) + 0.5, device="cuda")
+        sink = torch.randn(num_heads, device="cuda", generator=gen) if args.sink else None
+        scale = args.D ** -0.5
+        flops = 2 * args.T * num_heads * args.K * (3 * args.D + 2 * d_v)
+        if args.ablation == "none":
+            cute_run = lambda: sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v,  # noqa: E731
+                                                         sink, None, args.deterministic)
+        else:  # the kernel alone, fast mode
+            config = BwdConfig(args.D, d_v, False, ablation=args.ablation)
+            delta, l2, _ = row_terms(out, dout, lse, sink)
+            lengths = torch.full((args.T,), args.K, dtype=torch.int32, device="cuda")
+            dq = torch.empty_like(q)
+            dkv_acc = torch.zeros(args.S, args.D, dtype=torch.float32, device="cuda")
+            cute_run = lambda: _launch(config, q, kv, indices, dout, l2, delta, lengths, dq,  # noqa: E731
+                                       dkv_acc, scale)
+        runs = [(f"cute_sm90[{args.ablation}]", cute_run)]
+        if not args.no_triton:
+            runs.append(("triton", lambda: triton_bwd.sparse_attention_backward(
+                dout, q, kv, out, lse, indices, scale, d_v, sink, None, args.deterministic)))
+        for name, run in runs:
+            run()
+            ms = do_bench(run, warmup=10, rep=100)
+            print(f"sparse_attention_bwd {name} T={args.T} S={args.S} H={num_heads} K={args.K} D={args.D} "
+                  f"deterministic={args.deterministic}: {ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    _benchmark()

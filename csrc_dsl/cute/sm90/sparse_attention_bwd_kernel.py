@@ -1,0 +1,478 @@
+"""The CuTe-DSL kernel behind `sparse_attention_bwd.sparse_attention_backward` (SM90, bf16).
+
+How one CTA works (read this first)
+-----------------------------------
+One CTA handles one query token and a block of 64 heads (the wgmma M dimension); H = 128 runs as two
+CTAs per token, side by side in the grid so the second finds the gathered kv rows in L2. Heads past H
+are zero rows of Q and dO in shared memory (never copied in global memory) with L = +inf, so their
+P and dS are exactly 0 and they add nothing to dkv.
+
+The launcher passes per-(token, head) constants computed with torch ops: L2 = log2(e) * logaddexp(lse,
+sink) (+inf on rows with no valid key) and Delta = out . dout. So P needs no online softmax here: it is
+exp2(scale_log2 * s - L2) directly.
+
+Three warpgroups of 128 threads; the kv rows come in tiles of BN = 32 top-k slots (two stages):
+
+  WG0, producer: cp.async (LDGSTS) gathers, as in the forward. First Q (64 x D) and dO (64 x d_v), then
+       per tile the 32 kv rows named by `indices`. Invalid slots (id < 0, id >= S, slot >= topk_length)
+       are zero-filled and their id is stored as -1 in `sIds` (the consumers mask them and skip their
+       dkv writes).
+  WG1, WG2, consumers c = 0, 1 (both see the same tile):
+       c = 0: S  = Q  K^T   (64 x 32 over D)      -> P = exp2(S*scale_log2 - L2) (0 on invalid keys), in
+                                                     fp32 to a per-thread exchange buffer sPx;
+       c = 1: dP = dO V^T   (64 x 32 over d_v)    -> reads P (the two accumulators have the same thread
+                                                     layout, so thread i reads what thread i wrote),
+                                                     dS' = scale * P * (dP - Delta); P and dS' in bf16
+                                                     to smem (sP, sdS).
+       both:  dQ_c += dS' K_c  (64 x 256, + 64 x 64 of the RoPE columns for c = 0 when D = 576) with the
+              accumulator in registers for the whole key loop;
+              dkv^T block b (64 latent columns x 32 keys), for the blocks b = c, c+2, ...:
+                  = Q_b^T dS' (+ dO_b^T P when the block is among the first d_v columns)
+              then each value goes to global memory: fast mode `red.global.add.f32` into the fp32
+              [S, D] accumulator at row id; deterministic mode a plain store into a per-slot partial
+              row ((head_block * T + token) * K + slot), which the launcher sums in slot order.
+       The dkv product is computed transposed (latent columns as M) because wgmma needs M = 64 and a
+       tile has only 32 keys; both its operands are read MN-major from the same smem tiles (Q, dO, dS,
+       P) that the other products read K-major.
+
+Why BN = 32 and two stages: shared memory holds Q (72 KB at D = 576), dO (64 KB) and the kv stages;
+two stages of 64 rows (144 KB) do not fit next to Q and dO, two of 32 (72 KB) do (about 225 KB total).
+Registers: consumer 0 keeps 64 x 320 fp32 of dQ (160 per thread) plus the 64 x 32 S and dkv tiles.
+
+Synchronisation per tile (named barriers between the two consumers, 256 threads):
+  P_READY  : c0 has written P (fp32) to sPx;      c1 waits before reading it.
+  DS_READY : c1 has written sP, sdS (and fenced); both wait before the dQ / dkv wgmmas read them.
+  The next tile's writes are safe without more barriers: c0 writes sPx(t+1) after DS_READY(t), when c1
+  is done reading sPx(t); c1 writes sP/sdS(t+1) after P_READY(t+1), when c0 has waited out every wgmma
+  of tile t. The kv stage is released (empty barrier) once both consumers' dQ wgmma has completed; the
+  dkv products read only Q, dO, P and dS.
+
+Epilogue: dQ -> bf16 -> smem over Q (dead after the last tile) -> 16-byte coalesced stores of valid heads.
+"""
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+import cutlass
+import cutlass.cute as cute
+import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass import BFloat16, Boolean, Float32, Int32, Int64, const_expr
+from cutlass.cute.nvgpu import cpasync, warpgroup
+from cutlass.memory import SmemAllocator
+from cutlass.tensor_utils import LayoutEnum
+
+from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import rows_cols_view, wgmma
+
+HEADS_PER_CTA = 64   # wgmma M
+DQ_BLOCK = 256       # dQ columns per wgmma (the largest wgmma N)
+DKV_BLOCK = 64       # latent columns per dkv^T block (wgmma M)
+SMEM_CAPACITY = 232448  # bytes of shared memory one CTA may use on SM90 (227 KB)
+
+# Named barriers (0 is __syncthreads), all between the two consumer warpgroups (256 threads).
+BAR_P_READY = 1
+BAR_DS_READY = 2
+BAR_EPILOGUE = 3
+
+
+class SparseAttentionBwdSm90:
+    """One compiled variant: `BwdConfig` fixes D, d_v, the dkv mode and the tiles; T, H, S and K are
+    runtime values."""
+
+    def __init__(self, config):
+        if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
+            raise ValueError(f"unknown ablation {config.ablation!r}")
+        if config.block_n != 32 or config.num_stages != 2:
+            raise ValueError("this kernel is written for block_n = 32 and 2 stages")
+        if config.d_v != 512 or config.head_dim not in (512, 576):
+            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
+        self.cfg = config
+        self.D = config.head_dim
+        self.DV = config.d_v
+        self.BM = HEADS_PER_CTA
+        self.BN = config.block_n
+        self.stages = config.num_stages
+        self.rope = self.D - self.DV          # 64 or 0: consumer 0's extra dQ block
+        self.num_threads = 3 * 128
+        self.deterministic = config.deterministic
+
+    # -------------------------------------------------------------------------------------------
+    # Host side: layouts, MMAs, shared storage, launch
+    # -------------------------------------------------------------------------------------------
+    @cute.jit
+    def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mdO: cute.Tensor,
+                 mL2: cute.Tensor, mDelta: cute.Tensor, mTopkLen: cute.Tensor, mdQ: cute.Tensor,
+                 mDkv: cute.Tensor, scale_log2: Float32, scale: Float32, stream: cuda.CUstream):
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        # K-major swizzled smem tiles (the wgmma canonical layouts): 128-byte rows of 64 bf16 for the
+        # wide tiles, 64-byte rows of 32 bf16 for the (heads x keys) tiles P and dS.
+        atom64 = warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, BFloat16, 64), BFloat16)
+        atom32 = warpgroup.make_smem_layout_atom(
+            sm90_utils.get_smem_layout_atom(LayoutEnum.ROW_MAJOR, BFloat16, BN), BFloat16)
+        sQ_layout = cute.tile_to_shape(atom64, (BM, D), order=(0, 1))
+        sdO_layout = cute.tile_to_shape(atom64, (BM, DV), order=(0, 1))
+        sKV_layout = cute.tile_to_shape(atom64, (BN, D, self.stages), order=(0, 1, 2))
+        sP_layout = cute.tile_to_shape(atom32, (BM, BN), order=(0, 1))
+
+        K_, MN_ = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
+        # S = Q K^T and dP = dO V^T: both operands K-major (the reduction runs along the latent dim).
+        mma_s = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, K_, K_, Float32, (1, 1, 1), (BM, BN))
+        # dQ += dS K: dS K-major ([head, key]), K read MN-major from the kv tile.
+        mma_dq = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, K_, MN_, Float32, (1, 1, 1),
+                                                   (BM, DQ_BLOCK))
+        mma_dq_rope = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, K_, MN_, Float32, (1, 1, 1),
+                                                        (BM, max(self.rope, 64)))
+        # dkv^T = Q^T dS (+ dO^T P): heads are the reduction; both operands MN-major.
+        mma_kv = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, MN_, MN_, Float32, (1, 1, 1),
+                                                   (DKV_BLOCK, BN))
+
+        @cute.struct
+        class SharedStorage:
+            full_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
+            empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
+            q_bar: cute.struct.MemRange[cutlass.Int64, 1]
+            ids: cute.struct.MemRange[Int32, BN * self.stages]        # kv row id per slot, -1 invalid
+            p_exchange: cute.struct.MemRange[Float32, BM * BN]         # fp32 P, consumer 0 -> 1
+            sQ: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sQ_layout)], 1024]
+            sdO: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sdO_layout)], 1024]
+            sKV: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sKV_layout)], 1024]
+            sP: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sP_layout)], 1024]
+            sdS: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sP_layout)], 1024]
+
+        self.shared_storage = SharedStorage
+        self.smem_bytes = SharedStorage.size_in_bytes()
+        if const_expr(self.smem_bytes > SMEM_CAPACITY):
+            raise ValueError(f"shared storage of {self.smem_bytes} bytes exceeds the SM90 limit {SMEM_CAPACITY}")
+
+        head_blocks = (mQ.shape[1] + BM - 1) // BM
+        grid_x = mQ.shape[0] * head_blocks
+        self.kernel(mQ, mKV, mIdx, mdO, mL2, mDelta, mTopkLen, mdQ, mDkv, scale_log2, scale,
+                    sQ_layout, sdO_layout, sKV_layout, sP_layout,
+                    mma_s, mma_dq, mma_dq_rope, mma_kv).launch(
+            grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
+
+    # -------------------------------------------------------------------------------------------
+    # Device side
+    # -------------------------------------------------------------------------------------------
+    @cute.kernel
+    def kernel(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mdO: cute.Tensor,
+               mL2: cute.Tensor, mDelta: cute.Tensor, mTopkLen: cute.Tensor, mdQ: cute.Tensor,
+               mDkv: cute.Tensor, scale_log2: Float32, scale: Float32,
+               sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
+               sKV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
+               mma_s: cute.TiledMma, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma,
+               mma_kv: cute.TiledMma):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg_idx = warp_idx // 4
+        head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
+        token = bidx // head_blocks
+        head_block = bidx - token * head_blocks
+
+        smem = SmemAllocator()
+        storage = smem.allocate(self.shared_storage)
+        full_bar = storage.full_bar.data_ptr()
+        empty_bar = storage.empty_bar.data_ptr()
+        q_bar = storage.q_bar.data_ptr()
+        if warp_idx == 0:
+            with cute.arch.elect_one():
+                for s in cutlass.range_constexpr(self.stages):
+                    cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 id-write arrivals
+                    cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
+                cute.arch.mbarrier_init(q_bar, 128)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+
+        sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
+        sdO = storage.sdO.get_tensor(sdO_layout.outer, swizzle=sdO_layout.inner)
+        sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sdS = storage.sdS.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
+        sIds = storage.ids.get_tensor(cute.make_layout((self.BN, self.stages)))
+        # (value, thread): thread i's v-th accumulator value at v * 128 + i (no bank conflicts).
+        sPx = storage.p_exchange.get_tensor(cute.make_layout((self.BM * self.BN // 128, 128), stride=(128, 1)))
+
+        k_valid = cutlass.min(mIdx.shape[1], cutlass.max(mTopkLen[token], 0))
+        n_tiles = (k_valid + self.BN - 1) // self.BN
+
+        if wg_idx == 0:
+            cute.arch.setmaxregister_decrease(self.cfg.producer_regs)
+            self.produce(mQ, mKV, mIdx, mdO, sQ, sdO, sKV, sIds, full_bar, empty_bar, q_bar,
+                         token, head_block, k_valid, n_tiles, tidx)
+        elif wg_idx == 1:
+            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+            self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
+                         full_bar, empty_bar, q_bar, mma_s, mma_dq, mma_dq_rope, mma_kv,
+                         scale_log2, scale, token, head_block, n_tiles, tidx % 128, 0)
+        else:
+            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+            self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
+                         full_bar, empty_bar, q_bar, mma_s, mma_dq, mma_dq_rope, mma_kv,
+                         scale_log2, scale, token, head_block, n_tiles, tidx % 128, 1)
+
+    # ---- producer: cp.async gathers ------------------------------------------------------------
+    @cute.jit
+    def produce(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mdO: cute.Tensor,
+                sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sIds: cute.Tensor,
+                full_bar, empty_bar, q_bar, token: Int32, head_block: Int32, k_valid: Int32,
+                n_tiles: Int32, tidx: Int32):
+        D, DV, H = self.D, self.DV, mQ.shape[1]
+        copy_16B = cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128)
+        # 8 threads per row, each moving 16-byte pieces 128 bytes apart; 16 rows per pass.
+        row_in_pass = tidx // 8
+        piece = tidx % 8
+
+        # Q and dO rows of this head block; heads past H are zero-filled.
+        q_base = mQ.iterator.toint()
+        do_base = mdO.iterator.toint()
+        for p in cutlass.range_constexpr(self.BM // 16):
+            r = row_in_pass + 16 * p
+            head = head_block * self.BM + r
+            valid = head < H
+            row = Int64(token) * H + Int64(head if valid else 0)
+            self.copy_row(copy_16B, q_base + row * (D * 2), sQ[r, None], D, piece, valid)
+            self.copy_row(copy_16B, do_base + row * (DV * 2), sdO[r, None], DV, piece, valid)
+        cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
+
+        # kv tiles: the ids of tile `it` are loaded one tile ahead, before waiting for the buffer.
+        kv_rows = mKV.shape[0]
+        kv_base = mKV.iterator.toint()
+        passes = self.BN // 16
+        slot_ids = cute.make_rmem_tensor((passes,), Int32)
+        self.load_slot_ids(mIdx, slot_ids, token, 0, k_valid, row_in_pass)
+        for it in cutlass.range(n_tiles, unroll=1):
+            stage = it % self.stages
+            phase = (it // self.stages) % 2
+            cute.arch.mbarrier_wait(empty_bar + stage, phase ^ 1)
+            for p in cutlass.range_constexpr(passes):
+                r = row_in_pass + 16 * p
+                kv_id = slot_ids[p]
+                valid = kv_id >= 0 and kv_id < kv_rows
+                src_row = kv_base + Int64(kv_id if valid else 0) * (D * 2)
+                self.copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
+                if piece == 0:
+                    sIds[r, stage] = kv_id if valid else Int32(-1)
+            cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
+            cute.arch.mbarrier_arrive(full_bar + stage)
+            if it + 1 < n_tiles:
+                self.load_slot_ids(mIdx, slot_ids, token, it + 1, k_valid, row_in_pass)
+
+    @cute.jit
+    def load_slot_ids(self, mIdx: cute.Tensor, slot_ids: cute.Tensor, token: Int32, tile: Int32,
+                      k_valid: Int32, row_in_pass: Int32):
+        """kv ids of this thread's rows of `tile`; -1 (invalid) past the valid slots."""
+        for p in cutlass.range_constexpr(cute.size(slot_ids)):
+            slot = tile * self.BN + row_in_pass + 16 * p
+            slot_ids[p] = Int32(-1)
+            if slot < k_valid:
+                slot_ids[p] = mIdx[token, slot]
+
+    @cute.jit
+    def copy_row(self, copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor,
+                 num_cols: cutlass.Constexpr[int], piece: Int32, valid: Boolean):
+        """This thread's 16-byte pieces of one row (columns piece*8 + 64j); zero-filled when not valid."""
+        pred = cute.make_rmem_tensor((1,), Boolean)
+        pred[0] = valid
+        for j in cutlass.range_constexpr(num_cols // 64):
+            col = j * 64 + piece * 8
+            src = cute.make_tensor(
+                cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
+                cute.make_layout(((8, 1),)))
+            dst_piece = cute.local_tile(dst_row, (8,), (j * 8 + piece,))
+            dst = cute.make_tensor(dst_piece.iterator, cute.make_layout(((8, 1),)))
+            cute.copy(copy_16B, src, dst, pred=pred)
+
+    # ---- consumers ----------------------------------------------------------------------------
+    @cute.jit
+    def consume(self, mL2: cute.Tensor, mDelta: cute.Tensor, mdQ: cute.Tensor, mDkv: cute.Tensor,
+                mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
+                sdS: cute.Tensor, sIds: cute.Tensor, sPx: cute.Tensor, full_bar, empty_bar, q_bar,
+                mma_s: cute.TiledMma, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma,
+                mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
+                head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
+        """Consumer c (0: S and P, 1: dP and dS); see the module docstring for the split."""
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        H = mL2.shape[1]
+        with_rope = const_expr(c == 0 and self.rope > 0)
+
+        # ---- S = Q K^T (c = 0) or dP = dO V^T (c = 1): same MMA, so the same thread layout ----------
+        thr_s = mma_s.get_slice(tid)
+        if const_expr(c == 0):
+            tSrA = thr_s.make_fragment_A(thr_s.partition_A(sQ))
+            tSrB = thr_s.make_fragment_B(thr_s.partition_B(sKV))                         # (32, D, stage)
+        else:
+            sV = cute.flat_divide(sKV, (BN, DV))[None, None, 0, 0, None]                  # (32, d_v, stage)
+            tSrA = thr_s.make_fragment_A(thr_s.partition_A(sdO))
+            tSrB = thr_s.make_fragment_B(thr_s.partition_B(sV))
+        acc_S = cute.make_rmem_tensor(thr_s.partition_shape_C((BM, BN)), Float32)
+        S = rows_cols_view(acc_S)
+        S_coord = rows_cols_view(thr_s.partition_C(cute.make_identity_tensor((BM, BN))))
+        n_rows = cute.size(S, mode=[0])
+        n_cols = cute.size(S, mode=[1])
+        acc_P = cute.make_rmem_tensor_like(acc_S, Float32)    # consumer 1: P read back from sPx
+        P = rows_cols_view(acc_P)
+
+        # ---- dQ_c += dS K_c: the kv tile seen as (latent column, key), MN-major ----------------------
+        sKt = cute.composition(sKV, cute.make_layout((D, BN, self.stages), stride=(BN, 1, BN * D)))
+        sKt_c = cute.flat_divide(sKt, (DQ_BLOCK, BN))[None, None, c, 0, None]            # (256, 32, stage)
+        thr_dq = mma_dq.get_slice(tid)
+        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
+        tQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKt_c))
+        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, DQ_BLOCK)), Float32)
+        acc_dQ.fill(0.0)
+        thr_dqr = mma_dq_rope.get_slice(tid)
+        if const_expr(with_rope):
+            sKt_r = cute.flat_divide(sKt, (self.rope, BN))[None, None, DV // self.rope, 0, None]
+            tRrdS = thr_dqr.make_fragment_A(thr_dqr.partition_A(sdS))
+            tRrK = thr_dqr.make_fragment_B(thr_dqr.partition_B(sKt_r))
+            acc_dQr = cute.make_rmem_tensor(thr_dqr.partition_shape_C((BM, self.rope)), Float32)
+            acc_dQr.fill(0.0)
+
+        # ---- dkv^T blocks: (latent column, head) views of Q and dO, (key, head) views of dS and P ----
+        thr_kv = mma_kv.get_slice(tid)
+        sQt = cute.composition(sQ, cute.make_layout((D, BM), stride=(BM, 1)))
+        sdOt = cute.composition(sdO, cute.make_layout((DV, BM), stride=(BM, 1)))
+        sdSt = cute.composition(sdS, cute.make_layout((BN, BM), stride=(BM, 1)))
+        sPt = cute.composition(sP, cute.make_layout((BN, BM), stride=(BM, 1)))
+        tKrQ = thr_kv.make_fragment_A(thr_kv.partition_A(cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0]))
+        tKrdO = thr_kv.make_fragment_A(thr_kv.partition_A(cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
+        tKrdS = thr_kv.make_fragment_B(thr_kv.partition_B(sdSt))
+        tKrP = thr_kv.make_fragment_B(thr_kv.partition_B(sPt))
+        acc_KV = cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32)
+        KV = rows_cols_view(acc_KV)
+        KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((DKV_BLOCK, BN))))
+        kv_cols = cute.size(KV, mode=[1])                       # keys held by this thread
+        key_rows = cute.make_rmem_tensor((kv_cols,), Int64)     # dkv target row per key, -1: skip
+
+        # Per-row constants of this thread's heads (padding heads: L2 = +inf, so P = dS = 0).
+        row_const = cute.make_rmem_tensor((n_rows,), Float32)
+        for i in cutlass.range_constexpr(n_rows):
+            head = head_block * BM + S_coord[i, 0][0]
+            value = Float32.inf if const_expr(c == 0) else Float32(0.0)
+            if head < H:
+                if const_expr(c == 0):
+                    value = mL2[token, head]
+                else:
+                    value = mDelta[token, head]
+            row_const[i] = value
+
+        num_tokens, topk = mL2.shape[0], mIdx.shape[1]
+        dkv_base = mDkv.iterator.toint()
+
+        cute.arch.mbarrier_wait(q_bar, 0)
+        for it in cutlass.range(n_tiles, unroll=1):
+            stage = it % self.stages
+            phase = (it // self.stages) % 2
+            cute.arch.mbarrier_wait(full_bar + stage, phase)
+            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
+            wgmma(mma_s, acc_S, tSrA, tSrB[None, None, None, stage], zero_init=True)
+
+            if const_expr(c == 0):
+                # P = exp2(scale_log2 * s - L2), 0 on invalid keys; fp32 to consumer 1.
+                for j in cutlass.range_constexpr(n_cols):
+                    key_ok = sIds[S_coord[0, j][1], stage] >= 0
+                    for i in cutlass.range_constexpr(n_rows):
+                        p = cute.math.exp2(S[i, j] * scale_log2 - row_const[i], fastmath=True)
+                        S[i, j] = p if key_ok else Float32(0.0)
+                for v in cutlass.range_constexpr(cute.size(acc_S)):
+                    sPx[v, tid] = acc_S[v]
+                cute.arch.barrier(barrier_id=BAR_P_READY, number_of_threads=256)
+                cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
+            else:
+                cute.arch.barrier(barrier_id=BAR_P_READY, number_of_threads=256)
+                # dS' = scale * P * (dP - Delta); P and dS' in bf16 to smem for the tensor cores.
+                for v in cutlass.range_constexpr(cute.size(acc_P)):
+                    acc_P[v] = sPx[v, tid]
+                for i in cutlass.range_constexpr(n_rows):
+                    for j in cutlass.range_constexpr(n_cols):
+                        p = P[i, j]
+                        r, k = S_coord[i, j]
+                        sP[r, k] = BFloat16(p)
+                        sdS[r, k] = BFloat16(scale * p * (S[i, j] - row_const[i]))
+                cute.arch.fence_proxy("async.shared", space="cta")   # st.shared -> wgmma reads
+                cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
+
+            # dQ_c += dS' K_c (the last reads of the kv stage).
+            wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, stage], zero_init=False, wait=False)
+            if const_expr(with_rope):
+                wgmma(mma_dq_rope, acc_dQr, tRrdS, tRrK[None, None, None, stage], zero_init=False, wait=False)
+            for j in cutlass.range_constexpr(kv_cols):
+                slot_in_tile = KV_coord[0, j][1]
+                kv_id = sIds[slot_in_tile, stage]
+                target = Int64(kv_id)
+                if const_expr(self.deterministic):
+                    target = (Int64(head_block) * num_tokens + token) * topk + it * BN + slot_in_tile
+                    if kv_id < 0:
+                        target = Int64(-1)
+                key_rows[j] = target
+            warpgroup.wait_group(0)
+            cute.arch.mbarrier_arrive(empty_bar + stage)
+
+            # dkv^T blocks b = c, c + 2, ...: Q_b^T dS' (+ dO_b^T P on the value columns) -> global.
+            for b in cutlass.range_constexpr(c, D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0, 2):
+                with_p = b * DKV_BLOCK < DV
+                wgmma(mma_kv, acc_KV, tKrQ[None, None, None, b], tKrdS, zero_init=True, wait=not with_p)
+                if const_expr(with_p):
+                    wgmma(mma_kv, acc_KV, tKrdO[None, None, None, b], tKrP, zero_init=False)
+                self.write_dkv(KV, KV_coord, key_rows, dkv_base, b * DKV_BLOCK)
+
+        self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
+                      token, head_block, tid, c)
+
+    @cute.jit
+    def write_dkv(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64,
+                  col0: int):
+        """This thread's values of one dkv^T block to global memory: fast mode an fp32 reduction into
+        the [S, D] accumulator, deterministic mode a store into the slot's partial row."""
+        for j in cutlass.range_constexpr(cute.size(KV, mode=[1])):
+            row = key_rows[j]
+            # Ablation "no_dkv_write": a condition that never holds but that the compiler cannot drop,
+            # so the dkv products stay in the kernel while no value reaches global memory.
+            write = row >= 0 if const_expr(self.cfg.ablation == "none") else row < -1
+            if write:
+                for i in cutlass.range_constexpr(cute.size(KV, mode=[0])):
+                    col = col0 + KV_coord[i, j][0]
+                    addr = dkv_base + (row * self.D + col) * 4
+                    ptr = cute.make_ptr(Float32, addr, cute.AddressSpace.gmem, assumed_align=4)
+                    if const_expr(self.deterministic):
+                        cute.make_tensor(ptr, cute.make_layout((1,)))[0] = KV[i, j]
+                    else:
+                        cute.arch.red(ptr, KV[i, j], op="add", dtype="f32", sem="relaxed", scope="gpu")
+
+    @cute.jit
+    def epilogue(self, mdQ: cute.Tensor, sQ: cute.Tensor, thr_dq: cute.ThrMma, thr_dqr: cute.ThrMma,
+                 acc_dQ: cute.Tensor, acc_dQr: Optional[cute.Tensor], token: Int32, head_block: Int32,
+                 tid: Int32, c: cutlass.Constexpr[int]):
+        """dQ -> bf16 -> smem over Q -> coalesced 16-byte stores of the valid heads."""
+        BM, D, H = self.BM, self.D, mdQ.shape[1]
+        # Every wgmma reading sQ (S of the last tile, the dkv blocks) has been waited for by both.
+        cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=256)
+        frag = cute.make_rmem_tensor_like(acc_dQ, BFloat16)
+        frag.store(acc_dQ.load().to(BFloat16))
+        sQ_c = cute.flat_divide(sQ, (BM, DQ_BLOCK))[None, None, 0, c]
+        cute.autovec_copy(frag, thr_dq.partition_C(sQ_c))
+        if const_expr(acc_dQr is not None):
+            frag_r = cute.make_rmem_tensor_like(acc_dQr, BFloat16)
+            frag_r.store(acc_dQr.load().to(BFloat16))
+            sQ_r = cute.flat_divide(sQ, (BM, self.rope))[None, None, 0, self.DV // self.rope]
+            cute.autovec_copy(frag_r, thr_dqr.partition_C(sQ_r))
+        cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=256)
+
+        copy_16B = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), BFloat16, num_bits_per_copy=128)
+        pieces_per_row = D // 8
+        dq_base = mdQ.iterator.toint()
+        tid256 = tid + 128 * c
+        for p in cutlass.range_constexpr(BM * pieces_per_row // 256):
+            flat = tid256 + 256 * p
+            r = flat // pieces_per_row
+            piece = flat - r * pieces_per_row
+            head = head_block * BM + r
+            if head < H:
+                src_piece = cute.local_tile(sQ[r, None], (8,), (piece,))
+                src = cute.make_tensor(src_piece.iterator, cute.make_layout(((8, 1),)))
+                dst_addr = dq_base + ((Int64(token) * H + Int64(head)) * D + Int64(piece * 8)) * 2
+                dst = cute.make_tensor(
+                    cute.make_ptr(BFloat16, dst_addr, cute.AddressSpace.gmem, assumed_align=16),
+                    cute.make_layout(((8, 1),)))
+                cute.copy(copy_16B, src, dst)

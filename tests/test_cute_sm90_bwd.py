@@ -1,0 +1,462 @@
+"""CuTe-DSL SM90 sparse attention backward (csrc_dsl/cute/sm90/sparse_attention_bwd*.py).
+
+On any machine with nvidia-cutlass-dsl (no GPU needed): every shipped variant compiles for sm_90a from
+fake tensors, fits shared memory, has no register spills, and its SASS has HGMMA (wgmma), LDGSTS (cp.async
+gathers) and, in fast mode only, REDG (the fp32 dkv reductions). On any machine: the launcher's torch side
+(Delta, L, d_sink) against an fp64 autograd oracle.
+On an SM90 GPU: gradients against the fp64 autograd oracle written here (SPEC section 5, tolerances of
+section 9), deterministic mode bitwise stable, CUDA-graph replay equal to eager.
+"""
+import os
+
+import pytest
+import torch
+
+from csrc_dsl.cute import common
+from csrc_dsl.cute.common import compile_cache, fake_compile
+from csrc_dsl.cute.sm90 import sparse_attention_bwd as bwd
+
+needs_dsl = pytest.mark.skipif(not common.is_available(), reason=str(common.unavailable_reason()))
+
+
+def _gpu_skip_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return "needs an SM90 (Hopper) GPU"
+    return common.launch_unavailable_reason()
+
+
+_GPU_REASON = _gpu_skip_reason()
+needs_sm90 = pytest.mark.skipif(_GPU_REASON is not None, reason=str(_GPU_REASON))
+
+GRAD_REL = 2e-2      # SPEC section 9: backward gradients
+GRAD_COS = 0.999
+
+
+# ======================================================================================================
+# The fp64 autograd oracle (SPEC sections 4 and 5), usable on CPU and GPU
+# ======================================================================================================
+def oracle(q, kv, indices, dout, scale, d_v, sink=None, topk_length=None):
+    """Forward in fp64 with autograd through the gather, then backward from `dout`.
+    Returns (out fp64, lse fp64 (+inf on lonely rows), dq, dkv, d_sink (or None)), all fp64."""
+    T, H, D = q.shape
+    S, K = kv.shape[0], indices.shape[1]
+    q64 = q.double().requires_grad_()
+    kv64 = kv.double().requires_grad_()
+    sink64 = sink.double().requires_grad_() if sink is not None else None
+    ids = indices.long()
+    valid = (ids >= 0) & (ids < S)
+    if topk_length is not None:
+        valid &= torch.arange(K, device=q.device)[None, :] < topk_length.long()[:, None]
+    keys = kv64[ids.clamp(0, max(S - 1, 0))]                           # [T, K, D]: duplicates stay
+    s = scale * torch.einsum("thd,tkd->thk", q64, keys)
+    s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    lonely = ~valid.any(dim=1)[:, None].expand(T, H)
+    # logsumexp of an all -inf row has a NaN gradient: take it over zeros there (then discarded).
+    lse = torch.logsumexp(torch.where(lonely[..., None], torch.zeros_like(s), s), dim=-1)
+    big_l = lse if sink64 is None else torch.logaddexp(lse, sink64[None, :].expand(T, H))
+    big_l = torch.where(lonely, torch.zeros_like(big_l), big_l)        # P = exp(-inf - 0) = 0 there
+    p = torch.exp(s - big_l[..., None])
+    out = torch.einsum("thk,tkd->thd", p, keys[..., :d_v])
+    out.backward(dout.double())
+    lse = torch.where(lonely, torch.full_like(lse, float("inf")), lse)
+    d_sink = sink64.grad if sink64 is not None else None
+    return out.detach(), lse.detach(), q64.grad, kv64.grad, d_sink
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def cosine(x, ref):
+    x, ref = x.double().flatten(), ref.flatten()
+    return (x @ ref / (x.norm() * ref.norm()).clamp_min(1e-30)).item()
+
+
+def assert_grad_close(x, ref, name):
+    assert not torch.isnan(x).any(), f"{name} has NaN"
+    if ref.norm() == 0:
+        assert (x == 0).all(), f"{name} should be exactly 0"
+        return
+    assert rel_err(x, ref) <= GRAD_REL, f"{name}: rel err {rel_err(x, ref):.3e}"
+    assert cosine(x, ref) >= GRAD_COS, f"{name}: cosine {cosine(x, ref):.6f}"
+
+
+# ======================================================================================================
+# CPU: configs, the torch side of the launcher, and the dispatch predicate
+# ======================================================================================================
+def test_shipped_configs_are_static_and_cover_the_op():
+    configs = bwd.shipped_configs()
+    assert {(c.head_dim, c.d_v, c.deterministic) for c in configs} == {
+        (576, 512, False), (576, 512, True), (512, 512, False), (512, 512, True)}
+    for config in configs:
+        compile_cache.check_static(config)
+    assert compile_cache.cache_for(configs[0]) is bwd._CACHE
+
+
+def test_supports_is_false_off_gpu():
+    T, H, D, S, K = 2, 4, 576, 8, 4
+    q = torch.randn(T, H, D).to(torch.bfloat16)
+    kv = torch.randn(S, D).to(torch.bfloat16)
+    dout = torch.randn(T, H, 512).to(torch.bfloat16)
+    out = torch.randn(T, H, 512).to(torch.bfloat16)
+    lse = torch.randn(T, H)
+    idx = torch.zeros(T, K, dtype=torch.int32)
+    assert bwd.supports(dout, q, kv, out, lse, idx, 0.1, 512, None, None, False) is False
+
+
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_row_terms_match_autograd(with_sink):
+    """Delta, L and d_sink (torch ops in the launcher) against the fp64 oracle, on CPU, with lonely rows."""
+    g = torch.Generator().manual_seed(7 + with_sink)
+    T, H, D, S, K = 5, 3, 64, 40, 12
+    q = torch.randn(T, H, D, generator=g).to(torch.bfloat16)
+    kv = torch.randn(S, D, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, S, (T, K), generator=g, dtype=torch.int32)
+    idx[1] = -1                                               # a lonely row
+    dout = torch.randn(T, H, 32, generator=g).to(torch.bfloat16)
+    sink = torch.randn(H, generator=g) if with_sink else None
+    out, lse, _, _, d_sink_ref = oracle(q, kv, idx, dout, D ** -0.5, 32, sink)
+    out_bf16 = out.to(torch.bfloat16)
+    delta, l2, d_sink = bwd.row_terms(out_bf16, dout, lse.float(), sink)
+    ref_delta = (out_bf16.double() * dout.double()).sum(-1)
+    torch.testing.assert_close(delta.double(), ref_delta, rtol=1e-5, atol=1e-6)
+    assert torch.isinf(l2[1]).all() and (l2[1] > 0).all()      # lonely: P = exp2(s - inf) = 0
+    if with_sink:
+        ref_l = torch.logaddexp(lse[0, 0], sink[0].double())
+        torch.testing.assert_close(l2[0, 0].double(), ref_l * bwd.LOG2_E, rtol=1e-5, atol=1e-5)
+        assert_grad_close(d_sink, d_sink_ref, "d_sink")
+    else:
+        assert (d_sink == 0).all() and d_sink.shape == (H,)
+
+
+def spec_formulas(q, kv, indices, dout, out, lse, scale, d_v, sink=None, topk_length=None, round_bf16=False):
+    """SPEC section 5 written out slot by slot (fp64). With `round_bf16`, P and dS are rounded to bf16
+    before the products, as the kernel's tensor-core operands are: the precision the design gives up."""
+    T, H, D = q.shape
+    S, K = kv.shape[0], indices.shape[1]
+    qd, kvd, doutd = q.double(), kv.double(), dout.double()
+    delta = (out.double() * doutd).sum(-1)
+    big_l = lse.double() if sink is None else torch.logaddexp(lse.double(), sink.double()[None, :])
+    dq = torch.zeros(T, H, D, dtype=torch.float64)
+    dkv = torch.zeros(S, D, dtype=torch.float64)
+    for t in range(T):
+        n = K if topk_length is None else min(K, max(int(topk_length[t]), 0))
+        for j in range(n):
+            i = int(indices[t, j])
+            if i < 0 or i >= S:
+                continue
+            p = torch.exp(scale * qd[t] @ kvd[i] - big_l[t])                  # [H]
+            ds = p * (doutd[t] @ kvd[i, :d_v] - delta[t])
+            if round_bf16:
+                p = p.to(torch.bfloat16).double()
+                ds = (scale * ds).to(torch.bfloat16).double() / scale
+            dq[t] += scale * ds[:, None] * kvd[i][None, :]
+            dkv[i] += scale * ds @ qd[t]
+            dkv[i, :d_v] += p @ doutd[t]
+    d_sink = None if sink is None else -(torch.exp(sink.double()[None, :] - big_l) * delta).sum(0)
+    return dq, dkv, d_sink
+
+
+@pytest.mark.parametrize("round_bf16", [False, True])
+def test_oracle_matches_spec_and_bf16_operands_meet_tolerance(round_bf16):
+    """The autograd oracle equals SPEC section 5's formulas (invalid ids, topk_length, duplicates,
+    a lonely row, a sink); and the kernel's bf16 rounding of P and dS stays within SPEC tolerances."""
+    g = torch.Generator().manual_seed(3)
+    T, H, D, S, K, d_v = 4, 16, 96, 30, 40, 64
+    q = torch.randn(T, H, D, generator=g).to(torch.bfloat16)
+    kv = torch.randn(S, D, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, S, (T, K), generator=g, dtype=torch.int32)
+    idx[0, :5] = -1
+    idx[0, 5:8] = S + 2
+    idx[2, 10:20] = 4                                                    # duplicates
+    idx[3] = -1                                                          # lonely
+    lengths = torch.tensor([K, 17, K - 1, K], dtype=torch.int32)
+    dout = torch.randn(T, H, d_v, generator=g).to(torch.bfloat16)
+    sink = torch.randn(H, generator=g)
+    out, lse, dq, dkv, d_sink = oracle(q, kv, idx, dout, D ** -0.5, d_v, sink, lengths)
+    f_dq, f_dkv, f_dsink = spec_formulas(q, kv, idx, dout, out, lse, D ** -0.5, d_v, sink, lengths, round_bf16)
+    if round_bf16:
+        for x, ref, name in [(f_dq, dq, "dq"), (f_dkv, dkv, "dkv"), (f_dsink, d_sink, "d_sink")]:
+            assert_grad_close(x, ref, name)
+        assert rel_err(f_dq, dq) > 1e-5 and rel_err(f_dkv, dkv) > 1e-5   # the rounding did happen
+    else:
+        for x, ref in [(f_dq, dq), (f_dkv, dkv), (f_dsink, d_sink)]:
+            torch.testing.assert_close(x, ref, rtol=1e-9, atol=1e-9)
+    assert (dq[3] == 0).all()
+
+
+# ======================================================================================================
+# CPU: every shipped variant compiles for sm_90a without spills
+# ======================================================================================================
+def _config_id(config):
+    return f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}"
+
+
+def _expected_hgmma(config):
+    """Static wgmma count: per tile, S (D/16 k-steps) and dP (d_v/16), dQ (2 k-steps of 16 keys per
+    wgmma: two 256-column ones, plus the 64 RoPE columns), dkv^T blocks (4 k-steps over 64 heads each,
+    twice on the value columns)."""
+    D, DV = config.head_dim, config.d_v
+    dq = 2 * 2 + (2 if D > DV else 0)
+    dkv = sum(4 + (4 if b * 64 < DV else 0) for b in range(D // 64))
+    return D // 16 + DV // 16 + dq + dkv
+
+
+@needs_dsl
+@pytest.mark.parametrize("config", bwd.shipped_configs(), ids=_config_id)
+def test_bwd_compiles_for_sm90a_without_spills(config):
+    ptx, cubin, smem_bytes = bwd.compile_for_inspection(config)
+    assert ".target sm_90a" in ptx
+    assert "wgmma.mma_async" in ptx and "cp.async.cg.shared.global" in ptx
+    assert 0 < smem_bytes <= 232448                                     # SM90 opt-in limit per CTA
+
+    resources = fake_compile.cubin_resources(cubin)
+    assert 0 < resources.registers <= 168                              # 384 threads at launch
+    assert resources.stack_frame == 0
+
+    report = fake_compile.ptxas_report(ptx)
+    if report is not None:
+        assert report.spill_stores == 0 and report.spill_loads == 0, report.text
+        assert report.stack_frame == 0, report.text
+
+    sass = fake_compile.sass(cubin)
+    if sass is not None:
+        ops = fake_compile.count_opcodes(sass, "HGMMA", "LDGSTS", "REDG", "LDL", "STL", "USETMAXREG")
+        assert ops["HGMMA"] == _expected_hgmma(config)
+        # Q and dO rows (4 passes of 16 rows) + kv rows (2 passes), one 16-byte piece per 64 columns.
+        assert ops["LDGSTS"] == 4 * (config.head_dim + config.d_v) // 64 + 2 * config.head_dim // 64
+        assert ops["LDL"] == 0 and ops["STL"] == 0
+        assert ops["USETMAXREG"] >= 2                                  # producer down, consumers up
+        if config.deterministic:
+            assert ops["REDG"] == 0                                    # plain stores, no float atomics
+        else:
+            assert ops["REDG"] > 0
+
+
+@needs_dsl
+def test_bwd_ablation_compiles_without_spills():
+    """The benchmark's ablation variant (dkv products kept, never written) compiles, no spills."""
+    config = bwd.BwdConfig(576, 512, False, ablation="no_dkv_write")
+    ptx, cubin, _ = bwd.compile_for_inspection(config)
+    assert fake_compile.cubin_resources(cubin).stack_frame == 0
+    sass = fake_compile.sass(cubin)
+    if sass is not None:
+        ops = fake_compile.count_opcodes(sass, "HGMMA", "LDL", "STL")
+        assert ops["HGMMA"] == _expected_hgmma(config)
+        assert ops["LDL"] == 0 and ops["STL"] == 0
+
+
+# ======================================================================================================
+# GPU: against the oracle
+# ======================================================================================================
+def make_inputs(T, H, D, S, K, *, seed, sink=False, topk_length=False, invalid=0.1, dup=0.05, d_v=512):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    q = torch.randn(T, H, D, generator=g, device=dev).to(torch.bfloat16)
+    kv = torch.randn(S, D, generator=g, device=dev).to(torch.bfloat16)
+    indices = torch.randint(0, S, (T, K), generator=g, device=dev, dtype=torch.int32)
+    u = torch.rand(T, K, generator=g, device=dev)
+    indices = torch.where(u < invalid / 2, torch.full_like(indices, -1), indices)          # padding ids
+    indices = torch.where((u >= invalid / 2) & (u < invalid), indices + S, indices)          # ids >= S
+    if dup > 0 and K > 1:                                                                    # duplicates
+        j = torch.randint(1, K, (max(1, int(dup * K)),), generator=g, device=dev)
+        indices[:, j] = indices[:, j - 1]
+    attn_sink = torch.randn(H, generator=g, device=dev) * 2 if sink else None
+    lengths = torch.randint(0, K + 1, (T,), generator=g, device=dev, dtype=torch.int32) if topk_length else None
+    dout = torch.randn(T, H, d_v, generator=g, device=dev).to(torch.bfloat16)
+    return q, kv, indices, attn_sink, lengths, dout
+
+
+def forward_for(q, kv, indices, dout, scale, d_v, sink, lengths):
+    """(out bf16, lse fp32) as the forward would hand them to the backward, and the oracle's grads."""
+    out, lse, dq, dkv, d_sink = oracle(q, kv, indices, dout, scale, d_v, sink, lengths)
+    return out.to(torch.bfloat16), lse.float(), (dq, dkv, d_sink)
+
+
+def poison_allocator(*shapes_dtypes):
+    """NaN-filled blocks of these sizes left in torch's caching allocator: outputs allocated next start
+    as NaN, so an element the kernel forgets to write fails the comparison."""
+    blocks = [torch.full(shape, float("nan"), dtype=dtype, device="cuda") for shape, dtype in shapes_dtypes]
+    del blocks
+
+
+def check(q, kv, indices, scale, d_v, sink, lengths, dout, deterministic=False):
+    T, H, D = q.shape
+    out, lse, (ref_dq, ref_dkv, ref_dsink) = forward_for(q, kv, indices, dout, scale, d_v, sink, lengths)
+    poison = [((T, H, D), torch.bfloat16)]
+    if deterministic:  # the partial dkv rows the launcher allocates: a row the kernel skips reads NaN
+        head_blocks, K = (H + 63) // 64, indices.shape[1]
+        budget = int(os.environ.get(bwd.WORKSPACE_ENV, "2048")) << 20
+        chunk = max(1, min(T, budget // (head_blocks * K * D * 4)))
+        poison.append(((head_blocks, chunk * K, D), torch.float32))
+    poison_allocator(*poison)
+    dq, dkv, d_sink = bwd.sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, sink, lengths,
+                                                    deterministic)
+    torch.cuda.synchronize()
+    assert dq.shape == q.shape and dq.dtype == torch.bfloat16
+    assert dkv.shape == kv.shape and dkv.dtype == torch.bfloat16
+    assert d_sink.shape == (H,) and d_sink.dtype == torch.float32
+    assert_grad_close(dq, ref_dq, "dq")
+    assert_grad_close(dkv, ref_dkv, "dkv")
+    if sink is not None:
+        assert_grad_close(d_sink, ref_dsink, "d_sink")
+    else:
+        assert (d_sink == 0).all()
+    lonely = torch.isinf(lse).all(dim=1)
+    assert (dq[lonely] == 0).all()                              # rows with no valid key: no gradient
+    return dq, dkv, d_sink
+
+
+@needs_sm90
+@pytest.mark.parametrize("D", [576, 512])
+@pytest.mark.parametrize("H", [1, 16, 64, 128])
+def test_bwd_matches_oracle_heads(H, D):
+    q, kv, idx, sink, lengths, dout = make_inputs(T=4, H=H, D=D, S=3001, K=2048, seed=H * 7 + D,
+                                                  sink=H % 2 == 0, topk_length=H >= 64)
+    check(q, kv, idx, D ** -0.5, 512, sink, lengths, dout)
+
+
+@needs_sm90
+@pytest.mark.parametrize("K", [128, 2000, 2048])
+@pytest.mark.parametrize("sink,topk_length", [(False, False), (True, True), (True, False), (False, True)])
+def test_bwd_matches_oracle_topk(K, sink, topk_length):
+    q, kv, idx, attn_sink, lengths, dout = make_inputs(T=6, H=64, D=576, S=5000, K=K,
+                                                       seed=K + 3 * sink + topk_length,
+                                                       sink=sink, topk_length=topk_length)
+    check(q, kv, idx, 576 ** -0.5, 512, attn_sink, lengths, dout)
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_tile_edges(deterministic):
+    """Rows with 0, 1, 31, 32, 33, 64 and 65 slots (tile edges of the 32-slot tiles), odd H."""
+    T, H, D, K = 8, 100, 576, 300
+    q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=777, K=K, seed=31, sink=True,
+                                                  topk_length=True)
+    lengths[:] = torch.tensor([0, 1, 31, 32, 33, 64, 65, 300], dtype=torch.int32)
+    check(q, kv, idx, D ** -0.5, 512, sink, lengths, dout, deterministic)
+
+
+@needs_sm90
+@pytest.mark.parametrize("sink", [False, True])
+def test_bwd_lonely_rows(sink):
+    """Rows with no valid key: all ids -1, all ids >= S, topk_length 0, valid ids hidden by topk_length."""
+    T, H, D, S, K = 5, 128, 576, 700, 130
+    q, kv, idx, attn_sink, _, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=11, sink=sink)
+    idx[0] = -1
+    idx[1] = S + torch.arange(K, device="cuda", dtype=torch.int32)
+    lengths = torch.full((T,), K, dtype=torch.int32, device="cuda")
+    lengths[2] = 0
+    idx[3] = -1
+    idx[3, 10:20] = 5                                  # row 3's only real ids sit past its topk_length
+    lengths[3] = 10
+    dq, dkv, _ = check(q, kv, idx, D ** -0.5, 512, attn_sink, lengths, dout)
+    assert (dq[:4] == 0).all() and (dq[4] != 0).any()
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_all_duplicates(deterministic):
+    """Every slot of a query names the same kv row: its gradient is the sum over all K slots."""
+    T, H, D, S, K = 3, 16, 512, 50, 300
+    q, kv, idx, _, _, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=5, invalid=0.0, dup=0.0)
+    idx[0] = 7
+    idx[1] = -1
+    idx[1, 123] = 42
+    check(q, kv, idx, D ** -0.5, 512, None, None, dout, deterministic)
+
+
+@needs_sm90
+@pytest.mark.parametrize("D", [576, 512])
+def test_bwd_deterministic_is_bitwise_stable(D, monkeypatch):
+    """Deterministic mode: 10 runs give the same bits; several query chunks and both head blocks."""
+    monkeypatch.setenv(bwd.WORKSPACE_ENV, "8")       # 8 MiB: several chunks at H = 128
+    q, kv, idx, sink, lengths, dout = make_inputs(T=12, H=128, D=D, S=300, K=512, seed=3 + D, sink=True,
+                                                  topk_length=True, dup=0.2)
+    first = check(q, kv, idx, D ** -0.5, 512, sink, lengths, dout, deterministic=True)
+    out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, sink, lengths)
+    for _ in range(9):
+        again = bwd.sparse_attention_backward(dout, q, kv, out, lse, idx, D ** -0.5, 512, sink, lengths, True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+    fast = bwd.sparse_attention_backward(dout, q, kv, out, lse, idx, D ** -0.5, 512, sink, lengths, False)
+    assert torch.equal(fast[0], first[0])                      # dq never depends on the dkv mode
+    assert rel_err(fast[1], first[1].double()) <= 1e-2
+
+
+@needs_sm90
+def test_bwd_one_compile_serves_all_shapes():
+    config = bwd.BwdConfig(head_dim=576, d_v=512, deterministic=False)
+    for T, H, S, K in [(3, 16, 300, 64), (5, 128, 4100, 1000), (1, 1, 65, 1)]:
+        q, kv, idx, _, _, dout = make_inputs(T=T, H=H, D=576, S=S, K=K, seed=T * H)
+        check(q, kv, idx, 0.05, 512, None, None, dout)
+        assert config in bwd._CACHE
+
+
+@needs_sm90
+def test_bwd_empty_inputs():
+    q = torch.randn(4, 8, 576, device="cuda").to(torch.bfloat16)
+    dout = torch.randn(4, 8, 512, device="cuda").to(torch.bfloat16)
+    out = torch.zeros(4, 8, 512, device="cuda").to(torch.bfloat16)
+    lse = torch.full((4, 8), float("inf"), device="cuda")
+    kv = torch.randn(0, 576, device="cuda").to(torch.bfloat16)
+    idx = torch.zeros(4, 16, dtype=torch.int32, device="cuda")
+    sink = torch.randn(8, device="cuda")
+    dq, dkv, d_sink = bwd.sparse_attention_backward(dout, q, kv, out, lse, idx, 0.1, 512, sink, None, False)
+    assert (dq == 0).all() and dkv.shape == (0, 576) and (d_sink == 0).all()
+    dq, dkv, d_sink = bwd.sparse_attention_backward(dout[:0], q[:0], kv, out[:0], lse[:0], idx[:0], 0.1, 512,
+                                                    None, None, False)
+    assert dq.shape == (0, 8, 576) and d_sink.shape == (8,)
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_cuda_graph_replay_equals_eager(deterministic):
+    T, H, D, S, K = 16, 64, 576, 4000, 2000
+    q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=99, sink=True, topk_length=True)
+    scale = D ** -0.5
+    out, lse, _ = forward_for(q, kv, idx, dout, scale, 512, sink, lengths)
+    bwd.warmup([bwd.BwdConfig(D, 512, deterministic)])                 # no compile inside the capture
+    args = lambda: (dout, q, kv, out, lse, idx, scale, 512, sink, lengths, deterministic)  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                                      # warm up off the default stream
+        bwd.sparse_attention_backward(*args())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        g_dq, g_dkv, g_dsink = bwd.sparse_attention_backward(*args())
+    # New values in the captured buffers, then replay.
+    q2, kv2, idx2, sink2, lengths2, dout2 = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=100, sink=True,
+                                                        topk_length=True)
+    out2, lse2, (ref_dq, ref_dkv, _) = forward_for(q2, kv2, idx2, dout2, scale, 512, sink2, lengths2)
+    for dst, src in [(q, q2), (kv, kv2), (idx, idx2), (sink, sink2), (lengths, lengths2), (dout, dout2),
+                     (out, out2), (lse, lse2)]:
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    e_dq, e_dkv, e_dsink = bwd.sparse_attention_backward(*args())
+    assert torch.equal(g_dq, e_dq) and torch.equal(g_dsink, e_dsink)
+    if deterministic:
+        assert torch.equal(g_dkv, e_dkv)
+    else:                                                              # fp32 atomics: order may differ
+        assert rel_err(g_dkv, e_dkv.double()) <= 1e-3
+    assert_grad_close(g_dq, ref_dq, "dq")
+    assert_grad_close(g_dkv, ref_dkv, "dkv")
+
+
+@needs_sm90
+def test_supports_on_sm90():
+    q, kv, idx, sink, lengths, dout = make_inputs(T=2, H=64, D=576, S=100, K=64, seed=1)
+    out = dout.clone()
+    lse = torch.zeros(2, 64, device="cuda")
+    assert bwd.supports(dout, q, kv, out, lse, idx, 0.1, 512, None, None, False)
+    assert bwd.supports(dout, q, kv, out, lse, idx, 0.1, 512, sink, lengths, True)
+    assert not bwd.supports(dout, q.float(), kv, out, lse, idx, 0.1, 512, None, None, False)
+    assert not bwd.supports(dout, q, kv, out, lse, idx, 0.1, 256, None, None, False)
+    big = torch.randn(2, 129, 576, device="cuda").to(torch.bfloat16)
+    big_do = torch.randn(2, 129, 512, device="cuda").to(torch.bfloat16)
+    assert not bwd.supports(big_do, big, kv, big_do, torch.zeros(2, 129, device="cuda"), idx, 0.1, 512,
+                            None, None, False)

@@ -20,7 +20,7 @@ dsa::indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int topk, float scale=1.
 dsa::indexer_topk_paged(Tensor q_idx, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor w, int topk, float scale=1.) -> (Tensor, Tensor)
 dsa::sparse_indexer_score(Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, float scale=1., Tensor? topk_length=None) -> Tensor
 dsa::sparse_attention(Tensor q, Tensor kv, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor)
-dsa::sparse_attention_backward(Tensor dout, Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False) -> (Tensor, Tensor, Tensor)
+dsa::sparse_attention_backward(Tensor dout, Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)
 dsa::sparse_attention_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor)
 dsa::sparse_attn_score(Tensor q, Tensor kv, Tensor lse, Tensor indices, float scale, Tensor? topk_length=None) -> Tensor
 dsa::dense_attn_score(Tensor q, Tensor kv, Tensor lse, float scale, int ratio=1, Tensor? q_start=None) -> (Tensor, Tensor)
@@ -33,4 +33,4 @@ dsa::hca_compress_backward(Tensor grad_out, Tensor c, Tensor z, int m=128) -> (T
 dsa::csa_compress(Tensor c, Tensor z, int m=4) -> Tensor
 dsa::csa_compress_backward(Tensor grad_out, Tensor c, Tensor z, int m=4) -> (Tensor, Tensor)
 dsa::merge_attention_with_sink(Tensor outs, Tensor lses, Tensor? attn_sink=None) -> (Tensor, Tensor)
-dsa::merge_attention_with_sink_backward(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None) -> (Tensor, Tensor, Tensor)""")
+dsa::merge_attention_with_sink_backward(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)""")

@@ -267,7 +267,7 @@ def check_sparse_attention(q, kv, indices, scale, d_v, attn_sink, topk_length):
 
 
 def check_sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
-                                    deterministic):
+                                    deterministic, grad_lse):
     op = "sparse_attention_backward"
     T, H, _ = attention_inputs(op, q, kv, indices, d_v, attn_sink, topk_length)
     for name, t in (("dout", dout), ("out", out)):
@@ -276,6 +276,9 @@ def check_sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, 
         shape(op, name, t, (T, H, d_v), "[T, H, d_v]")
     tensor(op, "lse", lse, 2, (torch.float32, torch.float64), q.device)
     shape(op, "lse", lse, (T, H), "[T, H] fp32")
+    if grad_lse is not None:
+        tensor(op, "grad_lse", grad_lse, 2, (torch.float32, torch.float64), q.device)
+        shape(op, "grad_lse", grad_lse, (T, H), "[T, H] fp32, the shape of lse")
 
 
 def check_sparse_attention_decode(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink,
@@ -370,7 +373,7 @@ def check_merge_attention_with_sink(outs, lses, attn_sink):
     merge_inputs("merge_attention_with_sink", outs, lses, attn_sink)
 
 
-def check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink):
+def check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink, grad_lse):
     op = "merge_attention_with_sink_backward"
     _, T, H, d_v = merge_inputs(op, outs, lses, attn_sink)
     for name, t in (("grad_out", grad_out), ("out", out)):
@@ -379,3 +382,6 @@ def check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, att
         shape(op, name, t, (T, H, d_v), "[T, H, d_v]")
     tensor(op, "lse", lse, 2, (torch.float32, torch.float64), outs.device)
     shape(op, "lse", lse, (T, H), "[T, H] fp32")
+    if grad_lse is not None:
+        tensor(op, "grad_lse", grad_lse, 2, (torch.float32, torch.float64), outs.device)
+        shape(op, "grad_lse", grad_lse, (T, H), "[T, H], the shape of lse")

@@ -61,7 +61,7 @@ def sparse_attention(q: Tensor, kv: Tensor, indices: Tensor, scale: Optional[flo
                      topk_length: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Sparse MQA attention over the selected rows of the shared latent `kv`: `(out [T,H,d_v], lse [T,H] fp32)`.
     `scale` defaults to `D**-0.5`. The sink joins the softmax denominator only; lse covers the selected keys only.
-    Differentiable in q, kv, attn_sink (lse carries no gradient)."""
+    Differentiable in q, kv, attn_sink, through `out` and `lse`."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     return _ops.sparse_attention(q, kv, indices, scale, _or(d_v, 512), attn_sink, topk_length)
@@ -69,11 +69,12 @@ def sparse_attention(q: Tensor, kv: Tensor, indices: Tensor, scale: Optional[flo
 
 def sparse_attention_backward(dout: Tensor, q: Tensor, kv: Tensor, out: Tensor, lse: Tensor, indices: Tensor,
                               scale: float, d_v: Optional[int] = None, attn_sink: Optional[Tensor] = None,
-                              topk_length: Optional[Tensor] = None,
-                              deterministic: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """`(dq, dkv, d_sink)` of `sparse_attention`; `deterministic=True` gives a bitwise reproducible dkv."""
-    return _ops.sparse_attention_backward(dout, q, kv, out, lse, indices, scale, _or(d_v, 512), attn_sink, topk_length,
-                                          deterministic)
+                              topk_length: Optional[Tensor] = None, deterministic: bool = False,
+                              grad_lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dq, dkv, d_sink)` of `sparse_attention`; `deterministic=True` gives a bitwise reproducible dkv;
+    `grad_lse` adds the gradient that reaches `lse` (merged split branches)."""
+    return _ops.sparse_attention_backward(dout, q, kv, out, lse, indices, scale, _or(d_v, 512), attn_sink,
+                                          topk_length, deterministic, grad_lse)
 
 
 def sparse_attention_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor, indices: Tensor,

@@ -69,7 +69,8 @@ def attention_kernel(q, *args) -> bool:
 
 
 def attention_backward_kernel(dout, q, *args) -> bool:
-    return _attention_shapes(q)
+    """The kernels take no gradient of lse (args[-1]); that rarer call (merged branches) runs on the reference."""
+    return _attention_shapes(q) and args[-1] is None
 
 
 def attention_decode_kernel(q, *args) -> bool:
@@ -181,7 +182,7 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
         ref("attention", "sparse_attention")),
     "sparse_attention_backward": gpu_rows(
         [], [triton("sparse_attention_bwd", "sparse_attention_backward", attention_backward_kernel,
-                    ATTENTION_NEEDS)],
+                    ATTENTION_NEEDS + ", no grad_lse")],
         ref("attention", "sparse_attention_backward")),
     "sparse_attention_decode": gpu_rows(
         [], [triton("sparse_attention_fwd", "sparse_attention_decode", attention_decode_kernel,

@@ -123,7 +123,8 @@ def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shap
                                                       None if sink is None else sink.detach(), tl)
         if op == "sparse_attn_score":
             return (q, kv, lse, ids, scale_attn, tl)
-        return (act(T, s.H, s.d_v), q, kv, out, lse, ids, scale_attn, s.d_v, sink, tl, False)
+        return (act(T, s.H, s.d_v), q, kv, out, lse, ids, scale_attn, s.d_v, sink, tl, False,
+                opt(flt(T, s.H)))
     if op == "dense_attn_score":
         q = act(s.B, s.Sq, s.H, s.D)
         kv = act(s.B, s.Sk, s.D)
@@ -169,7 +170,7 @@ def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shap
         with torch.no_grad():
             out, lse = torch.ops.dsa.merge_attention_with_sink(outs.detach(), lses.detach(),
                                                                None if sink is None else sink.detach())
-        return (act(T, s.H, s.d_v), outs, lses, out, lse, sink)
+        return (act(T, s.H, s.d_v), outs, lses, out, lse, sink, opt(flt(T, s.H)))
     raise KeyError(op)
 
 

@@ -16,9 +16,10 @@ def sparse_attention(q, kv, indices, scale, d_v, attn_sink, topk_length):
 
 
 @fake("sparse_attention_backward")
-def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length, deterministic):
+def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length, deterministic,
+                              grad_lse):
     V.check_sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
-                                      deterministic)
+                                      deterministic, grad_lse)
     sink_dtype = attn_sink.dtype if attn_sink is not None else score_dtype(q)
     return torch.empty_like(q), torch.empty_like(kv), q.new_empty((q.shape[1],), dtype=sink_dtype)
 

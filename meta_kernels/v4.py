@@ -42,7 +42,7 @@ def merge_attention_with_sink(outs, lses, attn_sink):
 
 
 @fake("merge_attention_with_sink_backward")
-def merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink):
-    V.check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink)
+def merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink, grad_lse):
+    V.check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink, grad_lse)
     sink_dtype = attn_sink.dtype if attn_sink is not None else lses.dtype
     return torch.empty_like(outs), torch.empty_like(lses), outs.new_empty((outs.shape[2],), dtype=sink_dtype)

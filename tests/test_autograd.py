@@ -38,7 +38,7 @@ def test_only_required_grads_and_no_grad():
     kv.requires_grad_(False)
     sink.requires_grad_(False)
     out, lse = torch.ops.dsa.sparse_attention(q, kv, ids, scale, d_v, sink, tl)
-    assert out.requires_grad and not lse.requires_grad
+    assert out.requires_grad and lse.requires_grad
     out.sum().backward()
     assert q.grad is not None and kv.grad is None and sink.grad is None
     with torch.no_grad():
@@ -69,7 +69,7 @@ def test_selection_outputs_never_require_grad(op):
 def test_deterministic_flag_reaches_backward(monkeypatch):
     seen = []
     real = torch.ops.dsa.sparse_attention_backward
-    monkeypatch.setattr(torch.ops.dsa, "sparse_attention_backward", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(torch.ops.dsa, "sparse_attention_backward", lambda *a: seen.append(a[10]) or real(*a))
     args = sample_args("sparse_attention", requires_grad=True)
     prev = torch.are_deterministic_algorithms_enabled()
     try:
@@ -79,3 +79,27 @@ def test_deterministic_flag_reaches_backward(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(prev)
     assert seen == [False, True]
+
+
+def test_gradcheck_through_lse():
+    """lse is differentiable (merging split branches needs it): fp64 gradcheck of (out, lse) together."""
+    q, kv, ids, scale, d_v, sink, tl = sample_args("sparse_attention", dtype=torch.float64, seed=5,
+                                                   requires_grad=True)
+
+    def f(q, kv, sink):
+        out, lse = torch.ops.dsa.sparse_attention(q, kv, ids, scale, d_v, sink, tl)
+        return out, lse.masked_fill(lse.isinf(), 0.0)  # rows with no valid key: lse = +inf
+
+    assert torch.autograd.gradcheck(f, (q, kv, sink), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_unused_lse_keeps_the_kernel_path(monkeypatch):
+    """When only `out` is used, the backward gets grad_lse=None (so GPU kernels, which take none, still run)."""
+    seen = []
+    real = torch.ops.dsa.sparse_attention_backward
+    monkeypatch.setattr(torch.ops.dsa, "sparse_attention_backward", lambda *a: seen.append(a[11]) or real(*a))
+    args = sample_args("sparse_attention", requires_grad=True)
+    torch.ops.dsa.sparse_attention(*args)[0].sum().backward()
+    out, lse = torch.ops.dsa.sparse_attention(*args)
+    (out.sum() + lse.masked_fill(lse.isinf(), 0).sum()).backward()
+    assert seen[0] is None and seen[1] is not None

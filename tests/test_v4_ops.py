@@ -97,10 +97,16 @@ def test_wrappers_use_the_spec_defaults_and_match_the_reference():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_merged_lse_carries_no_gradient():
-    outs, lses, sink = sample_args("merge_attention_with_sink", requires_grad=True)
-    out, lse = dsa_ops.merge_attention_with_sink(outs, lses, sink)
-    assert out.requires_grad and not lse.requires_grad
+def test_merged_lse_is_differentiable():
+    """Merges compose: the merged lse (keys only) carries its gradient back to the branch lses (fp64 gradcheck;
+    +inf entries are empty branches/rows, compared as 0)."""
+    outs, lses, sink = sample_args("merge_attention_with_sink", dtype=torch.float64, requires_grad=True)
+
+    def merged(outs, lses, sink):
+        out, lse = torch.ops.dsa.merge_attention_with_sink(outs, lses, sink)
+        return out, lse.masked_fill(lse.isinf(), 0.0)
+
+    assert torch.autograd.gradcheck(merged, (outs, lses, sink), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -156,14 +162,16 @@ def test_merge_equals_one_sparse_attention_over_the_concatenated_ids(split, with
 
 
 @pytest.mark.parametrize("split", [4, 6])
-def test_merge_gradient_equals_one_softmax_when_branch_lses_are_differentiable(split):
-    """With branches whose lse carries its gradient (plain torch here), the merge's backward gives exactly the
-    gradient of one softmax over the concatenated ids with the sink. (dsa.sparse_attention's lse carries no
-    gradient, so split branches built from it miss the lse term: train with one call over the full list.)"""
+@pytest.mark.parametrize("branches", ["torch", "dsa"])
+def test_merge_gradient_equals_one_softmax_over_the_concatenated_ids(split, branches):
+    """Split branches merged with the sink train exactly like one softmax over the concatenated ids with the sink:
+    the gradient flows through each branch's lse (plain torch branches, or dsa.sparse_attention's lse)."""
     q, kv, sink, ids, scale, d_v = attention_inputs(seed=3)
     tl = torch.randint(0, ids.shape[1] + 1, (ids.shape[0],), generator=torch.Generator().manual_seed(4),
                        dtype=torch.int32)
-    branch = [torch_attention(q, kv, part, scale, d_v, part_tl) for part, part_tl in split_ids(ids, tl, split)]
+    attend = torch_attention if branches == "torch" else (
+        lambda q, kv, part, scale, d_v, part_tl: dsa_ops.sparse_attention(q, kv, part, scale, d_v, None, part_tl))
+    branch = [attend(q, kv, part, scale, d_v, part_tl) for part, part_tl in split_ids(ids, tl, split)]
     out, _ = dsa_ops.merge_attention_with_sink(torch.stack([o for o, _ in branch]),
                                                torch.stack([s for _, s in branch]), sink)
     want_out, _ = dsa_ops.sparse_attention(q, kv, ids, scale, d_v, sink, tl)
@@ -198,9 +206,8 @@ def compressed_ids(S, m, offset):
 
 def v4_layer_step(q, kv, c_hca, z_hca, c_csa, z_csa, sink, win_ids, hca_ids, csa_ids):
     """Window keys plus the HCA (m = 8) and CSA (m = 4) compressed entries, one branch each, merged with the
-    sink (a real V4 layer uses one compressor; both run here so one compile covers both). The branch lses carry
-    no gradient (dsa.sparse_attention), so this step checks compile == eager, not the training gradient of one
-    softmax (see test_merge_gradient_equals_one_softmax_when_branch_lses_are_differentiable)."""
+    sink (a real V4 layer uses one compressor; both run here so one compile covers both). The gradient flows
+    through the branch lses too (see test_merge_gradient_equals_one_softmax_over_the_concatenated_ids)."""
     hca = torch.ops.dsa.hca_compress(c_hca, z_hca, 8)[0]  # B = 1: [S // 8, D]
     csa = torch.ops.dsa.csa_compress(c_csa, z_csa, 4)[0]  # [S // 4, D]
     keys = torch.cat([kv, hca, csa])

@@ -388,13 +388,16 @@ def _workspace_bytes() -> int:
 
 
 def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
-                              deterministic: bool):
+                              deterministic: bool, grad_lse=None):
     """Gradients (dq, dkv, d_sink) of sparse MQA attention; see the module docstring.
 
     dout [T,H,d_v], q [T,H,D], kv [S,D], out [T,H,d_v], lse [T,H] fp32, indices [T,K] int32,
     attn_sink [H] fp32 or None, topk_length [T] int32 or None. Returns dq (q.dtype),
-    dkv (kv.dtype), d_sink [H] fp32 (zeros when attn_sink is None).
+    dkv (kv.dtype), d_sink [H] fp32 (zeros when attn_sink is None). A gradient of lse (`grad_lse`) is not
+    supported here: the dispatch sends such calls to the reference.
     """
+    if grad_lse is not None:
+        raise ValueError("the Triton sparse attention backward takes no grad_lse (use the reference)")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_rows = kv.shape[0]
     topk = indices.shape[1]

@@ -12,7 +12,8 @@ define("sparse_attention",
        V.check_sparse_attention)
 define("sparse_attention_backward",
        "(Tensor dout, Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor indices, float scale, int d_v=512, "
-       "Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False) -> (Tensor, Tensor, Tensor)",
+       "Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False, Tensor? grad_lse=None) "
+       "-> (Tensor, Tensor, Tensor)",
        V.check_sparse_attention_backward)
 define("sparse_attention_decode",
        "(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, "
@@ -26,22 +27,23 @@ define("dense_attn_score",
        V.check_dense_attn_score)
 
 
-# sparse_attention: gradient to q, kv, attn_sink through dsa::sparse_attention_backward.
-# `lse` is an output for the indexer loss and for merging branches; it carries no gradient (marked
-# non-differentiable, so it never silently drops one).
+# sparse_attention: gradient to q, kv, attn_sink through dsa::sparse_attention_backward, from `out` and
+# from `lse` (merging split branches, SPEC section 7, differentiates through each branch's lse). Grads are
+# not materialised, so an unused lse arrives as None and the fast kernels (which take no grad_lse) run.
 def _attention_setup(ctx, inputs, output):
     q, kv, indices, scale, d_v, attn_sink, topk_length = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, kv, indices, attn_sink, topk_length, out, lse)
     ctx.scale, ctx.d_v = scale, d_v
 
 
-def _attention_backward(ctx, dout, _dlse):
+def _attention_backward(ctx, dout, dlse):
     q, kv, indices, attn_sink, topk_length, out, lse = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     dq, dkv, d_sink = torch.ops.dsa.sparse_attention_backward(
-        dout.contiguous(), q, kv, out, lse, indices, ctx.scale, ctx.d_v, attn_sink, topk_length,
-        torch.are_deterministic_algorithms_enabled())
+        dout, q, kv, out, lse, indices, ctx.scale, ctx.d_v, attn_sink, topk_length,
+        torch.are_deterministic_algorithms_enabled(), None if dlse is None else dlse.contiguous())
     return input_grads(ctx, {0: dq, 1: dkv, 5: d_sink})
 
 

@@ -17,8 +17,8 @@ define("merge_attention_with_sink",
        "(Tensor outs, Tensor lses, Tensor? attn_sink=None) -> (Tensor, Tensor)",
        V.check_merge_attention_with_sink)
 define("merge_attention_with_sink_backward",
-       "(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None) "
-       "-> (Tensor, Tensor, Tensor)",
+       "(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None, "
+       "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)",
        V.check_merge_attention_with_sink_backward)
 
 
@@ -44,19 +44,20 @@ for _name in ("hca_compress", "csa_compress"):
     _compress_autograd(_name)
 
 
-# merge_attention_with_sink: gradient to outs, lses, attn_sink. The merged lse covers keys only and, like
-# sparse_attention's lse, carries no gradient (marked non-differentiable, so it never silently drops one).
+# merge_attention_with_sink: gradient to outs, lses, attn_sink, from the merged out and the merged lse (keys
+# only, so merges compose). Grads are not materialised: an unused output arrives as None.
 def _merge_setup(ctx, inputs, output):
     outs, lses, attn_sink = inputs
     out, lse = output
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(outs, lses, attn_sink, out, lse)
 
 
-def _merge_backward(ctx, grad_out, _grad_lse):
+def _merge_backward(ctx, grad_out, grad_lse):
     outs, lses, attn_sink, out, lse = ctx.saved_tensors
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     d_outs, d_lses, d_sink = torch.ops.dsa.merge_attention_with_sink_backward(
-        grad_out.contiguous(), outs, lses, out, lse, attn_sink)
+        grad_out, outs, lses, out, lse, attn_sink, None if grad_lse is None else grad_lse.contiguous())
     return input_grads(ctx, {0: d_outs, 1: d_lses, 2: d_sink})
 
 

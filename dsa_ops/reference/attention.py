@@ -160,11 +160,14 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, s
 def sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, kv: torch.Tensor,
                               out: torch.Tensor, lse: torch.Tensor, indices: torch.Tensor,
                               scale: float, d_v: int, attn_sink: torch.Tensor | None,
-                              topk_length: torch.Tensor | None, deterministic: bool):
+                              topk_length: torch.Tensor | None, deterministic: bool,
+                              grad_lse: torch.Tensor | None = None):
     """Returns (dq in q.dtype, dkv in kv.dtype, d_sink [H]).
 
     Uses the forward's `out` and `lse` as given (only P is recomputed). d_sink is in attn_sink's
     dtype (as autograd needs), or zeros in the compute dtype when there is no sink.
+    `grad_lse` [T, H] (optional) is the gradient reaching `lse` (e.g. through merge_attention_with_sink):
+    d lse / d s_j = exp(s_j - lse) = P_j * exp(L - lse), so it only shifts Delta per (t, h).
     """
     num_rows, num_heads, head_dim = q.shape
     num_kv_rows = kv.shape[0]
@@ -196,8 +199,13 @@ def sparse_attention_backward(dout: torch.Tensor, q: torch.Tensor, kv: torch.Ten
         probs = _probabilities(scores, denom, chunk_valid)  # [c, H, K], 0 on invalid slots
 
         delta = (out[start:stop].to(cdtype) * dout_chunk).sum(-1)  # [c, H]
+        shifted = delta
+        if grad_lse is not None:
+            has_keys = torch.isfinite(chunk_lse)  # empty rows: lse carries nothing back
+            lse_weight = torch.exp(torch.where(has_keys, denom - chunk_lse, torch.zeros_like(denom)))
+            shifted = delta - torch.where(has_keys, grad_lse[start:stop].to(cdtype) * lse_weight, 0.0)
         dprobs = torch.einsum("chv,ckv->chk", dout_chunk, v_sel)
-        dscores = probs * (dprobs - delta.unsqueeze(-1))  # 0 on invalid slots since P is
+        dscores = probs * (dprobs - shifted.unsqueeze(-1))  # 0 on invalid slots since P is
 
         dq[start:stop] = (scale * torch.einsum("chk,ckd->chd", dscores, kv_sel)).to(q.dtype)
 

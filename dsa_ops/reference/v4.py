@@ -184,13 +184,14 @@ def merge_attention_with_sink(outs: torch.Tensor, lses: torch.Tensor, attn_sink:
 
 
 def merge_attention_with_sink_backward(grad_out: torch.Tensor, outs: torch.Tensor, lses: torch.Tensor,
-                                       out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tensor | None):
+                                       out: torch.Tensor, lse: torch.Tensor, attn_sink: torch.Tensor | None,
+                                       grad_lse: torch.Tensor | None = None):
     """(d_outs, d_lses, d_sink) of `merge_attention_with_sink`; d_sink is zeros when attn_sink is None.
 
     With weight_j = e^(lse_j - L) and a_j = grad . o_j: d o_j = weight_j * grad,
     d lse_j = weight_j * (a_j - grad . out), d sink[h] = -sum_t e^(sink - L) * (grad . out) (as in SPEC
-    section 5). `out` is the merged output saved by the forward; `lse` is not needed (the weights are
-    recomputed from lses) but is part of the signature like sparse_attention_backward's."""
+    section 5). `out` is the merged output saved by the forward. `grad_lse` (optional) reaches the merged
+    lse = logsumexp_j lse_j: d lse_j += grad_lse * e^(lse_j - lse) over non-empty branches."""
     J, T, H, d_v = outs.shape
     dtype = compute_dtype(outs, lses)
     d_outs = torch.empty_like(outs)
@@ -204,7 +205,14 @@ def merge_attention_with_sink_backward(grad_out: torch.Tensor, outs: torch.Tenso
         delta = (g * out[t0:t1].to(dtype)).sum(-1)  # [rows, H]
         branch_dot = (g.unsqueeze(0) * o).sum(-1)  # [J, rows, H]
         d_outs[:, t0:t1] = (weights.unsqueeze(-1) * g.unsqueeze(0)).to(outs.dtype)
-        d_lses[:, t0:t1] = (weights * (branch_dot - delta)).to(lses.dtype)
+        d_branch_lse = weights * (branch_dot - delta)
+        if grad_lse is not None:
+            merged = lse[t0:t1].to(dtype)
+            branch = lses[:, t0:t1].to(dtype)
+            counts = torch.isfinite(branch) & torch.isfinite(merged).unsqueeze(0)  # +inf lse: empty, no gradient
+            share = torch.exp(torch.where(counts, branch - merged.unsqueeze(0), torch.zeros_like(branch)))
+            d_branch_lse = d_branch_lse + torch.where(counts, share * grad_lse[t0:t1].to(dtype).unsqueeze(0), 0.0)
+        d_lses[:, t0:t1] = d_branch_lse.to(lses.dtype)
         if sink_prob is not None:
             d_sink -= (sink_prob * delta).sum(0)
     return d_outs, d_lses, d_sink.to(sink_dtype)

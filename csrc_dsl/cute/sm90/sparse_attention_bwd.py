@@ -111,8 +111,10 @@ def supports(dout, q, kv, out, lse, indices, scale=None, d_v=512, attn_sink=None
 
 
 def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v: int = 512, attn_sink=None,
-                              topk_length=None, deterministic: bool = False):
-    """SPEC section 5 on SM90. Inputs are validated and contiguous (the op layer's contract)."""
+                              topk_length=None, deterministic: bool = False, grad_lse=None):
+    """SPEC section 5 on SM90. Inputs are validated and contiguous (the op layer's contract). No grad_lse."""
+    if grad_lse is not None:
+        raise ValueError("the CuTe-DSL sparse attention backward takes no grad_lse (use the reference)")
     import torch
 
     num_tokens, num_heads, head_dim = q.shape

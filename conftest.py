@@ -6,8 +6,13 @@ wrong on CPU).
 """
 import os
 import sys
+import tempfile
 
-import torch
+# A fresh TorchInductor cache per test session: its on-disk key covers op schemas, not the ops' Python autograd
+# formulas, so a cache left by an older checkout could replay stale graphs (see README, torch.compile caches).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dsa_ops_inductor_"))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

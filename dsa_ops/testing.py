@@ -56,6 +56,18 @@ def topk_length(rows: tuple, K: int, g, device) -> torch.Tensor:
     return torch.randint(0, K + 1, rows, generator=g).to(device=device, dtype=torch.int32)
 
 
+def call_op(op: str, args) -> object:
+    """torch.ops.dsa.<op>(*args)."""
+    return getattr(torch.ops.dsa, op)(*args)
+
+
+def with_arg(args, position: int, value) -> list:
+    """A copy of `args` with one argument replaced (for bad-argument tests)."""
+    args = list(args)
+    args[position] = value
+    return args
+
+
 def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shape] = None, seed: int = 0,
                 requires_grad: bool = False, with_optionals: bool = True) -> tuple:
     """The positional arguments of dsa::<op> at a tiny shape, on `device` in `dtype`."""

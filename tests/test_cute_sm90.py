@@ -13,21 +13,14 @@ import pytest
 import torch
 
 from csrc_dsl.cute import common
+from csrc_dsl.cute.common.launch import sm90_unavailable_reason
 from csrc_dsl.cute.common import availability, compile_cache, fake_compile
 from csrc_dsl.cute.sm90 import sparse_attention_fwd as fwd
 
 needs_dsl = pytest.mark.skipif(not common.is_available(), reason=str(common.unavailable_reason()))
 
 
-def _gpu_skip_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU"
-    if torch.cuda.get_device_capability()[0] != 9:
-        return "needs an SM90 (Hopper) GPU"
-    return common.launch_unavailable_reason()
-
-
-_GPU_REASON = _gpu_skip_reason()
+_GPU_REASON = sm90_unavailable_reason()
 needs_sm90 = pytest.mark.skipif(_GPU_REASON is not None, reason=str(_GPU_REASON))
 
 

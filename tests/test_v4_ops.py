@@ -9,17 +9,7 @@ import torch._dynamo
 import dsa_ops
 from dsa_ops import DSAArgumentError
 from dsa_ops.reference import v4 as ref
-from dsa_ops.testing import randn, sample_args
-
-
-def call(op, args):
-    return getattr(torch.ops.dsa, op)(*args)
-
-
-def replace(args, i, value):
-    args = list(args)
-    args[i] = value
-    return args
+from dsa_ops.testing import call_op, randn, sample_args, with_arg
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -54,7 +44,7 @@ CASES = [
 def test_bad_argument_message(op, pos, bad, words):
     args = sample_args(op)
     with pytest.raises(DSAArgumentError) as err:
-        call(op, replace(args, pos, bad(args)))
+        call_op(op, with_arg(args, pos, bad(args)))
     msg = str(err.value)
     assert msg.startswith(f"dsa.{op}: argument "), msg
     for w in words:
@@ -75,7 +65,7 @@ def test_fake_mode_raises_the_same_error():
         fake = [mode.from_tensor(a) for a in args]
         fake[1] = fake[1][:, :-1]
         with pytest.raises(DSAArgumentError, match="dsa.merge_attention_with_sink: argument 'lses'"):
-            call("merge_attention_with_sink", fake)
+            call_op("merge_attention_with_sink", fake)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -5,17 +5,7 @@ import torch
 
 import dsa_ops
 from dsa_ops import DSAArgumentError
-from dsa_ops.testing import sample_args
-
-
-def call(op, args):
-    return getattr(torch.ops.dsa, op)(*args)
-
-
-def replace(args, i, value):
-    args = list(args)
-    args[i] = value
-    return args
+from dsa_ops.testing import call_op, sample_args, with_arg
 
 
 CASES = [
@@ -57,7 +47,7 @@ CASES = [
 def test_bad_argument_message(op, pos, bad, words):
     args = sample_args(op)
     with pytest.raises(DSAArgumentError) as err:
-        call(op, replace(args, pos, bad(args)))
+        call_op(op, with_arg(args, pos, bad(args)))
     msg = str(err.value)
     assert msg.startswith(f"dsa.{op}: argument "), msg
     for w in words:
@@ -68,14 +58,14 @@ def test_non_contiguous_activation():
     args = sample_args("sparse_attention")
     q = args[0].transpose(0, 1).contiguous().transpose(0, 1)
     with pytest.raises(DSAArgumentError, match=r"dsa.sparse_attention: argument 'q': expected a contiguous"):
-        call("sparse_attention", replace(args, 0, q))
+        call_op("sparse_attention", with_arg(args, 0, q))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a second device")
 def test_device_mismatch():
     args = sample_args("sparse_attention", device="cuda", dtype=torch.bfloat16)
     with pytest.raises(DSAArgumentError, match="argument 'kv': expected a tensor on cuda"):
-        call("sparse_attention", replace(args, 1, args[1].cpu()))
+        call_op("sparse_attention", with_arg(args, 1, args[1].cpu()))
 
 
 def test_fake_mode_raises_the_same_error():
@@ -86,7 +76,7 @@ def test_fake_mode_raises_the_same_error():
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         fake[1] = fake[1][:, :, :-1]
         with pytest.raises(DSAArgumentError, match="argument 'k_idx'"):
-            call("indexer_logits", fake)
+            call_op("indexer_logits", fake)
 
 
 @pytest.mark.parametrize("bad,words", [

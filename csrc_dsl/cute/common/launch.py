@@ -21,3 +21,16 @@ def is_sm90(device) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major == 9
+
+
+def sm90_unavailable_reason():
+    """None when SM90 CuTe-DSL kernels can be launched here; else why not (no GPU, not Hopper, no DSL/TVM-FFI)."""
+    import torch
+
+    from .availability import launch_unavailable_reason
+
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return "needs an SM90 (Hopper) GPU"
+    return launch_unavailable_reason()

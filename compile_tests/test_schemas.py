@@ -33,4 +33,9 @@ dsa::hca_compress_backward(Tensor grad_out, Tensor c, Tensor z, int m=128) -> (T
 dsa::csa_compress(Tensor c, Tensor z, int m=4) -> Tensor
 dsa::csa_compress_backward(Tensor grad_out, Tensor c, Tensor z, int m=4) -> (Tensor, Tensor)
 dsa::merge_attention_with_sink(Tensor outs, Tensor lses, Tensor? attn_sink=None) -> (Tensor, Tensor)
-dsa::merge_attention_with_sink_backward(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)""")
+dsa::merge_attention_with_sink_backward(Tensor grad_out, Tensor outs, Tensor lses, Tensor out, Tensor lse, Tensor? attn_sink=None, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)
+dsa::nsa_compress(Tensor k, int block=32, int stride=16) -> Tensor
+dsa::nsa_compress_backward(Tensor grad_out, Tensor k, int block=32, int stride=16) -> Tensor
+dsa::nsa_gate_combine(Tensor o_cmp, Tensor o_slc, Tensor o_win, Tensor gates) -> Tensor
+dsa::nsa_gate_combine_backward(Tensor grad_out, Tensor o_cmp, Tensor o_slc, Tensor o_win, Tensor gates) -> (Tensor, Tensor, Tensor, Tensor)
+dsa::nsa_select(Tensor p_cmp, int groups, int n=16, int block=32, int stride=16, int select_block=64, int local_blocks=2) -> Tensor""")

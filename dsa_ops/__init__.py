@@ -17,6 +17,9 @@ from .api import (  # noqa: E402
     indexer_topk,
     indexer_topk_paged,
     merge_attention_with_sink,
+    nsa_compress,
+    nsa_gate_combine,
+    nsa_select,
     sparse_attention,
     sparse_attention_backward,
     sparse_attention_decode,
@@ -34,4 +37,5 @@ __all__ = [
     "indexer_loss", "indexer_topk", "indexer_topk_paged", "sparse_attention", "sparse_attention_backward",
     "sparse_attention_decode", "sparse_attn_score", "sparse_indexer_score", "topk", "warmup",
     "csa_compress", "hca_compress", "merge_attention_with_sink",
+    "nsa_compress", "nsa_gate_combine", "nsa_select",
 ]

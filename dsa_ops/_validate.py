@@ -385,3 +385,78 @@ def check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, att
     if grad_lse is not None:
         tensor(op, "grad_lse", grad_lse, 2, (torch.float32, torch.float64), outs.device)
         shape(op, "grad_lse", grad_lse, (T, H), "[T, H], the shape of lse")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Native Sparse Attention family (SPEC section 8): keys k [B,S,G,D], branch outputs o_* [B,S,H,d_v],
+# gates [B,S,H,3], compressed-branch probabilities p_cmp [B,S,H,N]
+# ---------------------------------------------------------------------------------------------------------
+def nsa_blocks(op: str, block: int, stride: int) -> None:
+    """Compression block length and stride; SPEC section 8: the stride divides the block length."""
+    positive(op, "block", block)
+    positive(op, "stride", stride)
+    if block % stride:
+        fail(op, "stride", f"a divisor of block={block} (SPEC section 8)", str(stride))
+
+
+def nsa_compress_inputs(op: str, k, block: int, stride: int) -> tuple[int, int, int, int]:
+    """Checks k and the block geometry; returns the output shape (B, N, G, D)."""
+    tensor(op, "k", k, 4, ACTIVATION_DTYPES)
+    nsa_blocks(op, block, stride)
+    B, S, G, D = k.shape
+    return B, max(0, (S - block) // stride + 1), G, D
+
+
+def check_nsa_compress(k, block, stride):
+    nsa_compress_inputs("nsa_compress", k, block, stride)
+
+
+def check_nsa_compress_backward(grad_out, k, block, stride):
+    op = "nsa_compress_backward"
+    expected = nsa_compress_inputs(op, k, block, stride)
+    tensor(op, "grad_out", grad_out, 4, ACTIVATION_DTYPES, k.device)
+    same_dtype(op, "grad_out", grad_out, "k", k)
+    shape(op, "grad_out", grad_out, expected, "[B, N, G, D], the shape of the output")
+
+
+def gate_inputs(op: str, o_cmp, o_slc, o_win, gates) -> tuple[int, int, int, int]:
+    """Checks the three branch outputs and the raw gates; returns (B, S, H, d_v)."""
+    tensor(op, "o_cmp", o_cmp, 4, ACTIVATION_DTYPES)
+    B, S, H, d_v = o_cmp.shape
+    for name, t in (("o_slc", o_slc), ("o_win", o_win)):
+        tensor(op, name, t, 4, ACTIVATION_DTYPES, o_cmp.device)
+        same_dtype(op, name, t, "o_cmp", o_cmp)
+        shape(op, name, t, (B, S, H, d_v), "the shape of 'o_cmp'")
+    tensor(op, "gates", gates, 4, ACTIVATION_DTYPES, o_cmp.device)
+    # The gate logits may stay fp32 while the branch outputs are bf16 (sigmoid runs in fp32 anyway).
+    if gates.dtype not in (o_cmp.dtype, torch.float32):
+        fail(op, "gates", f"the dtype of 'o_cmp' ({o_cmp.dtype}) or torch.float32", str(gates.dtype))
+    shape(op, "gates", gates, (B, S, H, 3), "[B, S, H, 3]: one raw gate per branch")
+    return B, S, H, d_v
+
+
+def check_nsa_gate_combine(o_cmp, o_slc, o_win, gates):
+    gate_inputs("nsa_gate_combine", o_cmp, o_slc, o_win, gates)
+
+
+def check_nsa_gate_combine_backward(grad_out, o_cmp, o_slc, o_win, gates):
+    op = "nsa_gate_combine_backward"
+    expected = gate_inputs(op, o_cmp, o_slc, o_win, gates)
+    tensor(op, "grad_out", grad_out, 4, ACTIVATION_DTYPES, o_cmp.device)
+    same_dtype(op, "grad_out", grad_out, "o_cmp", o_cmp)
+    shape(op, "grad_out", grad_out, expected, "[B, S, H, d_v], the shape of the output")
+
+
+def check_nsa_select(p_cmp, groups, n, block, stride, select_block, local_blocks):
+    op = "nsa_select"
+    tensor(op, "p_cmp", p_cmp, 4, (torch.float32, torch.float64))
+    H = p_cmp.shape[2]
+    positive(op, "groups", groups)
+    if H % groups:
+        fail(op, "groups", f"a divisor of H={H} (p_cmp [B, S, H, N], H = groups * heads per group)", str(groups))
+    nsa_blocks(op, block, stride)
+    positive(op, "select_block", select_block)
+    positive(op, "local_blocks", local_blocks)
+    if n < local_blocks + 1 or n > MAX_TOPK:
+        fail(op, "n", f"local_blocks + 1 = {local_blocks + 1} <= n <= {MAX_TOPK} (block 0 and the local blocks "
+             "are always kept)", str(n))

@@ -145,3 +145,32 @@ def merge_attention_with_sink(outs: Tensor, lses: Tensor,
     softmax only if the branch lses carry theirs; `sparse_attention`'s lse does not, so for training attend over
     the concatenated index list in one `sparse_attention` call."""
     return _ops.merge_attention_with_sink(outs, lses, attn_sink)
+
+
+# Native Sparse Attention (SPEC section 8)
+def nsa_compress(k: Tensor, block: Optional[int] = None, stride: Optional[int] = None) -> Tensor:
+    """NSA compression pooling: `k [B,S,G,D]` -> `[B,N,G,D]` in k's dtype, `N = max(0, (S - block) // stride + 1)`
+    (block 32, stride 16 by default; the stride divides the block). Entry i is the mean of tokens
+    `[i*stride, i*stride + block)`; only complete blocks make an entry (query t may see entry i iff
+    `t >= i*stride + block - 1`). The optional per-head projection stays in torch. Differentiable in k."""
+    return _ops.nsa_compress(k, _or(block, 32), _or(stride, 16))
+
+
+def nsa_gate_combine(o_cmp: Tensor, o_slc: Tensor, o_win: Tensor, gates: Tensor) -> Tensor:
+    """Gated sum of the three NSA branches: `o = sum_b sigmoid(gates[..., b]) * o_b` for b = (compressed, selected,
+    window); `o_* [B,S,H,d_v]`, raw `gates [B,S,H,3]` (fp32, or the dtype of the outputs). Output in o_cmp's dtype.
+    Differentiable in all four inputs."""
+    return _ops.nsa_gate_combine(o_cmp, o_slc, o_win, gates)
+
+
+def nsa_select(p_cmp: Tensor, groups: int, n: Optional[int] = None, block: Optional[int] = None,
+               stride: Optional[int] = None, select_block: Optional[int] = None,
+               local_blocks: Optional[int] = None) -> Tensor:
+    """NSA block selection: compressed-branch probabilities `p_cmp [B,S,H,N]` (query t at token t, H = groups *
+    heads per group) -> int32 selection-block ids `[B,S,groups,n]`, ascending, `-1`-padded. Scores: p summed over
+    a group's heads (visible entries only), each compressed entry's score spread over the selection blocks of
+    `select_block` tokens it overlaps, in proportion to the overlap. Block 0 and the `local_blocks` blocks ending
+    with the query's own are always kept; blocks starting after the query never; the rest by top-n, the smaller
+    id winning ties. Defaults n 16, block 32, stride 16, select_block 64, local_blocks 2. No gradient."""
+    return _ops.nsa_select(p_cmp, groups, _or(n, 16), _or(block, 32), _or(stride, 16), _or(select_block, 64),
+                           _or(local_blocks, 2))

@@ -214,6 +214,12 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
     "csa_compress_backward": gpu_rows([], [], ref("v4", "csa_compress_backward")),
     "merge_attention_with_sink": gpu_rows([], [], ref("v4", "merge_attention_with_sink")),
     "merge_attention_with_sink_backward": gpu_rows([], [], ref("v4", "merge_attention_with_sink_backward")),
+    # Native Sparse Attention (SPEC section 8): reference only for now
+    "nsa_compress": gpu_rows([], [], ref("nsa", "nsa_compress")),
+    "nsa_compress_backward": gpu_rows([], [], ref("nsa", "nsa_compress_backward")),
+    "nsa_gate_combine": gpu_rows([], [], ref("nsa", "nsa_gate_combine")),
+    "nsa_gate_combine_backward": gpu_rows([], [], ref("nsa", "nsa_gate_combine_backward")),
+    "nsa_select": gpu_rows([], [], ref("nsa", "nsa_select")),
 }
 
 

@@ -183,6 +183,27 @@ def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shap
             out, lse = torch.ops.dsa.merge_attention_with_sink(outs.detach(), lses.detach(),
                                                                None if sink is None else sink.detach())
         return (act(T, s.H, s.d_v), outs, lses, out, lse, sink, opt(flt(T, s.H)))
+    # Native Sparse Attention (SPEC section 8): odd token counts, small blocks (block 4, stride 2), and GQA
+    # groups of 2 query heads for the selection
+    if op in ("nsa_compress", "nsa_compress_backward"):
+        block, stride = 4, 2
+        S = s.Sq + s.Sk + 3
+        k = act(s.B, S, s.HI, s.DI, grad=True)
+        if op == "nsa_compress":
+            return (k, block, stride)
+        return (act(s.B, (S - block) // stride + 1, s.HI, s.DI), k, block, stride)
+    if op in ("nsa_gate_combine", "nsa_gate_combine_backward"):
+        o_cmp, o_slc, o_win = (act(s.B, s.Sq, s.H, s.d_v, grad=True) for _ in range(3))
+        gates = flt(s.B, s.Sq, s.H, 3, grad=True)
+        if op == "nsa_gate_combine":
+            return (o_cmp, o_slc, o_win, gates)
+        return (act(s.B, s.Sq, s.H, s.d_v), o_cmp, o_slc, o_win, gates)
+    if op == "nsa_select":
+        block, stride, select_block = 4, 2, 5  # selection blocks not aligned to the compression stride
+        S = 2 * (s.Sq + s.Sk) + 1
+        N = (S - block) // stride + 1
+        p_cmp = torch.softmax(flt(s.B, S, 2 * s.H, N), dim=-1)
+        return (p_cmp, s.H, 4, block, stride, select_block, 2)
     raise KeyError(op)
 
 
@@ -193,6 +214,7 @@ ALL_OPS = (
     "dense_indexer_loss_backward",
     "hca_compress", "hca_compress_backward", "csa_compress", "csa_compress_backward",
     "merge_attention_with_sink", "merge_attention_with_sink_backward",
+    "nsa_compress", "nsa_compress_backward", "nsa_gate_combine", "nsa_gate_combine_backward", "nsa_select",
 )
 # ops with a gradient: op -> positions of the differentiable inputs
 DIFFERENTIABLE = {
@@ -203,4 +225,6 @@ DIFFERENTIABLE = {
     "hca_compress": (0, 1),
     "csa_compress": (0, 1),
     "merge_attention_with_sink": (0, 1, 2),
+    "nsa_compress": (0,),
+    "nsa_gate_combine": (0, 1, 2, 3),
 }

@@ -18,10 +18,12 @@ dsa::indexer_logits_backward(Tensor grad_scores, Tensor q_idx, Tensor k_idx, Ten
 dsa::topk(Tensor scores, int k, Tensor? lengths=None, bool sorted=False) -> (Tensor, Tensor)
 dsa::indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int topk, float scale=1., int ratio=1, Tensor? q_start=None, Tensor? cu_seqlens_q=None, Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)
 dsa::indexer_topk_paged(Tensor q_idx, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor w, int topk, float scale=1.) -> (Tensor, Tensor)
+dsa::indexer_topk_paged_out(Tensor q_idx, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor w, int topk, float scale, Tensor(a!) indices, Tensor(b!) values) -> ()
 dsa::sparse_indexer_score(Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, float scale=1., Tensor? topk_length=None) -> Tensor
 dsa::sparse_attention(Tensor q, Tensor kv, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor)
 dsa::sparse_attention_backward(Tensor dout, Tensor q, Tensor kv, Tensor out, Tensor lse, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None, bool deterministic=False, Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)
 dsa::sparse_attention_decode(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor)
+dsa::sparse_attention_decode_out(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, int d_v, Tensor? attn_sink, Tensor? topk_length, Tensor(a!) out, Tensor(b!) lse) -> ()
 dsa::sparse_attn_score(Tensor q, Tensor kv, Tensor lse, Tensor indices, float scale, Tensor? topk_length=None) -> Tensor
 dsa::dense_attn_score(Tensor q, Tensor kv, Tensor lse, float scale, int ratio=1, Tensor? q_start=None) -> (Tensor, Tensor)
 dsa::indexer_loss(Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, Tensor target, float scale=1., float loss_coeff=1., Tensor? topk_length=None) -> Tensor

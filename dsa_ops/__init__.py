@@ -16,6 +16,7 @@ from .api import (  # noqa: E402
     indexer_loss,
     indexer_topk,
     indexer_topk_paged,
+    indexer_topk_paged_out,
     merge_attention_with_sink,
     nsa_compress,
     nsa_gate_combine,
@@ -23,6 +24,7 @@ from .api import (  # noqa: E402
     sparse_attention,
     sparse_attention_backward,
     sparse_attention_decode,
+    sparse_attention_decode_out,
     sparse_attn_score,
     sparse_indexer_score,
     topk,
@@ -34,8 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DSAArgumentError", "backend_report", "dense_attn_score", "dense_indexer_loss", "indexer_logits",
-    "indexer_loss", "indexer_topk", "indexer_topk_paged", "sparse_attention", "sparse_attention_backward",
-    "sparse_attention_decode", "sparse_attn_score", "sparse_indexer_score", "topk", "warmup",
+    "indexer_loss", "indexer_topk", "indexer_topk_paged", "indexer_topk_paged_out", "sparse_attention", "sparse_attention_backward",
+    "sparse_attention_decode", "sparse_attention_decode_out", "sparse_attn_score", "sparse_indexer_score", "topk", "warmup",
     "csa_compress", "hca_compress", "merge_attention_with_sink",
     "nsa_compress", "nsa_gate_combine", "nsa_select",
 ]

@@ -460,3 +460,29 @@ def check_nsa_select(p_cmp, groups, n, block, stride, select_block, local_blocks
     if n < local_blocks + 1 or n > MAX_TOPK:
         fail(op, "n", f"local_blocks + 1 = {local_blocks + 1} <= n <= {MAX_TOPK} (block 0 and the local blocks "
              "are always kept)", str(n))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preallocated-output (out=) variants of the decode ops: the inputs' checks, then the outputs'
+# ---------------------------------------------------------------------------------------------------------
+def out_tensor(op: str, name: str, t, expected_shape, dtype, dev) -> None:
+    tensor(op, name, t, len(expected_shape), (dtype,), dev)
+    shape(op, name, t, expected_shape, f"the {name} the functional op returns")
+
+
+def check_indexer_topk_paged_out(q_idx, k_cache, block_table, seq_lens, w, topk, scale, indices, values):
+    op = "indexer_topk_paged_out"
+    check_indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale)
+    lead = (*q_idx.shape[:2], topk)
+    out_tensor(op, "indices", indices, lead, INDEX_DTYPE, q_idx.device)
+    out_tensor(op, "values", values, lead, torch.float64 if q_idx.dtype == torch.float64 else torch.float32,
+               q_idx.device)
+
+
+def check_sparse_attention_decode_out(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink,
+                                      topk_length, out, lse):
+    op = "sparse_attention_decode_out"
+    check_sparse_attention_decode(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink, topk_length)
+    B, Sq, H, _ = q.shape
+    out_tensor(op, "out", out, (B, Sq, H, d_v), q.dtype, q.device)
+    out_tensor(op, "lse", lse, (B, Sq, H), torch.float64 if q.dtype == torch.float64 else torch.float32, q.device)

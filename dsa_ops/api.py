@@ -88,6 +88,24 @@ def sparse_attention_decode(q: Tensor, kv_cache: Tensor, block_table: Tensor, se
                                         topk_length)
 
 
+def indexer_topk_paged_out(q_idx: Tensor, k_cache: Tensor, block_table: Tensor, seq_lens: Tensor, w: Tensor,
+                           topk: int, indices: Tensor, values: Tensor, scale: Optional[float] = None) -> None:
+    """`indexer_topk_paged` writing into preallocated `indices [B,S_q,topk]` int32 and `values` fp32 (CUDA graphs
+    that reuse fixed buffers)."""
+    _ops.indexer_topk_paged_out(q_idx, k_cache, block_table, seq_lens, w, topk, _or(scale, 1.0), indices, values)
+
+
+def sparse_attention_decode_out(q: Tensor, kv_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
+                                indices: Tensor, out: Tensor, lse: Tensor, scale: Optional[float] = None,
+                                d_v: Optional[int] = None, attn_sink: Optional[Tensor] = None,
+                                topk_length: Optional[Tensor] = None) -> None:
+    """`sparse_attention_decode` writing into preallocated `out [B,S_q,H,d_v]` and `lse [B,S_q,H]` fp32."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    _ops.sparse_attention_decode_out(q, kv_cache, block_table, seq_lens, indices, scale, _or(d_v, 512), attn_sink,
+                                     topk_length, out, lse)
+
+
 def sparse_attn_score(q: Tensor, kv: Tensor, lse: Tensor, indices: Tensor, scale: float,
                       topk_length: Optional[Tensor] = None) -> Tensor:
     """Indexer-loss target over the selected keys: head-summed attention probabilities, normalised per row."""

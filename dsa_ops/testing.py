@@ -68,6 +68,19 @@ def with_arg(args, position: int, value) -> list:
     return args
 
 
+# Preallocated-output variants: name -> the functional op whose arguments they take first.
+OUT_VARIANTS = {"indexer_topk_paged_out": "indexer_topk_paged", "sparse_attention_decode_out": "sparse_attention_decode"}
+
+
+def sample_out_args(op: str, **kwargs) -> tuple:
+    """Arguments of an out variant: the functional op's sample arguments plus NaN/garbage-filled outputs."""
+    args = sample_args(OUT_VARIANTS[op], **kwargs)
+    results = getattr(torch.ops.dsa, OUT_VARIANTS[op])(*args)
+    poisoned = tuple(torch.full_like(r, -7) if r.dtype == torch.int32 else torch.full_like(r, float("nan"))
+                     for r in results)
+    return (*args, *poisoned)
+
+
 def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shape] = None, seed: int = 0,
                 requires_grad: bool = False, with_optionals: bool = True) -> tuple:
     """The positional arguments of dsa::<op> at a tiny shape, on `device` in `dtype`."""

@@ -44,3 +44,10 @@ def dense_attn_score(q, kv, lse, scale, ratio, q_start):
     B, Sq = q.shape[:2]
     dtype = score_dtype(q)
     return q.new_empty((B, Sq, kv.shape[1]), dtype=dtype), q.new_empty((B, Sq), dtype=dtype)
+
+
+@fake("sparse_attention_decode_out")
+def sparse_attention_decode_out(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink, topk_length,
+                                out, lse):
+    V.check_sparse_attention_decode_out(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink,
+                                        topk_length, out, lse)

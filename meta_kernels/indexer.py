@@ -48,3 +48,8 @@ def indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale):
 def sparse_indexer_score(q_idx, k_idx, w, indices, scale, topk_length):
     V.check_sparse_indexer_score(q_idx, k_idx, w, indices, scale, topk_length)
     return q_idx.new_empty(indices.shape, dtype=score_dtype(q_idx))
+
+
+@fake("indexer_topk_paged_out")
+def indexer_topk_paged_out(q_idx, k_cache, block_table, seq_lens, w, topk, scale, indices, values):
+    V.check_indexer_topk_paged_out(q_idx, k_cache, block_table, seq_lens, w, topk, scale, indices, values)

@@ -50,6 +50,26 @@ def define(name: str, schema: str, check: Callable) -> None:
     LIB.impl(name, kernel, "CUDA")
 
 
+def define_out_variant(name: str, functional: str, schema: str, check: Callable) -> None:
+    """Defines dsa::<name>, the preallocated-output form of dsa::<functional>: the same leading arguments
+    (all explicit) followed by the output tensors, written in place. For CUDA graphs that must reuse fixed
+    buffers. The implementation is the functional op's (same dispatch row), copied into the outputs."""
+    LIB.define(name + schema)
+    SCHEMAS[name] = name + schema
+    n_inputs = len(getattr(torch.ops.dsa, functional).default._schema.arguments)
+
+    def kernel(*args):
+        check(*args)
+        inputs, outs = args[:n_inputs], args[n_inputs:]
+        results = dispatch.pick(functional, inputs)(*inputs)
+        for out, result in zip(outs, results):
+            out.copy_(result)
+
+    kernel.__name__ = f"{name}_kernel"
+    LIB.impl(name, kernel, "CPU")
+    LIB.impl(name, kernel, "CUDA")
+
+
 def no_gradient(name: str) -> None:
     """Outputs of ops with no gradient never require grad (instead of failing late in backward)."""
 

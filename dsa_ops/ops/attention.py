@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, input_grads, no_gradient
+from ._library import LIB, define, define_out_variant, input_grads, no_gradient
 
 define("sparse_attention",
        "(Tensor q, Tensor kv, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, "
@@ -19,6 +19,10 @@ define("sparse_attention_decode",
        "(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, "
        "int d_v=512, Tensor? attn_sink=None, Tensor? topk_length=None) -> (Tensor, Tensor)",
        V.check_sparse_attention_decode)
+define_out_variant("sparse_attention_decode_out", "sparse_attention_decode",
+                   "(Tensor q, Tensor kv_cache, Tensor block_table, Tensor seq_lens, Tensor indices, float scale, "
+                   "int d_v, Tensor? attn_sink, Tensor? topk_length, Tensor(a!) out, Tensor(b!) lse) -> ()",
+                   V.check_sparse_attention_decode_out)
 define("sparse_attn_score",
        "(Tensor q, Tensor kv, Tensor lse, Tensor indices, float scale, Tensor? topk_length=None) -> Tensor",
        V.check_sparse_attn_score)

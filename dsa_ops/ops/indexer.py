@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, input_grads, no_gradient
+from ._library import LIB, define, define_out_variant, input_grads, no_gradient
 
 define("indexer_logits",
        "(Tensor q_idx, Tensor k_idx, Tensor w, float scale=1.0, int ratio=1, Tensor? q_start=None) -> Tensor",
@@ -24,6 +24,10 @@ define("indexer_topk_paged",
        "(Tensor q_idx, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor w, int topk, "
        "float scale=1.0) -> (Tensor, Tensor)",
        V.check_indexer_topk_paged)
+define_out_variant("indexer_topk_paged_out", "indexer_topk_paged",
+                   "(Tensor q_idx, Tensor k_cache, Tensor block_table, Tensor seq_lens, Tensor w, int topk, "
+                   "float scale, Tensor(a!) indices, Tensor(b!) values) -> ()",
+                   V.check_indexer_topk_paged_out)
 define("sparse_indexer_score",
        "(Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, float scale=1.0, Tensor? topk_length=None) -> Tensor",
        V.check_sparse_indexer_score)

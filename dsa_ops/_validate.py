@@ -266,19 +266,26 @@ def check_sparse_attention(q, kv, indices, scale, d_v, attn_sink, topk_length):
     attention_inputs("sparse_attention", q, kv, indices, d_v, attn_sink, topk_length)
 
 
+def forward_outputs(op: str, grad: tuple, like: tuple, out, lse, grad_lse, T: int, H: int, d_v: int) -> None:
+    """A backward op's view of its forward: the output gradient and `out` [T,H,d_v] in the dtype of `like`,
+    `lse` [T,H] and the optional `grad_lse` [T,H] in fp32/fp64."""
+    like_name, like_t = like
+    for name, t in (grad, ("out", out)):
+        tensor(op, name, t, 3, ACTIVATION_DTYPES, like_t.device)
+        same_dtype(op, name, t, like_name, like_t)
+        shape(op, name, t, (T, H, d_v), "[T, H, d_v]")
+    tensor(op, "lse", lse, 2, (torch.float32, torch.float64), like_t.device)
+    shape(op, "lse", lse, (T, H), "[T, H] fp32")
+    if grad_lse is not None:
+        tensor(op, "grad_lse", grad_lse, 2, (torch.float32, torch.float64), like_t.device)
+        shape(op, "grad_lse", grad_lse, (T, H), "[T, H] fp32, the shape of lse")
+
+
 def check_sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
                                     deterministic, grad_lse):
     op = "sparse_attention_backward"
     T, H, _ = attention_inputs(op, q, kv, indices, d_v, attn_sink, topk_length)
-    for name, t in (("dout", dout), ("out", out)):
-        tensor(op, name, t, 3, ACTIVATION_DTYPES, q.device)
-        same_dtype(op, name, t, "q", q)
-        shape(op, name, t, (T, H, d_v), "[T, H, d_v]")
-    tensor(op, "lse", lse, 2, (torch.float32, torch.float64), q.device)
-    shape(op, "lse", lse, (T, H), "[T, H] fp32")
-    if grad_lse is not None:
-        tensor(op, "grad_lse", grad_lse, 2, (torch.float32, torch.float64), q.device)
-        shape(op, "grad_lse", grad_lse, (T, H), "[T, H] fp32, the shape of lse")
+    forward_outputs(op, ("dout", dout), ("q", q), out, lse, grad_lse, T, H, d_v)
 
 
 def check_sparse_attention_decode(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink,
@@ -376,15 +383,7 @@ def check_merge_attention_with_sink(outs, lses, attn_sink):
 def check_merge_attention_with_sink_backward(grad_out, outs, lses, out, lse, attn_sink, grad_lse):
     op = "merge_attention_with_sink_backward"
     _, T, H, d_v = merge_inputs(op, outs, lses, attn_sink)
-    for name, t in (("grad_out", grad_out), ("out", out)):
-        tensor(op, name, t, 3, ACTIVATION_DTYPES, outs.device)
-        same_dtype(op, name, t, "outs", outs)
-        shape(op, name, t, (T, H, d_v), "[T, H, d_v]")
-    tensor(op, "lse", lse, 2, (torch.float32, torch.float64), outs.device)
-    shape(op, "lse", lse, (T, H), "[T, H] fp32")
-    if grad_lse is not None:
-        tensor(op, "grad_lse", grad_lse, 2, (torch.float32, torch.float64), outs.device)
-        shape(op, "grad_lse", grad_lse, (T, H), "[T, H], the shape of lse")
+    forward_outputs(op, ("grad_out", grad_out), ("outs", outs), out, lse, grad_lse, T, H, d_v)
 
 
 # ---------------------------------------------------------------------------------------------------------

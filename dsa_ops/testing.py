@@ -81,6 +81,23 @@ def sample_out_args(op: str, **kwargs) -> tuple:
     return (*args, *poisoned)
 
 
+def check_bad_argument(op: str, position: int, bad, words) -> None:
+    """Calls dsa::<op> on sample arguments with argument `position` replaced by `bad(args)`; asserts it raises
+    DSAArgumentError whose message names the op's argument and contains every one of `words`."""
+    from dsa_ops._validate import DSAArgumentError
+
+    args = sample_args(op)
+    try:
+        call_op(op, with_arg(args, position, bad(args)))
+    except DSAArgumentError as err:
+        msg = str(err)
+    else:
+        raise AssertionError(f"dsa.{op}: a bad argument {position} was accepted")
+    assert msg.startswith(f"dsa.{op}: argument "), msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
 def sample_args(op: str, device="cpu", dtype=torch.float32, shape: Optional[Shape] = None, seed: int = 0,
                 requires_grad: bool = False, with_optionals: bool = True) -> tuple:
     """The positional arguments of dsa::<op> at a tiny shape, on `device` in `dtype`."""

@@ -5,7 +5,7 @@ import torch
 
 import dsa_ops
 from dsa_ops import DSAArgumentError
-from dsa_ops.testing import call_op, sample_args, with_arg
+from dsa_ops.testing import call_op, check_bad_argument, sample_args, with_arg
 
 
 CASES = [
@@ -45,13 +45,7 @@ CASES = [
 
 @pytest.mark.parametrize("op,pos,bad,words", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_bad_argument_message(op, pos, bad, words):
-    args = sample_args(op)
-    with pytest.raises(DSAArgumentError) as err:
-        call_op(op, with_arg(args, pos, bad(args)))
-    msg = str(err.value)
-    assert msg.startswith(f"dsa.{op}: argument "), msg
-    for w in words:
-        assert w in msg, (w, msg)
+    check_bad_argument(op, pos, bad, words)
 
 
 def test_non_contiguous_activation():

@@ -85,12 +85,16 @@ def torch_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_l
 def cudnn_backward_fn():
     """A callable like torch_backward running cuDNN's DSA backward, or (None, reason)."""
     try:
-        from cudnn import DSA  # cuDNN frontend >= 1.27 with the CuTe-DSL extras
+        from cudnn import DSA  # cuDNN frontend 1.32.0 with the CuTe-DSL stack
+        DSA.sparse_attention_backward_wrapper  # noqa: B018 - DSA is lazy: this imports the kernels' modules
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         return None, f"cuDNN frontend DSA not importable ({type(exc).__name__}: {exc})"
 
     def run(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length):
-        # Its API takes a sink always (-inf = none) and returns a dict.
+        # It takes V = kv[:, :512] for D = 576 and all of kv for D = 512 (no other D), our natural-log sink-free
+        # lse, and a sink always (-inf = none); it returns a dict.
+        if d_v != (512 if q.shape[-1] == 576 else q.shape[-1]):
+            raise RuntimeError(f"cuDNN's backward has no D={q.shape[-1]}, d_v={d_v} form")
         sink = attn_sink if attn_sink is not None else torch.full(
             (q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
         result = DSA.sparse_attention_backward_wrapper(

@@ -28,7 +28,9 @@ def _cudnn_topk():
         return None
 
     def run(scores, k, lengths):
-        return wrapper(scores, lengths, top_k=k, next_n=1, return_val=False)["indices"]
+        # the same work as ours: values too, and tie_break=1 (the smaller column wins, our rule; its default 0
+        # breaks ties arbitrarily). cuDNN 1.32.0 takes k <= 2048.
+        return wrapper(scores, lengths, top_k=k, next_n=1, return_val=True, tie_break=1)["indices"]
 
     return run
 

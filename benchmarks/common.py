@@ -253,24 +253,25 @@ def visible_pairs(n_queries: int, n_keys: int, ratio: int, q_start: Optional[int
 # ------------------------------------------------------------------------------------------------------
 # cuDNN frontend (optional baseline)
 # ------------------------------------------------------------------------------------------------------
+CUDNN_FRONTEND_VERSION = "1.32.0"  # the nvidia-cudnn-frontend whose DSA API benchmarks/run.py's adapters call
+
+
 def load_cudnn_dsa() -> tuple[Optional[object], str]:
-    """cuDNN frontend's DSA namespace (`from cudnn import DSA`) and a version note, or (None, reason)."""
+    """cuDNN frontend's DSA namespace (`from cudnn import DSA`) and a version note, or (None, reason).
+
+    `import cudnn` does not need the cuDNN library itself (it loads libcudnn if it finds one and goes on
+    without it; the DSA kernels are CuTe-DSL ones), and `DSA` resolves lazily, so one wrapper is looked up
+    here: that imports the CuTe-DSL stack (nvidia-cutlass-dsl, apache-tvm-ffi, cuda-bindings) the kernels
+    need, and a missing piece shows here rather than as a failure of every cuDNN cell."""
     try:
         import cudnn
         from cudnn import DSA
-    except Exception as exc:  # not installed, or a version without the DSA kernels
+        DSA.indexer_top_k_wrapper  # noqa: B018 - the import is the check
+    except Exception as exc:  # not installed, a version without the DSA kernels, or no CuTe-DSL stack
         return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
-    return DSA, f"cuDNN frontend {getattr(cudnn, '__version__', '?')}"
-
-
-def cudnn_stream():
-    """The current torch stream as a `cuda.bindings.driver.CUstream` (cuDNN's wrappers want one), or None
-    to let the wrapper pick its default."""
-    try:
-        import cuda.bindings.driver as cuda_driver
-        return cuda_driver.CUstream(torch.cuda.current_stream().cuda_stream)
-    except Exception:
-        return None
+    version = getattr(cudnn, "__version__", "?")
+    note = "" if version == CUDNN_FRONTEND_VERSION else f" (adapters written for {CUDNN_FRONTEND_VERSION})"
+    return DSA, f"cuDNN frontend {version}{note}"
 
 
 def short(text: str, width: int = 70) -> str:

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One lent-GPU session in phases, each one `run` call (after the staging calls of ../shared/device/README.md):
+#   source .device/s3/stage.sh && bash tools/device_session.sh cute       # CuTe-DSL tests + kernel benchmarks
+#   source .device/s3/stage.sh && bash tools/device_session.sh bench      # benchmarks.run --headline, --quick
+#   source .device/s3/stage.sh && bash tools/device_session.sh verify     # examples + test subsets
+# Every command has a wall-clock cap (a hung kernel costs its cap, not the call); logs go to $OUT.
+# The `cute` phase leaves .device/cute_bwd_ok (ignored, stays on the machine) when the CuTe-DSL backward
+# passed its GPU tests; without it the later phases force the Triton backward.
+set -uo pipefail
+OUT=${OUT:-device-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+phase=${1:?phase: cute | bench | verify}; shift || true
+
+capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
+  local secs=$1 log=$2; shift 2
+  echo "== [$(date +%T)] $* (cap ${secs}s)"
+  timeout -s KILL "$secs" "$@" > "$OUT/$log" 2>&1; local rc=$?
+  tail -n 25 "$OUT/$log"; echo "== rc=$rc"
+  return $rc
+}
+
+pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
+if [ "$phase" != cute ] && [ ! -f .device/cute_bwd_ok ]; then
+  export DSA_OPS_BACKEND=sparse_attention_backward=triton
+  echo "CuTe-DSL backward not verified on this machine: $DSA_OPS_BACKEND"
+fi
+
+case "$phase" in
+cute)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  python -m dsa_ops.backends > "$OUT/backends.txt" 2>&1
+  if capped 300 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py; then
+    mkdir -p .device && touch .device/cute_bwd_ok
+    capped 60 cute_bwd_bench.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd
+    capped 60 cute_bwd_bench_det.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --deterministic --no-triton
+  fi
+  capped 150 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py
+  capped 90 topk_sweep.log python -m benchmarks.bench_topk --sweep "$@"
+  ;;
+bench)
+  capped 290 bench_headline.log python -m benchmarks.run --headline --also-backends triton --out "$OUT/headline" "$@"
+  capped 280 bench_quick.log python -m benchmarks.run --quick --max-seconds 230 --out "$OUT/quick" "$@"
+  ;;
+verify)
+  capped 120 decode_server.log python -m examples.decode_server --compile
+  capped 150 train_step.log python -m examples.train_step --out "$OUT"
+  capped 260 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"
+  ;;
+*) echo "unknown phase $phase"; exit 2 ;;
+esac

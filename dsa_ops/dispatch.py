@@ -116,10 +116,32 @@ def triton(module: str, op: str, supports=half_inputs, requires="bf16/fp16 input
     return Impl("triton", f"csrc_dsl.triton.{module}:{op}", supports, requires)
 
 
-def cute_sm90(module: str, op: str, requires: str) -> Impl:
-    """A CuTe-DSL kernel; its module's `supports` predicate decides, and it is unavailable without the DSL."""
-    return Impl("cute-sm90", f"csrc_dsl.cute.sm90.{module}:{op}", f"csrc_dsl.cute.sm90.{module}:supports",
-                requires, "csrc_dsl.cute.common.availability:launch_unavailable_reason")
+def cute_sm90(module: str, op: str, requires: str, faster: Optional[Callable[..., bool]] = None) -> Impl:
+    """A CuTe-DSL kernel; its module's `supports` predicate decides (and, where given, `faster`: the calls on
+    which it measured faster than the next candidate); it is unavailable without the DSL."""
+    supports = f"csrc_dsl.cute.sm90.{module}:supports"
+    if faster is not None:
+        supports = functools.partial(_supported_and_faster, supports, faster)
+    return Impl("cute-sm90", f"csrc_dsl.cute.sm90.{module}:{op}", supports, requires,
+                "csrc_dsl.cute.common.availability:launch_unavailable_reason")
+
+
+def _supported_and_faster(supports: str, faster: Callable[..., bool], *args) -> bool:
+    predicate, _ = _load(supports)
+    return predicate is not None and faster(*args) and predicate(*args)
+
+
+# Where the CuTe-DSL kernels lose to Triton (BENCHMARKS.md, headline run 2026-11-25, H100, T=4096, K=2048, D=576):
+# forward at H=16 (2.27 vs 2.04 ms); backward at H=16 (fast 11.0 vs 9.7 ms; deterministic a tie) and the
+# deterministic backward at H=128 (43.5 vs 40.0 ms).
+def cute_forward_faster(q, *args) -> bool:
+    return q.shape[-2] > 16
+
+
+def cute_backward_faster(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length, deterministic,
+                         grad_lse=None) -> bool:
+    heads = q.shape[-2]
+    return heads > 16 and not (deterministic and heads > 64)
 
 
 def _why_unavailable(impl: Impl) -> tuple[Optional[Callable], str]:
@@ -177,11 +199,15 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
         ref("indexer", "sparse_indexer_score")),
     # attention family
     "sparse_attention": gpu_rows(
-        [cute_sm90("sparse_attention_fwd", "sparse_attention", "bf16, D in {512, 576}, d_v = 512, H <= 128")],
+        [cute_sm90("sparse_attention_fwd", "sparse_attention", "bf16, D in {512, 576}, d_v = 512, 16 < H <= 128",
+                   cute_forward_faster)],
         [triton("sparse_attention_fwd", "sparse_attention", attention_kernel, ATTENTION_NEEDS)],
         ref("attention", "sparse_attention")),
     "sparse_attention_backward": gpu_rows(
-        [], [triton("sparse_attention_bwd", "sparse_attention_backward", attention_backward_kernel,
+        [cute_sm90("sparse_attention_bwd", "sparse_attention_backward",
+                   "bf16, D in {512, 576}, d_v = 512, no grad_lse, 16 < H <= 128 (deterministic: H <= 64)",
+                   cute_backward_faster)],
+        [triton("sparse_attention_bwd", "sparse_attention_backward", attention_backward_kernel,
                     ATTENTION_NEEDS + ", no grad_lse")],
         ref("attention", "sparse_attention_backward")),
     "sparse_attention_decode": gpu_rows(

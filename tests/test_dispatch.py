@@ -93,3 +93,29 @@ def test_sm90_row_falls_back_cleanly_without_a_gpu(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_FORCE, "cute")
     with pytest.raises(dispatch.NoImplementation, match="cute-sm90"):
         dispatch.choose("sparse_attention", sample_args("sparse_attention"))
+
+
+def test_cute_rows_defer_to_triton_where_it_measured_faster(monkeypatch):
+    """The CuTe-DSL attention rows apply both the kernel's `supports` and the measured preference: at H <= 16
+    (forward and backward) and for the deterministic backward at H > 64, Triton was faster (BENCHMARKS.md)."""
+    def attn_args(H, deterministic=False):
+        q = torch.empty(4, H, 576, device="meta")
+        kv, out = torch.empty(9, 576, device="meta"), torch.empty(4, H, 512, device="meta")
+        lse, ids = torch.empty(4, H, device="meta"), torch.empty(4, 8, dtype=torch.int32, device="meta")
+        return q, kv, out, lse, ids, deterministic
+
+    for H, fwd, fast, det in [(1, False, False, False), (16, False, False, False), (17, True, True, True),
+                              (64, True, True, True), (65, True, True, False), (128, True, True, False)]:
+        q, kv, out, lse, ids, _ = attn_args(H)
+        assert dispatch.cute_forward_faster(q, kv, ids, 0.1, 512, None, None) is fwd, H
+        assert dispatch.cute_backward_faster(out, q, kv, out, lse, ids, 0.1, 512, None, None, False, None) is fast, H
+        assert dispatch.cute_backward_faster(out, q, kv, out, lse, ids, 0.1, 512, None, None, True, None) is det, H
+    # the preference gates the kernel's own predicate: never supported without it, and it is consulted second
+    calls = []
+    monkeypatch.setattr(dispatch, "_load", lambda target: (lambda *a: calls.append(target) or True, ""))
+    impl = dispatch.TABLE["sparse_attention_backward"]["sm90"][0]
+    assert impl.backend == "cute-sm90"
+    q, kv, out, lse, ids, _ = attn_args(16)
+    assert not impl.supports(out, q, kv, out, lse, ids, 0.1, 512, None, None, False, None) and not calls
+    q, kv, out, lse, ids, _ = attn_args(64)
+    assert impl.supports(out, q, kv, out, lse, ids, 0.1, 512, None, None, False, None) and len(calls) == 1

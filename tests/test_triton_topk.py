@@ -71,6 +71,13 @@ def gen(seed):
 
 
 DEV = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True, params=["v1", "v2"])
+def variant(request, monkeypatch):
+    """Every test runs against both kernels (tk.VARIANT selects; DSA_TOPK_VARIANT sets its default)."""
+    monkeypatch.setattr(tk, "VARIANT", request.param)
+    return request.param
 # Small steps and samples on the interpreter, so rows of a few thousand columns guess a first threshold and
 # compact their buffer several times.
 TINY = dict(block=64, programs=3, sample=64)
@@ -166,6 +173,55 @@ def test_bad_guess_falls_back():
         check(x, 300, sorted_out=sorted_out, **TINY)
 
 
+def test_float_admission_edges():
+    # v2 admits with a float compare against the threshold's floor value: -0.0 == +0.0, denormals, values one
+    # ulp either side of the threshold, and thresholds next to 0 must all behave as the integer keys do.
+    g = gen(9)
+    tiny = torch.finfo(torch.float32).smallest_normal
+    den = 1.401298464324817e-45  # the smallest denormal
+    levels = torch.tensor([-den, -0.0, 0.0, den, 2 * den, tiny, -tiny, 1.0, torch.nextafter(torch.tensor(1.0),
+                                                                                          torch.tensor(2.0)).item()])
+    x = levels[torch.randint(0, len(levels), (5, 2600), generator=g)]
+    x[1] = torch.where(torch.rand(2600, generator=g) < 0.5, -0.0, 0.0)
+    x[2, ::5] = den
+    x = x.to(DEV)
+    for k in (1, 100, 700, 1500):
+        check(x, k, **TINY)
+    check(x, 100, sorted_out=True, **TINY)
+
+
+def test_full_key_range():
+    # Keys spanning the whole uint32 range (-max .. +inf), so the select's relative digits need all 32 bits;
+    # also huge rows of one value next to a few distinct extremes.
+    g = gen(10)
+    fmax = torch.finfo(torch.float32).max
+    x = torch.randn(4, 3000, generator=g) * torch.exp(torch.randn(4, 3000, generator=g) * 30).clamp(max=1e30)
+    x[0, ::7] = -fmax
+    x[0, 3::11] = float("inf")
+    x[1, :] = -fmax
+    x[1, 2000:2010] = fmax
+    x[2, ::3] = float("nan")
+    x[3] = -torch.rand(3000, generator=g) * 1e-38  # negative denormals / tiny normals
+    x = x.to(DEV)
+    for k in (5, 64, 500):
+        check(x, k, **TINY)
+        check(x, k, sorted_out=True, **TINY)
+
+
+@pytest.mark.parametrize("sorted_out", [False, True])
+def test_k_at_tie_group_boundary(sorted_out):
+    # k equal to the number of entries >= some value: the k-th entry closes its tie group, so the select can
+    # stop with "keep every key >= the k-th" (v2's early exit) and nothing equal to the k-th may be dropped.
+    g = gen(11)
+    base = torch.randint(-8, 9, (2500,), generator=g).float() * 0.5
+    base[:100] = 0.0
+    base[100:150] = -0.0
+    x = torch.stack([base[torch.randperm(2500, generator=g)] for _ in range(4)]).to(DEV)  # same multiset
+    for level in (3.5, 1.0) if sorted_out else (3.5, 1.0, 0.0, -2.0):  # the interpreter's big sorts are slow
+        k = int((base >= level).sum())
+        check(x, k, sorted_out=sorted_out, **TINY)
+
+
 def test_leading_dims_and_empty():
     g = gen(6)
     x = torch.randn(2, 2, 3, 130, generator=g).to(DEV)
@@ -182,6 +238,54 @@ def test_deterministic():
     first = tk._topk(x, 123, None, False, **TINY)
     again = tk._topk(x, 123, None, False, block=64, programs=1, sample=64)  # other program count, same bits
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def _compile_for_sm90(variant, sorted_out, unit_ints):
+    """Compiles one kernel for sm_90 on any machine (Triton's compiler needs no GPU). With unit_ints, every
+    integer argument is the compile-time constant 1, as a launch with k == 1 (or one column, one row) makes it:
+    the interpreter never specializes, so only a compile finds code that breaks on such constants."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    v2 = variant == "v2"
+    fn = tk._stream_topk_kernel_v2 if v2 else tk._stream_topk_kernel
+    bufs = [("buf_val_ptr", "*fp32")] if v2 else [("buf_key_ptr", "*i32")]
+    sig = {"src_val_ptr": "*fp32", "src_col_ptr": "*i32", "lengths_ptr": "*i32", "out_val_ptr": "*fp32",
+           "out_col_ptr": "*i32", **dict(bufs), "buf_col_ptr": "*i32", "task_counter_ptr": "*i32"}
+    ints = ("n_cols", "row_stride", "seg_len", "n_segs", "n_tasks", "k")
+    const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
+                 K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2)
+    if v2:
+        const.update(SELECT_BLOCK=64, RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS))
+    if unit_ints:
+        const.update({name: 1 for name in ints})
+    sig.update({name: ("constexpr" if unit_ints else "i32") for name in ints})
+    sig.update({name: "constexpr" for name in const if name not in ints})
+    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
+                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+
+
+def compile_all_for_sm90():
+    for variant in ("v1", "v2"):
+        for sorted_out in (False, True):
+            for unit_ints in (True, False):
+                _compile_for_sm90(variant, sorted_out, unit_ints)
+
+
+def test_kernels_compile_for_sm90_with_unit_arguments():
+    # In a fresh interpreter without TRITON_INTERPRET (the kernels must be compiled functions, not interpreted).
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton cannot target a GPU from this machine")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    done = subprocess.run([sys.executable, "-c", "from tests.test_triton_topk import compile_all_for_sm90 as c; c()"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------------------

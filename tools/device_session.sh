@@ -9,7 +9,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cute | bench | verify}; shift || true
+phase=${1:?phase: cute | bench | recheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -40,6 +40,13 @@ cute)
 bench)
   capped 290 bench_headline.log python -m benchmarks.run --headline --also-backends triton --out "$OUT/headline" "$@"
   capped 280 bench_quick.log python -m benchmarks.run --quick --max-seconds 230 --out "$OUT/quick" "$@"
+  ;;
+recheck)   # after fixes: the CuTe-DSL backward and top-k tests, then the given test files
+  if capped 150 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py; then
+    mkdir -p .device && touch .device/cute_bwd_ok && unset DSA_OPS_BACKEND
+  fi
+  capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py
+  capped 230 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"
   ;;
 verify)
   capped 120 decode_server.log python -m examples.decode_server --compile

@@ -36,11 +36,18 @@ survivors of each row. Concatenating segments in order keeps column order, so th
 Programs are persistent: a grid sized to the GPU takes (row, segment) tasks from an atomic counter (the order
 in which programs take tasks varies; each task's result does not depend on which program ran it, so outputs
 are bitwise deterministic). Workspace sizes depend on shapes only, and nothing syncs the host: CUDA-graph safe.
+
+A second kernel, variant "v2" (the default; VARIANT / env DSA_TOPK_VARIANT=v1 picks the first; same results bit
+for bit), runs the same algorithm with a float admission test, a select on digits relative to the buffer's range
+that stops early, and small one-warp programs: see the notes above V2_BLOCK. On an H100 (k=2048) it takes 0.39 ms
+at 4096 x 8192 and 0.98 ms at 4096 x 65536, against v1's 0.49 and 1.29-1.34 ms (BENCHMARKS.md). tools/topk_compile_check.py compiles both for sm_90 on a
+machine without a GPU and reports registers and spills.
 """
 from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -49,6 +56,7 @@ import triton.language as tl
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration (read by `_plan`; tests shrink BLOCK to reach every code path on tiny inputs).
 # ----------------------------------------------------------------------------------------------------------
+VARIANT = os.environ.get("DSA_TOPK_VARIANT", "v2")  # "v2" (default, faster on H100): see the notes above V2_BLOCK; "v1": the kernel below
 BLOCK = 1024            # columns per streaming step: 4 KB of fp32 per program per step (plus 4 KB prefetched)
 NUM_WARPS = 4           # 128 threads: 8 columns per thread per step
 BUFFER_STEPS = 1        # buffer = 2k rounded up to BLOCK, plus this many BLOCKs (more: fewer compactions, more memory)
@@ -303,6 +311,287 @@ def _stream_topk_kernel(
         task = next_task
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Variant "v2" (DSA_TOPK_VARIANT=v2 or VARIANT = "v2"): same algorithm and results, cheaper per step.
+#
+#   * Admission is one float compare `v > thr_f` (thr_f: the largest float whose key is <= thr, so the test is
+#     exactly `key(v) > thr`; NaN and -inf fail it) instead of building every element's key; the buffer holds
+#     raw values, converted to keys only when the (few) buffered entries are read back.
+#   * The k-th key is found with radix digits RELATIVE to [thr, key(max admitted)] (thr: every buffered key is
+#     >= it; the max is tracked element-wise in registers during the stream, reduced once), so the first round
+#     already splits the buffer's real range; and the select stops as soon as the bin holding the k-th entry is
+#     needed whole (its count equals what is still missing): then "keep every key >= the bin's low end" is exact
+#     with no tie to resolve. Random data usually needs 2 passes over the buffer instead of 4.
+#   * Launch shape for many small programs: by default one warp per program (scans and sums are warp
+#     shuffles, no cross-warp barrier) and 32 programs per SM, so many more rows are in flight at once.
+#   * The first-threshold guess aims at k + V2_GUESS_SIGMAS standard deviations of the sample's rank, so a row
+#     almost never has to be streamed twice (one program holds one row; a re-streamed row is the kernel's tail).
+# ----------------------------------------------------------------------------------------------------------
+V2_BLOCK = 256             # columns per streaming step (8 per thread of one warp: ~94 registers, 21 warps/SM)
+V2_NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 // 1024 for its register sort)
+V2_PROGRAMS_PER_SM = 24    # persistent programs per SM, for V2_NUM_WARPS warps each (the ones that do not fit
+                           # wait and then find no work left; each costs CAP x 8 bytes of scratch)
+V2_SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
+V2_RADIX_BITS = 8          # digit width of one select round (2^bits histogram bins)
+V2_SAMPLE = 1024
+V2_GUESS_SIGMAS = 5.0      # margin of the first-threshold guess, in standard deviations of the sampled rank
+V2_CAP_K = 3               # buffer = V2_CAP_K * k rounded up to BLOCK, plus BUFFER_STEPS blocks
+V2_SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this (as v1 with 8 programs)
+V2_MAX_REGISTERS = None
+
+
+@triton.jit
+def _floor_value(t):
+    """The float f with `v > f` <=> `_order_key(v) > t` for every v (t >= key(-inf)); NaN fails both."""
+    t = tl.where(t == 0x7FFFFFFF, 0x7FFFFFFE, t)  # 0x7FFFFFFF would be -0.0's key, which maps to +0.0's
+    return _key_to_value(t)
+
+
+@triton.jit
+def _select_v2(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """The need-th largest key among the buffer's first cnt values (need <= cnt), all with keys in [lo, hi].
+
+    Returns (T, n_greater): the need best are the keys > T plus the first (need - n_greater) keys == T in
+    column order (n_greater == need: no key == T is kept)."""
+    NB: tl.constexpr = 1 << RADIX_BITS
+    lane = tl.arange(0, SELECT_BLOCK)
+    bins = tl.arange(0, NB)
+    span = hi - lo
+    # w: bit length of span (rel = key - lo < 2^w)
+    w = tl.zeros([], dtype=tl.int32)
+    for b in tl.static_range(5):
+        up = (span >> (w + (16 >> b)).to(tl.uint32)) != 0
+        w = tl.where(up, w + (16 >> b), w)
+    w = tl.where(span != 0, w + 1, 0)
+    base = tl.zeros([], dtype=tl.uint32)  # window of rel: [base, base + 2^w), holds the need-th
+    remaining = need                       # how many of the window's keys are still needed
+    done = tl.zeros([], dtype=tl.int32)
+    while (w > 0) & (done == 0):
+        shift = tl.maximum(w - RADIX_BITS, 0)
+        width = 1 << (w - shift)           # digits of this round: [0, width), width <= NB
+        hist = tl.zeros([NB], dtype=tl.int32)
+        for start in range(0, cnt, SELECT_BLOCK):
+            offs = start + lane
+            live = offs < cnt
+            key = _order_key(tl.load(buf_val + offs, mask=live, other=0.0))
+            digit = (key - lo - base) >> shift.to(tl.uint32)  # keys below the window wrap to >= 2^w
+            in_play = live & (digit < width.to(tl.uint32))
+            hist += tl.histogram(tl.where(in_play, digit, 0).to(tl.int32), NB, mask=in_play)
+        at_or_above = tl.cumsum(hist, 0, reverse=True)
+        d_star = tl.max(tl.where(at_or_above >= remaining, bins, 0), 0)
+        remaining -= tl.sum(tl.where(bins > d_star, hist, 0), 0)
+        here = tl.sum(tl.where(bins == d_star, hist, 0), 0)
+        base += d_star.to(tl.uint32) << shift.to(tl.uint32)
+        w = shift
+        done = (here == remaining).to(tl.int32)  # the whole bin is needed: keep every key >= lo + base
+    thr = tl.where(done != 0, lo + base - 1, lo + base)
+    n_greater = tl.where(done != 0, need, need - remaining)
+    return thr, n_greater
+
+
+@triton.jit
+def _compact_v2(buf_val, buf_col, cnt, need, lo, vmax, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+    """v1's _compact on a buffer of raw values. Returns the new threshold: later entries need key > it."""
+    tl.debug_barrier()
+    thr, n_greater = _select_v2(buf_val, cnt, need, lo, _order_key(vmax), SELECT_BLOCK, RADIX_BITS)
+    need_equal = need - n_greater
+    lane = tl.arange(0, SELECT_BLOCK)
+    gt_seen = tl.zeros([], dtype=tl.int32)
+    eq_seen = tl.zeros([], dtype=tl.int32)
+    for start in range(0, cnt, SELECT_BLOCK):
+        offs = start + lane
+        live = offs < cnt
+        v = tl.load(buf_val + offs, mask=live, other=0.0)
+        key = _order_key(v)
+        is_gt = live & (key > thr)
+        is_eq = live & (key == thr)
+        both = is_gt.to(tl.int32) + (is_eq.to(tl.int32) << 16)
+        before = tl.cumsum(both, 0) - both
+        gt_before = gt_seen + (before & 0xFFFF)
+        eq_before = eq_seen + (before >> 16)
+        keep = is_gt | (is_eq & (eq_before < need_equal))
+        pos = gt_before + tl.minimum(eq_before, need_equal)
+        col = tl.load(buf_col + offs, mask=keep, other=0)
+        tl.debug_barrier()
+        tl.store(buf_val + pos, v, mask=keep)
+        tl.store(buf_col + pos, col, mask=keep)
+        gt_seen += tl.sum(is_gt.to(tl.int32), 0)
+        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
+    tl.debug_barrier()
+    return thr
+
+
+@triton.jit
+def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
+               COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+               SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr):
+    """v1's _stream with a float admission test. Returns (entries buffered, threshold (every buffered key is
+    >= it), largest value buffered).
+
+    The inner loop streams until a step would overflow the buffer and then leaves; the compaction runs outside
+    it (none of the loop's register tiles is live there), and the step that did not fit is loaded again.
+    Loads are masked with load_hi (>= col_hi, in the row, and a multiple of 4 when col_hi comes from a length, so
+    the loads stay 16-byte vectors); with MASK_TAIL the columns in [col_hi, load_hi) then read as -inf."""
+    lane = tl.arange(0, BLOCK)
+    cnt = tl.zeros([], dtype=tl.int32)
+    vmax_all = tl.full([], float("-inf"), tl.float32)
+    start = col_lo
+    while start < col_hi:
+        thr_f = _floor_value(thr)
+        vmax = tl.full([BLOCK], float("-inf"), tl.float32)  # element-wise max of the admitted values
+        nxt = start + lane
+        v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
+        full = tl.zeros([], dtype=tl.int32)
+        while (start < col_hi) & (full == 0):
+            cols = start + lane
+            v = v_next
+            nxt = cols + BLOCK
+            v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
+            if MASK_TAIL:
+                v = tl.where(cols < col_hi, v, float("-inf"))
+            admit = v > thr_f
+            n_new = tl.sum(admit.to(tl.int32), 0)
+            if cnt + n_new > CAP:
+                full = 1
+            else:
+                if n_new > 0:
+                    vmax = tl.maximum(vmax, tl.where(admit, v, float("-inf")))
+                    a = admit.to(tl.int32)
+                    pos = cnt + tl.cumsum(a, 0) - a
+                    if COLS_FROM_SRC:
+                        c = tl.load(row_col + cols, mask=admit, other=0)
+                    else:
+                        c = cols
+                    tl.store(buf_val + pos, v, mask=admit)
+                    tl.store(buf_col + pos, c, mask=admit)
+                    cnt += n_new
+                start += BLOCK
+        vmax_all = tl.maximum(vmax_all, tl.max(vmax, 0))
+        if full != 0:
+            # cnt > k here (cnt + n_new > CAP >= k + BLOCK); afterwards the step fits (k + BLOCK <= CAP).
+            thr = _compact_v2(buf_val, buf_col, cnt, k, thr, vmax_all, SELECT_BLOCK, RADIX_BITS)
+            cnt = k
+    return cnt, thr, vmax_all
+
+
+@triton.jit
+def _guess_v2(row_val, col_lo, n_here, need, SAMPLE: tl.constexpr, SAMPLE_RUNS: tl.constexpr,
+              CHUNK: tl.constexpr, ROUNDS: tl.constexpr):
+    """_guess_threshold over the sample (SAMPLE_RUNS evenly spaced runs of the segment), read in CHUNK-sized
+    pieces in every round (L2 hits after the first), so no SAMPLE-sized register tile exists."""
+    run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
+    lane = tl.arange(0, CHUNK)
+    stride = n_here // SAMPLE_RUNS
+    prefix = tl.zeros([], dtype=tl.uint32)
+    remaining = need
+    for r in tl.static_range(ROUNDS):
+        shift = 24 - 8 * r
+        hist = tl.zeros([256], dtype=tl.int32)
+        for c in range(0, SAMPLE, CHUNK):
+            sl = c + lane
+            key = _order_key(tl.load(row_val + (col_lo + (sl // run_len) * stride + sl % run_len)))
+            if r == 0:
+                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256)
+            else:
+                in_play = (key >> (shift + 8)) == (prefix >> (shift + 8))
+                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
+        remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
+    return prefix
+
+
+@triton.jit
+def _stream_topk_kernel_v2(
+    src_val_ptr, src_col_ptr, lengths_ptr, out_val_ptr, out_col_ptr,
+    buf_val_ptr,      # fp32 [num_programs, CAP] scratch (raw values)
+    buf_col_ptr,      # int32 [num_programs, CAP] scratch
+    task_counter_ptr,
+    n_cols, row_stride, seg_len, n_segs, n_tasks, k,
+    HAS_LENGTHS: tl.constexpr,
+    COLS_FROM_SRC: tl.constexpr,
+    SORTED: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CAP: tl.constexpr,
+    K_POW2: tl.constexpr,
+    SAMPLE: tl.constexpr,
+    SAMPLE_RUNS: tl.constexpr,
+    SAMPLE_ROUNDS: tl.constexpr,
+    SELECT_BLOCK: tl.constexpr,
+    RADIX_BITS: tl.constexpr,
+    GUESS_SIGMAS: tl.constexpr,
+):
+    """_stream_topk_kernel with the v2 stream / select (see the notes above V2_BLOCK)."""
+    pid = tl.program_id(0)
+    buf_val = buf_val_ptr + pid * CAP
+    buf_col = buf_col_ptr + pid * CAP
+    SAMPLE_CHUNK: tl.constexpr = SELECT_BLOCK if SELECT_BLOCK < SAMPLE else SAMPLE
+
+    task = tl.atomic_add(task_counter_ptr, 1)
+    while task < n_tasks:
+        next_task = tl.atomic_add(task_counter_ptr, 1)
+        row = task // n_segs
+        seg = task - row * n_segs
+        col_lo = seg * seg_len
+        col_hi = tl.minimum(col_lo + seg_len, n_cols)
+        load_hi = col_hi
+        if HAS_LENGTHS:
+            seg_hi = col_hi
+            col_hi = tl.minimum(col_hi, tl.load(lengths_ptr + row))
+            load_hi = tl.minimum((col_hi + 3) // 4 * 4, seg_hi)  # a multiple of 4 whenever seg_hi is
+        row_val = src_val_ptr + row.to(tl.int64) * row_stride
+        row_col = src_col_ptr + row.to(tl.int64) * row_stride
+        n_here = col_hi - col_lo
+
+        # First threshold: the sample's rank expected to hold k of the segment, plus GUESS_SIGMAS of its spread.
+        thr = tl.full([], _KEY_NEG_INF, tl.uint32)
+        # (k + a fp32 zero: a launch with k == 1 makes k a compile-time constant, which has no .to())
+        expect = SAMPLE * (k + tl.zeros([], dtype=tl.float32)) / tl.maximum(n_here, 1).to(tl.float32)
+        rank = (expect + GUESS_SIGMAS * tl.sqrt(expect)).to(tl.int32) + 4
+        if (n_here >= 4 * SAMPLE) & (rank < SAMPLE):
+            guess = _guess_v2(row_val, col_lo, n_here, rank, SAMPLE, SAMPLE_RUNS, SAMPLE_CHUNK, SAMPLE_ROUNDS)
+            thr = tl.maximum(tl.maximum(guess, 1) - 1, thr)
+        guessed = thr > _KEY_NEG_INF
+        cnt = tl.zeros([], dtype=tl.int32)
+        lo = thr
+        vmax = tl.full([], float("-inf"), tl.float32)
+        attempts = 0
+        while attempts < 1 + guessed.to(tl.int32):
+            cnt, lo, vmax = _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
+                                       COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS)
+            attempts = tl.where(cnt >= k, 2, attempts + 1)
+            thr = tl.full([], _KEY_NEG_INF, tl.uint32)
+            tl.debug_barrier()
+
+        if cnt > k:
+            _compact_v2(buf_val, buf_col, cnt, k, lo, vmax, SELECT_BLOCK, RADIX_BITS)
+            cnt = k
+        else:
+            tl.debug_barrier()
+
+        out_val_row = out_val_ptr + task.to(tl.int64) * k
+        out_col_row = out_col_ptr + task.to(tl.int64) * k
+        if SORTED:
+            offs = tl.arange(0, K_POW2)
+            live = offs < cnt
+            key = _order_key(tl.load(buf_val + offs, mask=live, other=float("-inf")))
+            col = tl.load(buf_col + offs, mask=live, other=-1)
+            lo32 = (~col).to(tl.uint32, bitcast=True).to(tl.uint64)
+            packed = tl.sort((key.to(tl.uint64) << 32) | lo32, descending=True)
+            key = (packed >> 32).to(tl.uint32)
+            col = ~(packed.to(tl.uint32).to(tl.int32, bitcast=True))
+            tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
+            tl.store(out_col_row + offs, col, mask=offs < k)
+        else:
+            for start in range(0, k, SELECT_BLOCK):
+                offs = start + tl.arange(0, SELECT_BLOCK)
+                live = offs < cnt
+                key = _order_key(tl.load(buf_val + offs, mask=live, other=float("-inf")))
+                col = tl.load(buf_col + offs, mask=live, other=-1)
+                tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
+                tl.store(out_col_row + offs, col, mask=offs < k)
+        tl.debug_barrier()
+        task = next_task
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -323,6 +612,34 @@ def _plan(n_rows: int, n_cols: int, k: int, programs: int, block: int, min_segme
     seg_len = triton.cdiv(triton.cdiv(n_cols, n_segs), block) * block
     n_segs = max(1, triton.cdiv(n_cols, seg_len))
     return n_segs, seg_len
+
+
+def _launch_v2(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
+               sorted_out, block, programs, sample, select_block):
+    n_tasks = n_rows * n_segs
+    k_pow2 = triton.next_power_of_2(max(k, 1))
+    cap = (triton.cdiv(V2_CAP_K * k, block) + BUFFER_STEPS) * block
+    warps = V2_NUM_WARPS
+    if sorted_out:  # the in-register sort of K_POW2 packed entries: at most 32 per thread, as v1 at k = 4096
+        warps = max(warps, min(8, k_pow2 // 1024))
+        programs = max(1, programs * V2_NUM_WARPS // warps)
+    grid = max(1, min(programs, n_tasks))
+    device = src_val.device
+    buf_val = torch.empty(grid * cap, dtype=torch.float32, device=device)
+    buf_col = torch.empty(grid * cap, dtype=torch.int32, device=device)
+    counter = torch.zeros(1, dtype=torch.int32, device=device)
+    extra = {} if V2_MAX_REGISTERS is None or device.type != "cuda" else {"maxnreg": V2_MAX_REGISTERS}
+    _stream_topk_kernel_v2[(grid,)](
+        src_val, src_col if src_col is not None else src_val, lengths if lengths is not None else src_val,
+        out_val, out_col, buf_val, buf_col, counter,
+        n_cols, row_stride, seg_len, n_segs, n_tasks, k,
+        HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
+        BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample),
+        SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=V2_RADIX_BITS,
+        GUESS_SIGMAS=float(V2_GUESS_SIGMAS),
+        num_warps=warps,
+        **extra,
+    )
 
 
 def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
@@ -349,10 +666,18 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
     )
 
 
-def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None):
+def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None,
+          variant=None):
     """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path)."""
-    block = BLOCK if block is None else block
-    sample = SAMPLE if sample is None else sample
+    variant = VARIANT if variant is None else variant
+    if variant not in ("v1", "v2"):
+        raise ValueError(f"unknown top-k variant {variant!r} (DSA_TOPK_VARIANT: v1 or v2)")
+    v2 = variant == "v2"
+    default_block = V2_BLOCK if v2 else BLOCK
+    # v2's select / output step scales with the stream step (tests shrink both).
+    select_block = V2_SELECT_BLOCK if block is None else max(16, V2_SELECT_BLOCK * block // V2_BLOCK)
+    block = default_block if block is None else block
+    sample = (V2_SAMPLE if v2 else SAMPLE) if sample is None else sample
     min_segment = MIN_SEGMENT if min_segment is None else min_segment
     lead = scores.shape[:-1]
     n_cols = scores.shape[-1]
@@ -368,22 +693,35 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
         src = src.float()  # bf16/fp16 are exact in fp32
     src = src.contiguous()
     lens = None if lengths is None else lengths.reshape(n_rows).to(torch.int32).contiguous()
-    programs = _programs_available(device) if programs is None else programs
+    if programs is None:
+        programs = _programs_available(device)
+        split_programs = programs
+        if v2 and device.type == "cuda":
+            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            programs = sms * V2_PROGRAMS_PER_SM
+            split_programs = sms * V2_SPLIT_PROGRAMS_PER_SM
+    else:
+        split_programs = programs
 
-    n_segs, seg_len = _plan(n_rows, n_cols, k, programs, block, min_segment)
+    if v2:
+        def launch(*args):
+            _launch_v2(*args, select_block)
+    else:
+        launch = _launch
+    n_segs, seg_len = _plan(n_rows, n_cols, k, split_programs, block, min_segment)
     if n_segs == 1:
-        _launch(src, None, lens, out_val, out_col, n_rows, n_cols, max(n_cols, 1), n_cols, 1, k,
-                sorted, block, programs, sample)
+        launch(src, None, lens, out_val, out_col, n_rows, n_cols, max(n_cols, 1), n_cols, 1, k,
+               sorted, block, programs, sample)
         return out_col, out_val
     # Stage 1: each segment's top-k, in column order, padded with (-inf, -1).
     part_val = torch.empty(n_rows, n_segs, k, dtype=torch.float32, device=device)
     part_col = torch.empty(n_rows, n_segs, k, dtype=torch.int32, device=device)
-    _launch(src, None, lens, part_val, part_col, n_rows, n_cols, n_cols, seg_len, n_segs, k,
-            False, block, programs, sample)
+    launch(src, None, lens, part_val, part_col, n_rows, n_cols, n_cols, seg_len, n_segs, k,
+           False, block, programs, sample)
     # Stage 2: the row's top-k among its segments' survivors.
     width = n_segs * k
-    _launch(part_val, part_col, None, out_val, out_col, n_rows, width, width, width, 1, k,
-            sorted, block, programs, sample)
+    launch(part_val, part_col, None, out_val, out_col, n_rows, width, width, width, 1, k,
+           sorted, block, programs, sample)
     return out_col, out_val
 
 

@@ -1215,6 +1215,12 @@ def main(argv=None) -> int:
         counts[r.get("status")] = counts.get(r.get("status"), 0) + 1
     print("summary: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: str(kv[0]))))
     print("wrote " + ", ".join(str(p) for p in paths))
+    json_path = next(p for p in paths if p.suffix == ".json")
+    try:  # the plot too, where matplotlib is installed (the lent GPU machine has none: plot the JSON later)
+        from . import plot
+        print(f"wrote {plot.plot(result, json_path.with_suffix('.png'))}")
+    except ImportError as exc:
+        print(f"no plot ({exc}); on a machine with matplotlib: python -m benchmarks.plot {json_path}")
     bad = [r for r in rows if r.get("status") in ("WRONG", "error")]
     return 1 if (a.strict and bad) else 0
 

@@ -71,3 +71,30 @@ def test_cuda_graph_replays_into_the_same_buffers():
     graph.replay()
     want_out, want_lse = torch.ops.dsa.sparse_attention_decode(*args[:-2])
     assert out.data_ptr() == ptr and torch.equal(out, want_out) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("op,topk_above_cache", [("indexer_topk_paged_out", False), ("indexer_topk_paged_out", True),
+                                                  ("sparse_attention_decode_out", False)])
+def test_triton_kernels_write_the_buffers_in_place(op, topk_above_cache):
+    """The Triton kernels behind the out variants (`writes_out`) fill the given buffers themselves, no copy:
+    every poisoned element is overwritten with what the kernel returns without buffers. On CPU this runs in
+    Triton's interpreter (fp16: its bf16 dot is wrong on CPU)."""
+    pytest.importorskip("triton")
+    from csrc_dsl.triton import indexer, sparse_attention_fwd
+
+    functional = OUT_VARIANTS[op]
+    kernel = {"indexer_topk_paged": indexer.indexer_topk_paged,
+              "sparse_attention_decode": sparse_attention_fwd.sparse_attention_decode}[functional]
+    assert kernel.writes_out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = list(sample_out_args(op, device=device, dtype=torch.float16, seed=5))
+    inputs, outs = args[:-2], args[-2:]
+    if topk_above_cache:  # k beyond the cache's columns: the tail pads with -1 / -inf
+        topk = inputs[2].shape[1] * inputs[1].shape[1] + 3     # max_pages * page + 3
+        inputs[5] = topk
+        outs = [torch.full((*o.shape[:-1], topk), -7 if o.dtype == torch.int32 else float("nan"),
+                           dtype=o.dtype, device=device) for o in outs]
+    returned = kernel(*inputs, out=tuple(outs))
+    assert all(r.data_ptr() == o.data_ptr() for r, o in zip(returned, outs))
+    for got, want in zip(outs, kernel(*inputs)):
+        assert torch.equal(got, want)

@@ -320,10 +320,10 @@ def indexer_logits_backward(grad_scores, q_idx, k_idx, w, scale, ratio, q_start)
 # fused top-k
 # ----------------------------------------------------------------------------------------------------
 
-def _team_topk(scores, k, lengths):
+def _team_topk(scores, k, lengths, out=None):
     """The team's Triton top-k (SPEC section 2 tie rule: smaller index wins, -inf never selected)."""
     from csrc_dsl.triton.topk import topk
-    return topk(scores, k, lengths, False)
+    return topk(scores, k, lengths, False, out=out)
 
 
 def _topk_dense_batch(q_idx, k_idx, w, topk, scale, ratio, q_start, out_idx, out_val, workspace_bytes):
@@ -350,9 +350,13 @@ def _topk_dense_batch(q_idx, k_idx, w, topk, scale, ratio, q_start, out_idx, out
             _launch_logits(q_idx[b0:b1, r0:r1], k_idx[b0:b1], w[b0:b1, r0:r1], scores,
                            q_start[b0:b1], ratio, scale, row0=r0)
             lengths = _visible_counts(q_start[b0:b1], all_rows[r0:r1], ratio, Sk)
-            idx, val = _team_topk(scores, k_eff, lengths)
-            out_idx[b0:b1, r0:r1, :k_eff] = idx
-            out_val[b0:b1, r0:r1, :k_eff] = val
+            dst = (out_idx[b0:b1, r0:r1], out_val[b0:b1, r0:r1])
+            if k_eff == topk and dst[0].is_contiguous() and dst[1].is_contiguous():
+                _team_topk(scores, k_eff, lengths, out=dst)   # straight into the result, no copy
+            else:
+                idx, val = _team_topk(scores, k_eff, lengths)
+                dst[0][..., :k_eff] = idx
+                dst[1][..., :k_eff] = val
 
 
 def indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_seqlens_q=None, cu_seqlens_k=None,
@@ -400,30 +404,42 @@ def indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_seqlens_q=None
     return out_idx, out_val
 
 
-def indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale):
+def indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale, out=None):
     """Decode top-k over a paged key cache; ids are token positions within each sequence.
 
     Query j of sequence b sits at pos = seq_lens[b] - Sq + j and sees tokens 0..pos. CUDA-graph safe:
-    the workspace is [B, Sq, max_pages * page] (static shapes), no host sync.
+    the workspace is [B, Sq, max_pages * page] (static shapes), no host sync. `out`: preallocated contiguous
+    (indices, values) [B, Sq, topk] written in place (the out variant of the op), else new tensors.
     """
     B, Sq, HI, DI = q_idx.shape
     page = k_cache.shape[1]
     n_cols = block_table.shape[1] * page
     device = q_idx.device
     dot_precision(q_idx.dtype, "indexer")
-    out_idx = torch.full((B, Sq, topk), -1, dtype=torch.int32, device=device)
-    out_val = torch.full((B, Sq, topk), float("-inf"), dtype=torch.float32, device=device)
-    if topk == 0 or B * Sq == 0 or n_cols == 0:
+    if out is None:
+        out = (torch.empty((B, Sq, topk), dtype=torch.int32, device=device),
+               torch.empty((B, Sq, topk), dtype=torch.float32, device=device))
+    out_idx, out_val = out
+    k_eff = min(topk, n_cols)
+    if k_eff < topk or B * Sq == 0:  # the top-k kernel pads short rows itself, but not past k_eff columns
+        out_idx.fill_(-1)
+        out_val.fill_(float("-inf"))
+    if k_eff == 0 or B * Sq == 0:
         return out_idx, out_val
     scores = torch.empty((B, Sq, n_cols), dtype=torch.float32, device=device)
     _launch_logits(q_idx, k_cache, w, scores, seq_lens, 1, scale, block_table=block_table, page=page)
     pos = seq_lens.to(torch.int64)[:, None] - Sq + torch.arange(Sq, device=device)[None, :]
     lengths = (pos + 1).clamp(0, n_cols).to(torch.int32)
-    k_eff = min(topk, n_cols)
-    idx, val = _team_topk(scores, k_eff, lengths)
-    out_idx[:, :, :k_eff] = idx
-    out_val[:, :, :k_eff] = val
+    if k_eff == topk:
+        _team_topk(scores, k_eff, lengths, out=(out_idx, out_val))
+    else:
+        idx, val = _team_topk(scores, k_eff, lengths)
+        out_idx[:, :, :k_eff] = idx
+        out_val[:, :, :k_eff] = val
     return out_idx, out_val
+
+
+indexer_topk_paged.writes_out = True   # dsa::indexer_topk_paged_out passes its buffers as `out`
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -332,17 +332,21 @@ def _combine_splits_kernel(
 # Forward launchers
 # ------------------------------------------------------------------------------------------------------
 def _sparse_mqa_forward(q3, kv2, idx2, scale, d_v, attn_sink, topk_length, paged=None,
-                        config: Optional[FwdConfig] = None, num_splits: Optional[int] = None):
+                        config: Optional[FwdConfig] = None, num_splits: Optional[int] = None, out=None):
     """Shared launcher. q3 [T,H,D], kv2 [rows,D], idx2 [T,K]; paged = (block_table, seq_lens, Sq, page_size).
 
-    `config` / `num_splits` override the defaults (tests, tuning)."""
+    `config` / `num_splits` override the defaults (tests, tuning); `out`: preallocated contiguous
+    (out [T,H,d_v], lse [T,H]) to write instead of new tensors."""
     _check_dtype(q3)
     num_q, num_heads, dim = q3.shape
     topk = idx2.shape[1]
     if not 0 < d_v <= dim:
         raise ValueError(f"d_v={d_v} must be in (0, D={dim}]")
-    out = torch.empty((num_q, num_heads, d_v), dtype=q3.dtype, device=q3.device)
-    lse = torch.empty((num_q, num_heads), dtype=torch.float32, device=q3.device)
+    if out is not None:
+        out, lse = out
+    else:
+        out = torch.empty((num_q, num_heads, d_v), dtype=q3.dtype, device=q3.device)
+        lse = torch.empty((num_q, num_heads), dtype=torch.float32, device=q3.device)
     if num_q == 0 or num_heads == 0:
         return out, lse
 
@@ -404,19 +408,25 @@ def sparse_attention(q, kv, indices, scale, d_v, attn_sink=None, topk_length=Non
 
 
 def sparse_attention_decode(q, kv_cache, block_table, seq_lens, indices, scale, d_v, attn_sink=None,
-                            topk_length=None):
+                            topk_length=None, out=None):
     """Paged decode: q [B,Sq,H,D], kv_cache [P,page,D], block_table [B,maxp], seq_lens [B],
     indices [B,Sq,K] token positions (invalid if < 0 or >= seq_lens[b]) -> (out [B,Sq,H,d_v], lse [B,Sq,H]).
-    No host sync; allocations depend on shapes only."""
+    No host sync; allocations depend on shapes only. `out`: preallocated contiguous (out, lse), written in
+    place (the out variant of the op)."""
     batch, seq_q, num_heads, dim = q.shape
     topk = indices.shape[-1]
     num_pages, page_size, _ = kv_cache.shape
-    out, lse = _sparse_mqa_forward(
+    flat_out = None if out is None else (out[0].view(batch * seq_q, num_heads, d_v),
+                                         out[1].view(batch * seq_q, num_heads))
+    o, lse = _sparse_mqa_forward(
         q.reshape(batch * seq_q, num_heads, dim), kv_cache.reshape(num_pages * page_size, dim),
         indices.reshape(batch * seq_q, topk), scale, d_v, attn_sink,
         None if topk_length is None else topk_length.reshape(batch * seq_q),
-        paged=(block_table, seq_lens, seq_q, page_size))
-    return out.view(batch, seq_q, num_heads, d_v), lse.view(batch, seq_q, num_heads)
+        paged=(block_table, seq_lens, seq_q, page_size), out=flat_out)
+    return o.view(batch, seq_q, num_heads, d_v), lse.view(batch, seq_q, num_heads)
+
+
+sparse_attention_decode.writes_out = True   # dsa::sparse_attention_decode_out passes its buffers as `out`
 
 
 # ------------------------------------------------------------------------------------------------------

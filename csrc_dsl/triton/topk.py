@@ -667,7 +667,7 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
 
 
 def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None,
-          variant=None):
+          variant=None, out=None):
     """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path)."""
     variant = VARIANT if variant is None else variant
     if variant not in ("v1", "v2"):
@@ -684,8 +684,11 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
     n_rows = math.prod(lead)
     k = int(k)
     device = scores.device
-    out_val = torch.empty(*lead, k, dtype=torch.float32, device=device)
-    out_col = torch.empty(*lead, k, dtype=torch.int32, device=device)
+    if out is not None:  # preallocated (indices int32, values fp32), contiguous [..., k]: written in place
+        out_col, out_val = out
+    else:
+        out_val = torch.empty(*lead, k, dtype=torch.float32, device=device)
+        out_col = torch.empty(*lead, k, dtype=torch.int32, device=device)
     if n_rows == 0 or k == 0:
         return out_col, out_val
     src = scores.reshape(n_rows, n_cols)
@@ -725,6 +728,7 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
     return out_col, out_val
 
 
-def topk(scores: torch.Tensor, k: int, lengths: torch.Tensor | None, sorted: bool):
-    """(indices int32 [..., k], values fp32 [..., k]): see the module docstring and SPEC section 2."""
-    return _topk(scores, k, lengths, sorted)
+def topk(scores: torch.Tensor, k: int, lengths: torch.Tensor | None, sorted: bool, out=None):
+    """(indices int32 [..., k], values fp32 [..., k]): see the module docstring and SPEC section 2.
+    `out`: optional preallocated contiguous (indices, values) to write instead (returned)."""
+    return _topk(scores, k, lengths, sorted, out=out)

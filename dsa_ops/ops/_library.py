@@ -53,7 +53,8 @@ def define(name: str, schema: str, check: Callable) -> None:
 def define_out_variant(name: str, functional: str, schema: str, check: Callable) -> None:
     """Defines dsa::<name>, the preallocated-output form of dsa::<functional>: the same leading arguments
     (all explicit) followed by the output tensors, written in place. For CUDA graphs that must reuse fixed
-    buffers. The implementation is the functional op's (same dispatch row), copied into the outputs."""
+    buffers. The implementation is the functional op's (same dispatch row): one marked `writes_out` takes the
+    buffers as `out=` and writes them directly; the others' results are copied in."""
     LIB.define(name + schema)
     SCHEMAS[name] = name + schema
     n_inputs = len(getattr(torch.ops.dsa, functional).default._schema.arguments)
@@ -61,8 +62,11 @@ def define_out_variant(name: str, functional: str, schema: str, check: Callable)
     def kernel(*args):
         check(*args)
         inputs, outs = args[:n_inputs], args[n_inputs:]
-        results = dispatch.pick(functional, inputs)(*inputs)
-        for out, result in zip(outs, results):
+        implementation = dispatch.pick(functional, inputs)
+        if getattr(implementation, "writes_out", False):
+            implementation(*inputs, out=tuple(outs))
+            return
+        for out, result in zip(outs, implementation(*inputs)):
             out.copy_(result)
 
     kernel.__name__ = f"{name}_kernel"

@@ -132,18 +132,18 @@ def nbytes(*shape, itemsize: int) -> int:
 
 
 # ---- input builders: (shape parameters..., device, seed) -> op arguments -----------------------------
-def indexer_tensors(m: Model, S: int, device, seed: int):
-    """Prefill indexer inputs, batch 1: S queries over S/ratio (compressed) keys."""
+def indexer_tensors(m: Model, S: int, device, seed: int, Sk: Optional[int] = None):
+    """Prefill indexer inputs, batch 1: S queries over Sk keys (default S/ratio: the compressed sequence)."""
     g = generator(device, seed)
     q = randn(1, S, m.HI, m.DI, gen=g, device=device, dtype=BF16)
-    k = randn(1, S // m.ratio, m.DI, gen=g, device=device, dtype=BF16)
+    k = randn(1, S // m.ratio if Sk is None else Sk, m.DI, gen=g, device=device, dtype=BF16)
     w = randn(1, S, m.HI, gen=g, device=device, scale=m.HI ** -0.5)
     return g, q, k, w, m.DI ** -0.5
 
 
-def logits_inputs(m, S, device, seed):
-    _, q, k, w, scale = indexer_tensors(m, S, device, seed)
-    return (q, k, w, scale, m.ratio, None)
+def logits_inputs(m, S, device, seed, Sk=None):
+    _, q, k, w, scale = indexer_tensors(m, S, device, seed, Sk)
+    return (q, k, w, scale, m.ratio, None)  # q_start None: the queries are the last tokens
 
 
 def logits_backward_inputs(m, S, device, seed):
@@ -157,8 +157,8 @@ def topk_inputs(rows, cols, k, device, seed):
     return (randn(rows, cols, gen=g, device=device), k, None, False)
 
 
-def indexer_topk_inputs(m, S, k, device, seed):
-    _, q, kk, w, scale = indexer_tensors(m, S, device, seed)
+def indexer_topk_inputs(m, S, k, device, seed, Sk=None):
+    _, q, kk, w, scale = indexer_tensors(m, S, device, seed, Sk)
     return (q, kk, w, k, scale, m.ratio, None, None, None)
 
 
@@ -186,17 +186,18 @@ def attention_tensors(m: Model, T: int, S_kv: int, K: int, device, seed: int):
     return g, q, kv, ids, sink, m.D ** -0.5
 
 
-def sparse_attention_inputs(m, S, K, device, seed):
-    _, q, kv, ids, sink, scale = attention_tensors(m, S, S, K, device, seed)
+def sparse_attention_inputs(m, S, K, device, seed, S_kv=None):
+    """S queries over S_kv latent rows (default S)."""
+    _, q, kv, ids, sink, scale = attention_tensors(m, S, S_kv or S, K, device, seed)
     return (q, kv, ids, scale, m.d_v, sink, None)
 
 
-def sparse_attention_backward_inputs(m, S, K, device, seed):
-    g, q, kv, ids, sink, scale = attention_tensors(m, S, S, K, device, seed)
+def sparse_attention_backward_inputs(m, S, K, device, seed, S_kv=None, deterministic=False):
+    g, q, kv, ids, sink, scale = attention_tensors(m, S, S_kv or S, K, device, seed)
     with torch.no_grad():  # out and lse come from our own forward (any values define a backward)
         out, lse = torch.ops.dsa.sparse_attention(q, kv, ids, scale, m.d_v, sink, None)
     dout = randn(S, m.H, m.d_v, gen=g, device=device, dtype=BF16)
-    return (dout, q, kv, out, lse, ids, scale, m.d_v, sink, None, False)
+    return (dout, q, kv, out, lse, ids, scale, m.d_v, sink, None, deterministic)
 
 
 def sparse_attn_score_inputs(m, S, K, device, seed):
@@ -287,21 +288,29 @@ def indexer_cases(m: Model, S: int, topk_rows: int, with_backward: bool) -> list
     return cases
 
 
+def attention_traffic(m: Model, T: int, S_kv: int, K: int) -> dict:
+    """Compulsory bytes of the prefill attention ops: T queries over S_kv latent rows, K selected per query."""
+    q_b, kv_b, o_b = nbytes(T, m.H, m.D, itemsize=2), nbytes(S_kv, m.D, itemsize=2), nbytes(T, m.H, m.d_v, itemsize=2)
+    ids_b, lse_b = nbytes(T, K, itemsize=4), nbytes(T, m.H, itemsize=4)
+    return {"sparse_attention": q_b + kv_b + ids_b + o_b + lse_b,
+            "sparse_attention_backward": 2 * (q_b + kv_b + o_b) + o_b + ids_b + lse_b,
+            "sparse_attn_score": q_b + kv_b + lse_b + 2 * ids_b}
+
+
 def attention_cases(m: Model, S: int, K: int, series: str, with_scores: bool) -> list[Case]:
     """Prefill attention ops: T = S queries over S latent rows, K selected per query."""
     label = f"{series} S={S}"
-    q_b, kv_b, o_b = nbytes(S, m.H, m.D, itemsize=2), nbytes(S, m.D, itemsize=2), nbytes(S, m.H, m.d_v, itemsize=2)
-    ids_b, lse_b = nbytes(S, K, itemsize=4), nbytes(S, m.H, itemsize=4)
+    traffic = attention_traffic(m, S, S, K)
     cases = [
         case("sparse_attention", label, series, S, functools.partial(sparse_attention_inputs, m, S, K),
-             2 * S * m.H * K * (m.D + m.d_v), q_b + kv_b + ids_b + o_b + lse_b, S),
+             2 * S * m.H * K * (m.D + m.d_v), traffic["sparse_attention"], S),
         case("sparse_attention_backward", label, series, S,
              functools.partial(sparse_attention_backward_inputs, m, S, K),
-             2 * S * m.H * K * (3 * m.D + 2 * m.d_v), 2 * (q_b + kv_b + o_b) + o_b + ids_b + lse_b, S),
+             2 * S * m.H * K * (3 * m.D + 2 * m.d_v), traffic["sparse_attention_backward"], S),
     ]
     if with_scores:
         cases.append(case("sparse_attn_score", label, series, S, functools.partial(sparse_attn_score_inputs, m, S, K),
-                          2 * S * m.H * K * m.D, q_b + kv_b + lse_b + 2 * ids_b, S))
+                          2 * S * m.H * K * m.D, traffic["sparse_attn_score"], S))
     return cases
 
 
@@ -347,33 +356,6 @@ def decode_cases(m: Model, B: int, sc: Scale, attention_only: bool) -> list[Case
     return cases
 
 
-# ---- the shapes our issues set targets at (T queries over S_kv keys, not T = S) ------------------------
-def headline_logits_inputs(m, Sq, Sk, device, seed):
-    g = generator(device, seed)
-    q = randn(1, Sq, m.HI, m.DI, gen=g, device=device, dtype=BF16)
-    k = randn(1, Sk, m.DI, gen=g, device=device, dtype=BF16)
-    w = randn(1, Sq, m.HI, gen=g, device=device, scale=m.HI ** -0.5)
-    return (q, k, w, m.DI ** -0.5, 1, None)   # q_start None: the queries are the last Sq tokens
-
-
-def headline_indexer_topk_inputs(m, Sq, Sk, k, device, seed):
-    q, kk, w, scale, ratio, _ = headline_logits_inputs(m, Sq, Sk, device, seed)
-    return (q, kk, w, k, scale, ratio, None, None, None)
-
-
-def headline_attention_inputs(m, T, S_kv, K, device, seed):
-    _, q, kv, ids, sink, scale = attention_tensors(m, T, S_kv, K, device, seed)
-    return (q, kv, ids, scale, m.d_v, sink, None)
-
-
-def headline_backward_inputs(m, T, S_kv, K, deterministic, device, seed):
-    g, q, kv, ids, sink, scale = attention_tensors(m, T, S_kv, K, device, seed)
-    with torch.no_grad():
-        out, lse = torch.ops.dsa.sparse_attention(q, kv, ids, scale, m.d_v, sink, None)
-    dout = randn(T, m.H, m.d_v, gen=g, device=device, dtype=BF16)
-    return (dout, q, kv, out, lse, ids, scale, m.d_v, sink, None, deterministic)
-
-
 def headline_cases(device: torch.device) -> list[Case]:
     """`--headline`: the shapes of the performance targets in the issues (and the published baselines):
     top-k of 4096 x {8192, 65536}, k=2048; indexer logits / fused top-k with 4096 queries (the last tokens)
@@ -394,29 +376,26 @@ def headline_cases(device: torch.device) -> list[Case]:
         inputs = nbytes(T, HI, DI, itemsize=2) + nbytes(Sk, DI, itemsize=2) + nbytes(T, HI, itemsize=4)
         label = f"Sq={T} Sk={Sk}"
         cases.append(case("indexer_logits", label, "V3.2 Sq=4096", Sk,
-                          functools.partial(headline_logits_inputs, v32, T, Sk), 2 * HI * DI * vis,
+                          functools.partial(logits_inputs, v32, T, Sk=Sk), 2 * HI * DI * vis,
                           inputs + nbytes(T, Sk, itemsize=4), T, x_name="S_k"))
         cases.append(case("indexer_topk", f"{label} k={K}", "V3.2 Sq=4096", Sk,
-                          functools.partial(headline_indexer_topk_inputs, v32, T, Sk, K), 2 * HI * DI * vis,
+                          functools.partial(indexer_topk_inputs, v32, T, K, Sk=Sk), 2 * HI * DI * vis,
                           inputs + nbytes(T, K, itemsize=8), T, x_name="S_k"))
     for H in heads:
         m = dataclasses.replace(v32, name=f"V3.2 H={H}", H=H)
         for S_kv in (skv if H == heads[0] else skv[:1]):
-            q_b, kv_b = nbytes(T, H, m.D, itemsize=2), nbytes(S_kv, m.D, itemsize=2)
-            o_b, ids_b, lse_b = nbytes(T, H, m.d_v, itemsize=2), nbytes(T, K, itemsize=4), nbytes(T, H, itemsize=4)
-            label = f"H={H} T={T} S_kv={S_kv} K={K}"
-            cases.append(case("sparse_attention", label, f"H={H}", S_kv,
-                              functools.partial(headline_attention_inputs, m, T, S_kv, K),
-                              2 * T * H * K * (m.D + m.d_v), q_b + kv_b + ids_b + o_b + lse_b, T, x_name="S_kv"))
+            cases.append(case("sparse_attention", f"H={H} T={T} S_kv={S_kv} K={K}", f"H={H}", S_kv,
+                              functools.partial(sparse_attention_inputs, m, T, K, S_kv=S_kv),
+                              2 * T * H * K * (m.D + m.d_v), attention_traffic(m, T, S_kv, K)["sparse_attention"],
+                              T, x_name="S_kv"))
+        S_kv = skv[0]
         for det in (False, True):
-            S_kv = skv[0]
-            q_b, kv_b = nbytes(T, H, m.D, itemsize=2), nbytes(S_kv, m.D, itemsize=2)
-            o_b, ids_b, lse_b = nbytes(T, H, m.d_v, itemsize=2), nbytes(T, K, itemsize=4), nbytes(T, H, itemsize=4)
             mode = "deterministic" if det else "fast"
             cases.append(case("sparse_attention_backward", f"H={H} T={T} S_kv={S_kv} K={K} {mode}",
-                              f"H={H} {mode}", S_kv, functools.partial(headline_backward_inputs, m, T, S_kv, K, det),
-                              2 * T * H * K * (3 * m.D + 2 * m.d_v), 2 * (q_b + kv_b + o_b) + o_b + ids_b + lse_b,
-                              T, x_name="S_kv"))
+                              f"H={H} {mode}", S_kv,
+                              functools.partial(sparse_attention_backward_inputs, m, T, K, S_kv=S_kv, deterministic=det),
+                              2 * T * H * K * (3 * m.D + 2 * m.d_v),
+                              attention_traffic(m, T, S_kv, K)["sparse_attention_backward"], T, x_name="S_kv"))
     cases.sort(key=lambda c: c.roofline_ms)
     return cases
 

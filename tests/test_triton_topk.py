@@ -240,39 +240,28 @@ def test_deterministic():
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def _compile_for_sm90(variant, sorted_out, unit_ints):
-    """Compiles one kernel for sm_90 on any machine (Triton's compiler needs no GPU). With unit_ints, every
-    integer argument is the compile-time constant 1, as a launch with k == 1 (or one column, one row) makes it:
-    the interpreter never specializes, so only a compile finds code that breaks on such constants."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+def compile_for_sm90(variant):
+    """Compiles one kernel variant for sm_90 on any machine (Triton's compiler needs no GPU), sorted or not,
+    with every integer argument a runtime value and then the compile-time constant 1, as a launch with k == 1
+    (or one column, one row) makes it: the interpreter never specializes, so only a compile finds code that
+    breaks on such constants."""
+    from tools.topk_compile_check import compile_for_sm90 as compile_kernel
 
     v2 = variant == "v2"
     fn = tk._stream_topk_kernel_v2 if v2 else tk._stream_topk_kernel
-    bufs = [("buf_val_ptr", "*fp32")] if v2 else [("buf_key_ptr", "*i32")]
-    sig = {"src_val_ptr": "*fp32", "src_col_ptr": "*i32", "lengths_ptr": "*i32", "out_val_ptr": "*fp32",
-           "out_col_ptr": "*i32", **dict(bufs), "buf_col_ptr": "*i32", "task_counter_ptr": "*i32"}
-    ints = ("n_cols", "row_stride", "seg_len", "n_segs", "n_tasks", "k")
-    const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
-                 K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2)
-    if v2:
-        const.update(SELECT_BLOCK=64, RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS))
-    if unit_ints:
-        const.update({name: 1 for name in ints})
-    sig.update({name: ("constexpr" if unit_ints else "i32") for name in ints})
-    sig.update({name: "constexpr" for name in const if name not in ints})
-    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
-                   target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1))
+    bufs = [("buf_val_ptr", "*fp32") if v2 else ("buf_key_ptr", "*i32"), ("buf_col_ptr", "*i32")]
+    for sorted_out in (False, True):
+        for unit_ints in (True, False):
+            const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
+                         K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2)
+            if v2:
+                const.update(SELECT_BLOCK=64, RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS))
+            if unit_ints:
+                const.update(n_cols=1, row_stride=1, seg_len=1, n_segs=1, n_tasks=1, k=1)
+            compile_kernel(fn, bufs, const, num_warps=1)
 
 
-def compile_all_for_sm90():
-    for variant in ("v1", "v2"):
-        for sorted_out in (False, True):
-            for unit_ints in (True, False):
-                _compile_for_sm90(variant, sorted_out, unit_ints)
-
-
-def test_kernels_compile_for_sm90_with_unit_arguments():
+def test_kernels_compile_for_sm90_with_unit_arguments(variant):
     # In a fresh interpreter without TRITON_INTERPRET (the kernels must be compiled functions, not interpreted).
     import subprocess
     import sys
@@ -283,8 +272,9 @@ def test_kernels_compile_for_sm90_with_unit_arguments():
         pytest.skip("this Triton cannot target a GPU from this machine")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0")
-    done = subprocess.run([sys.executable, "-c", "from tests.test_triton_topk import compile_all_for_sm90 as c; c()"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    code = f"from tests.test_triton_topk import compile_for_sm90 as c; c({variant!r})"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

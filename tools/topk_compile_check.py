@@ -26,18 +26,26 @@ INTS = [("n_cols", "i32"), ("row_stride", "i32"), ("seg_len", "i32"), ("n_segs",
         ("k", "i32")]
 
 
-def compile_one(fn, buf_types, constexprs, num_warps, maxnreg=None):
+def compile_for_sm90(fn, buf_types, constexprs, num_warps, maxnreg=None):
+    """Compiles a top-k kernel for sm_90 (no GPU needed). `constexprs` may also fix integer arguments (a launch
+    with k == 1, one row or one column makes them compile-time constants)."""
     sig = dict(PTRS + buf_types + [("task_counter_ptr", "*i32")] + INTS)
     sig.update({name: "constexpr" for name in constexprs})
     # As a launch specializes them: every pointer and n_cols / row_stride / seg_len divisible by 16.
     names = list(sig)
-    aligned = [n for n in names if sig[n].startswith("*") or n in ("n_cols", "row_stride", "seg_len")]
+    aligned = [n for n in names if sig[n].startswith("*") or (n in ("n_cols", "row_stride", "seg_len")
+                                                              and sig[n] != "constexpr")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     opts = dict(num_warps=num_warps)
     if maxnreg is not None:
         opts["maxnreg"] = maxnreg
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def compile_one(fn, buf_types, constexprs, num_warps, maxnreg=None):
+    """compile_for_sm90, then registers / stack / shared memory from the cubin and 16-byte loads in the PTX."""
+    kernel = compile_for_sm90(fn, buf_types, constexprs, num_warps, maxnreg)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()

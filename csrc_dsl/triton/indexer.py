@@ -421,7 +421,7 @@ def indexer_topk_paged(q_idx, k_cache, block_table, seq_lens, w, topk, scale, ou
                torch.empty((B, Sq, topk), dtype=torch.float32, device=device))
     out_idx, out_val = out
     k_eff = min(topk, n_cols)
-    if k_eff < topk or B * Sq == 0:  # the top-k kernel pads short rows itself, but not past k_eff columns
+    if k_eff < topk:  # the top-k kernel pads short rows itself, but not past k_eff columns
         out_idx.fill_(-1)
         out_val.fill_(float("-inf"))
     if k_eff == 0 or B * Sq == 0:

@@ -92,17 +92,19 @@ def bench_shape(rows, cols, k, do_sorted, cudnn_fn):
 
 V1_KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SAMPLE", "MAX_REGISTERS")
 V2_KNOBS = ("V2_BLOCK", "V2_NUM_WARPS", "V2_PROGRAMS_PER_SM", "V2_SELECT_BLOCK", "V2_SAMPLE", "V2_GUESS_SIGMAS",
-            "V2_MAX_REGISTERS")
+            "V2_RADIX_BITS", "V2_MAX_REGISTERS")
 # (variant, {knob: value}); knobs not named keep the module defaults.
 SWEEP_CONFIGS = [
     ("v1", dict(BLOCK=1024, NUM_WARPS=4, PROGRAMS_PER_SM=8, SAMPLE=1024, MAX_REGISTERS=None)),  # the default
     ("v2", dict()),                                                                             # v2's defaults
-    ("v2", dict(V2_PROGRAMS_PER_SM=16)),
-    ("v2", dict(V2_PROGRAMS_PER_SM=32, V2_MAX_REGISTERS=64)),
-    ("v2", dict(V2_GUESS_SIGMAS=3.5)),
-    ("v2", dict(V2_SAMPLE=2048)),
-    ("v2", dict(V2_BLOCK=512, V2_NUM_WARPS=2, V2_PROGRAMS_PER_SM=12, V2_SELECT_BLOCK=512)),
-    ("v2", dict(V2_BLOCK=1024, V2_NUM_WARPS=4, V2_PROGRAMS_PER_SM=8, V2_SELECT_BLOCK=1024)),
+    ("v2", dict(V2_RADIX_BITS=8)),
+    ("v2", dict(V2_RADIX_BITS=6)),
+    ("v2", dict(V2_RADIX_BITS=5)),
+    ("v2", dict(V2_RADIX_BITS=6, V2_MAX_REGISTERS=80)),
+    ("v2", dict(V2_RADIX_BITS=6, V2_SAMPLE=512)),
+    ("v2", dict(V2_RADIX_BITS=6, V2_SAMPLE=512, V2_MAX_REGISTERS=80)),
+    ("v2", dict(V2_RADIX_BITS=6, V2_PROGRAMS_PER_SM=16)),
+    ("v2", dict(V2_RADIX_BITS=6, V2_MAX_REGISTERS=64, V2_PROGRAMS_PER_SM=32)),
 ]
 V1_SWEEP_CONFIGS = [(1024, 4, 8, 1024, None), (1024, 4, 8, 1024, 80), (512, 4, 16, 512, 64), (512, 2, 16, 512, 80)]
 

@@ -69,8 +69,8 @@ def attention_kernel(q, *args) -> bool:
 
 
 def attention_backward_kernel(dout, q, *args) -> bool:
-    """The kernels take no gradient of lse (args[-1]); that rarer call (merged branches) runs on the reference."""
-    return _attention_shapes(q) and args[-1] is None
+    """A gradient of lse (args[-1], merged branches) is fine: the kernels shift Delta by it."""
+    return _attention_shapes(q)
 
 
 def attention_decode_kernel(q, *args) -> bool:
@@ -205,10 +205,10 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
         ref("attention", "sparse_attention")),
     "sparse_attention_backward": gpu_rows(
         [cute_sm90("sparse_attention_bwd", "sparse_attention_backward",
-                   "bf16, D in {512, 576}, d_v = 512, no grad_lse, 16 < H <= 128 (deterministic: H <= 64)",
+                   "bf16, D in {512, 576}, d_v = 512, 16 < H <= 128 (deterministic: H <= 64)",
                    cute_backward_faster)],
         [triton("sparse_attention_bwd", "sparse_attention_backward", attention_backward_kernel,
-                    ATTENTION_NEEDS + ", no grad_lse")],
+                    ATTENTION_NEEDS)],
         ref("attention", "sparse_attention_backward")),
     "sparse_attention_decode": gpu_rows(
         [], [triton("sparse_attention_fwd", "sparse_attention_decode", attention_decode_kernel,

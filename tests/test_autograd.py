@@ -94,7 +94,8 @@ def test_gradcheck_through_lse():
 
 
 def test_unused_lse_keeps_the_kernel_path(monkeypatch):
-    """When only `out` is used, the backward gets grad_lse=None (so GPU kernels, which take none, still run)."""
+    """When only `out` is used, the backward gets grad_lse=None (no zeros to read, no Delta shift); a used lse
+    passes its gradient through."""
     seen = []
     real = torch.ops.dsa.sparse_attention_backward
     monkeypatch.setattr(torch.ops.dsa, "sparse_attention_backward", lambda *a: seen.append(a[11]) or real(*a))

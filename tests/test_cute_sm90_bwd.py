@@ -30,8 +30,9 @@ GRAD_COS = 0.999
 # ======================================================================================================
 # The fp64 autograd oracle (SPEC sections 4 and 5), usable on CPU and GPU
 # ======================================================================================================
-def oracle(q, kv, indices, dout, scale, d_v, sink=None, topk_length=None):
-    """Forward in fp64 with autograd through the gather, then backward from `dout`.
+def oracle(q, kv, indices, dout, scale, d_v, sink=None, topk_length=None, grad_lse=None):
+    """Forward in fp64 with autograd through the gather, then backward from `dout` (and `grad_lse`, the
+    gradient reaching lse, when given; a lonely row's lse is a constant, so it reaches nothing there).
     Returns (out fp64, lse fp64 (+inf on lonely rows), dq, dkv, d_sink (or None)), all fp64."""
     T, H, D = q.shape
     S, K = kv.shape[0], indices.shape[1]
@@ -52,7 +53,10 @@ def oracle(q, kv, indices, dout, scale, d_v, sink=None, topk_length=None):
     big_l = torch.where(lonely, torch.zeros_like(big_l), big_l)        # P = exp(-inf - 0) = 0 there
     p = torch.exp(s - big_l[..., None])
     out = torch.einsum("thk,tkd->thd", p, keys[..., :d_v])
-    out.backward(dout.double())
+    if grad_lse is None:
+        out.backward(dout.double())
+    else:
+        torch.autograd.backward([out, lse], [dout.double(), grad_lse.double()])
     lse = torch.where(lonely, torch.full_like(lse, float("inf")), lse)
     d_sink = sink64.grad if sink64 is not None else None
     return out.detach(), lse.detach(), q64.grad, kv64.grad, d_sink
@@ -124,13 +128,45 @@ def test_row_terms_match_autograd(with_sink):
         assert (d_sink == 0).all() and d_sink.shape == (H,)
 
 
-def spec_formulas(q, kv, indices, dout, out, lse, scale, d_v, sink=None, topk_length=None, round_bf16=False):
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_row_terms_grad_lse_match_autograd(with_sink):
+    """With a gradient of lse, the Delta that row_terms hands the kernel, put into SPEC section 5's dS,
+    gives the fp64 oracle's dq and dkv; d_sink is unchanged by it (the sink is not in lse). The sink sits
+    near lse so that exp(L - lse) = 1 + exp(sink - lse) matters. Lonely row with a nonzero grad_lse."""
+    g = torch.Generator().manual_seed(17 + with_sink)
+    T, H, D, S, K, d_v = 5, 3, 64, 40, 12, 32
+    q = torch.randn(T, H, D, generator=g).to(torch.bfloat16)
+    kv = torch.randn(S, D, generator=g).to(torch.bfloat16)
+    idx = torch.randint(0, S, (T, K), generator=g, dtype=torch.int32)
+    idx[1] = -1                                               # a lonely row
+    dout = torch.randn(T, H, d_v, generator=g).to(torch.bfloat16)
+    sink = torch.randn(H, generator=g) + 2.5 if with_sink else None
+    grad_lse = torch.randn(T, H, generator=g)
+    scale = D ** -0.5
+    out, lse, dq, dkv, d_sink_ref = oracle(q, kv, idx, dout, scale, d_v, sink, grad_lse=grad_lse)
+    out_bf16 = out.to(torch.bfloat16)
+    delta, _, d_sink = bwd.row_terms(out_bf16, dout, lse.float(), sink, grad_lse)
+    _, _, d_sink_plain = bwd.row_terms(out_bf16, dout, lse.float(), sink)
+    assert torch.isfinite(delta).all() and torch.equal(d_sink, d_sink_plain)
+    f_dq, f_dkv, _ = spec_formulas(q, kv, idx, dout, out_bf16, lse, scale, d_v, sink, delta=delta)
+    for x, ref, name in [(f_dq, dq, "dq"), (f_dkv, dkv, "dkv")]:
+        assert_grad_close(x, ref, name)
+    if with_sink:
+        assert_grad_close(d_sink, d_sink_ref, "d_sink")
+    plain_dq, _, _ = spec_formulas(q, kv, idx, dout, out_bf16, lse, scale, d_v, sink)
+    assert rel_err(plain_dq, dq) > 2 * GRAD_REL                    # the shift is what makes dq right
+
+
+def spec_formulas(q, kv, indices, dout, out, lse, scale, d_v, sink=None, topk_length=None, round_bf16=False,
+                  delta=None):
     """SPEC section 5 written out slot by slot (fp64). With `round_bf16`, P and dS are rounded to bf16
-    before the products, as the kernel's tensor-core operands are: the precision the design gives up."""
+    before the products, as the kernel's tensor-core operands are: the precision the design gives up.
+    `delta` replaces out . dout in dS (the launcher's Delta shifted by grad_lse); d_sink then is not
+    meaningful (the caller checks it)."""
     T, H, D = q.shape
     S, K = kv.shape[0], indices.shape[1]
     qd, kvd, doutd = q.double(), kv.double(), dout.double()
-    delta = (out.double() * doutd).sum(-1)
+    delta = (out.double() * doutd).sum(-1) if delta is None else delta.double()
     big_l = lse.double() if sink is None else torch.logaddexp(lse.double(), sink.double()[None, :])
     dq = torch.zeros(T, H, D, dtype=torch.float64)
     dkv = torch.zeros(S, D, dtype=torch.float64)
@@ -262,9 +298,9 @@ def make_inputs(T, H, D, S, K, *, seed, sink=False, topk_length=False, invalid=0
     return q, kv, indices, attn_sink, lengths, dout
 
 
-def forward_for(q, kv, indices, dout, scale, d_v, sink, lengths):
+def forward_for(q, kv, indices, dout, scale, d_v, sink, lengths, grad_lse=None):
     """(out bf16, lse fp32) as the forward would hand them to the backward, and the oracle's grads."""
-    out, lse, dq, dkv, d_sink = oracle(q, kv, indices, dout, scale, d_v, sink, lengths)
+    out, lse, dq, dkv, d_sink = oracle(q, kv, indices, dout, scale, d_v, sink, lengths, grad_lse)
     return out.to(torch.bfloat16), lse.float(), (dq, dkv, d_sink)
 
 
@@ -275,9 +311,10 @@ def poison_allocator(*shapes_dtypes):
     del blocks
 
 
-def check(q, kv, indices, scale, d_v, sink, lengths, dout, deterministic=False):
+def check(q, kv, indices, scale, d_v, sink, lengths, dout, deterministic=False, grad_lse=None):
     T, H, D = q.shape
-    out, lse, (ref_dq, ref_dkv, ref_dsink) = forward_for(q, kv, indices, dout, scale, d_v, sink, lengths)
+    out, lse, (ref_dq, ref_dkv, ref_dsink) = forward_for(q, kv, indices, dout, scale, d_v, sink, lengths,
+                                                         grad_lse)
     poison = [((T, H, D), torch.bfloat16)]
     if deterministic:  # the partial dkv rows the launcher allocates: a row the kernel skips reads NaN
         head_blocks, K = (H + 63) // 64, indices.shape[1]
@@ -286,7 +323,7 @@ def check(q, kv, indices, scale, d_v, sink, lengths, dout, deterministic=False):
         poison.append(((head_blocks, chunk * K, D), torch.float32))
     poison_allocator(*poison)
     dq, dkv, d_sink = bwd.sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, sink, lengths,
-                                                    deterministic)
+                                                    deterministic, grad_lse)
     torch.cuda.synchronize()
     assert dq.shape == q.shape and dq.dtype == torch.bfloat16
     assert dkv.shape == kv.shape and dkv.dtype == torch.bfloat16
@@ -319,6 +356,25 @@ def test_bwd_matches_oracle_topk(K, sink, topk_length):
                                                        seed=K + 3 * sink + topk_length,
                                                        sink=sink, topk_length=topk_length)
     check(q, kv, idx, 576 ** -0.5, 512, attn_sink, lengths, dout)
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("sink,topk_length", [(False, False), (True, True)])
+def test_bwd_matches_oracle_grad_lse(sink, topk_length, deterministic):
+    """A random gradient of lse (merged split branches): the launcher shifts Delta by grad_lse * exp(L - lse).
+    The sink sits near lse (offset 8, K = 2000) so that exp(L - lse) matters; a lonely row; odd H."""
+    T, H, D, K = 6, 100, 576, 2000
+    q, kv, idx, attn_sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=5000, K=K, seed=41 + sink,
+                                                       sink=sink, topk_length=topk_length)
+    if attn_sink is not None:
+        attn_sink = attn_sink + 8.0
+    idx[2] = -1
+    g = torch.Generator(device="cuda").manual_seed(43)
+    grad_lse = torch.randn(T, H, generator=g, device="cuda")
+    assert bwd.supports(dout, q, kv, dout, torch.zeros(T, H, device="cuda"), idx, D ** -0.5, 512, attn_sink,
+                        lengths, deterministic, grad_lse)
+    check(q, kv, idx, D ** -0.5, 512, attn_sink, lengths, dout, deterministic, grad_lse)
 
 
 @needs_sm90

@@ -54,14 +54,19 @@ def naive_forward(q, kv, indices, scale, d_v, attn_sink, topk_length):
     return out, lse
 
 
-def oracle(dout, q, kv, indices, scale, d_v, attn_sink, topk_length):
-    """(out, lse, dq, dkv, d_sink) in fp64 by autograd."""
+def oracle(dout, q, kv, indices, scale, d_v, attn_sink, topk_length, grad_lse=None):
+    """(out, lse, dq, dkv, d_sink) in fp64 by autograd; `grad_lse` [T, H] (optional) is the gradient
+    reaching lse (rows with no key: their lse is a constant +inf, it reaches nothing)."""
     q64 = q.detach().double().requires_grad_(True)
     kv64 = kv.detach().double().requires_grad_(True)
     sink64 = attn_sink.detach().double().requires_grad_(True) if attn_sink is not None else None
     out, lse = naive_forward(q64, kv64, indices, scale, d_v, sink64, topk_length)
     inputs = [q64, kv64] + ([sink64] if sink64 is not None else [])
-    grads = torch.autograd.grad(out, inputs, grad_outputs=dout.double())
+    if grad_lse is None:
+        grads = torch.autograd.grad(out, inputs, grad_outputs=dout.double())
+    else:
+        grads = torch.autograd.grad([out, lse], inputs,
+                                    grad_outputs=[dout.double(), grad_lse.double()])
     d_sink = grads[2] if sink64 is not None else torch.zeros(q.shape[1], dtype=torch.float64)
     return out.detach(), lse.detach(), grads[0], grads[1], d_sink
 
@@ -71,7 +76,7 @@ def oracle(dout, q, kv, indices, scale, d_v, attn_sink, topk_length):
 # ----------------------------------------------------------------------------------------------
 def make_case(num_tokens, num_kv_rows, num_heads, topk, head_dim, d_v, dtype, seed, *, sink=False,
               with_topk_length=False, invalid_ids=True, duplicates=True, lonely_rows=(),
-              device=DEVICE):
+              grad_lse=False, sink_offset=0.0, device=DEVICE):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
     kv = torch.randn(num_kv_rows, head_dim, generator=gen)
@@ -91,18 +96,21 @@ def make_case(num_tokens, num_kv_rows, num_heads, topk, head_dim, d_v, dtype, se
     if with_topk_length:
         topk_length = torch.randint(0, topk + 1, (num_tokens,), generator=gen, dtype=torch.int32)
         topk_length[0] = topk  # keep one full row
-    attn_sink = torch.randn(num_heads, generator=gen) if sink else None
+    attn_sink = torch.randn(num_heads, generator=gen) + sink_offset if sink else None
     scale = head_dim ** -0.5
+    # Drawn last so that the cases without it keep their inputs. Nonzero on lonely rows too.
+    d_lse = torch.randn(num_tokens, num_heads, generator=gen) if grad_lse else None
 
     q, kv, dout = q.to(dtype), kv.to(dtype), dout.to(dtype)
     ref_out, ref_lse, ref_dq, ref_dkv, ref_dsink = oracle(
-        dout, q, kv, indices, scale, d_v, attn_sink, topk_length)
+        dout, q, kv, indices, scale, d_v, attn_sink, topk_length, d_lse)
     case = dict(
         dout=dout.to(device), q=q.to(device), kv=kv.to(device),
         out=ref_out.to(dtype).to(device), lse=ref_lse.float().to(device),
         indices=indices.to(device), scale=scale, d_v=d_v,
         attn_sink=attn_sink.float().to(device) if sink else None,
         topk_length=topk_length.to(device) if topk_length is not None else None,
+        grad_lse=d_lse.to(device) if d_lse is not None else None,
     )
     return case, (ref_dq, ref_dkv, ref_dsink)
 
@@ -110,7 +118,8 @@ def make_case(num_tokens, num_kv_rows, num_heads, topk, head_dim, d_v, dtype, se
 def run(case, deterministic):
     return sparse_attention_backward(
         case["dout"], case["q"], case["kv"], case["out"], case["lse"], case["indices"],
-        case["scale"], case["d_v"], case["attn_sink"], case["topk_length"], deterministic)
+        case["scale"], case["d_v"], case["attn_sink"], case["topk_length"], deterministic,
+        case.get("grad_lse"))
 
 
 def assert_close_grad(name, got, ref, rel_tol=2e-2, min_cos=0.999):
@@ -217,6 +226,51 @@ def test_query_chunks_and_head_blocks(monkeypatch, deterministic):
     if deterministic:
         again = run(case, deterministic)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+@pytest.mark.parametrize("num_heads,sink,with_topk_length",
+                         [(3, False, True), (3, True, False), (20, True, True)])
+def test_grad_lse(num_heads, sink, with_topk_length, deterministic, monkeypatch):
+    """A gradient of lse (merged split branches) shifts Delta by grad_lse * exp(L - lse); d_sink
+    keeps the plain Delta (the sink is not in lse). Odd H, K, S, D; a lonely row with a nonzero
+    grad_lse; H = 20 on BLOCK_H = 16 gives a partly masked second head block. The sink sits near
+    lse (offset 3), so that exp(L - lse) = 1 + exp(sink - lse) is far from 1."""
+    case, refs = make_case(num_tokens=4, num_kv_rows=29, num_heads=num_heads, topk=37, head_dim=80,
+                           d_v=64, dtype=SMALL_DTYPE, seed=300 + num_heads + 2 * sink, sink=sink,
+                           with_topk_length=with_topk_length, lonely_rows=(1,), grad_lse=True,
+                           sink_offset=3.0)
+    if num_heads > 16:
+        monkeypatch.setenv(CONFIG_ENV, "default,BLOCK_H=16")
+    dq, dkv, d_sink = check(case, refs, deterministic)
+    assert dq[1].abs().max().item() == 0.0  # lonely row: its lse is a constant, no gradient
+    # The shift matters here: without grad_lse, dq misses the oracle's by twice the tolerance.
+    without = dict(case, grad_lse=None)
+    dq_plain, _, d_sink_plain = run(without, deterministic)
+    rel = ((dq_plain.double().cpu() - refs[0]).norm() / refs[0].norm()).item()
+    assert rel > 4e-2, rel
+    # d_sink does not depend on grad_lse at all.
+    assert torch.equal(d_sink, d_sink_plain)
+    # The reference (the CPU kernel) agrees with the same oracle.
+    from dsa_ops.reference.attention import sparse_attention_backward as reference
+    names = ("dout", "q", "kv", "out", "lse", "indices", "scale", "d_v", "attn_sink", "topk_length")
+    cpu_args = [case[k].cpu() if torch.is_tensor(case[k]) else case[k] for k in names]
+    ref_grads = reference(*cpu_args, deterministic, case["grad_lse"].cpu())
+    for name, got, ref in zip(("dq", "dkv", "d_sink"), ref_grads, refs):
+        assert_close_grad("reference " + name, got, ref)
+
+
+def test_grad_lse_fp32_no_rope_and_zero_is_a_no_op():
+    """fp32 inputs, D == d_v, K over several tiles, fp64 grad_lse; an all-zero grad_lse gives the
+    bits of grad_lse=None."""
+    case, refs = make_case(num_tokens=3, num_kv_rows=50, num_heads=3, topk=70, head_dim=64,
+                           d_v=64, dtype=torch.float32, seed=8, sink=True, grad_lse=True,
+                           sink_offset=4.0)
+    case["grad_lse"] = case["grad_lse"].double()  # the op accepts fp32 or fp64
+    check(case, refs, deterministic=False)
+    plain = run(dict(case, grad_lse=None), deterministic=True)
+    zero = run(dict(case, grad_lse=torch.zeros_like(case["grad_lse"])), deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, zero))
 
 
 def test_config_override_errors(monkeypatch):

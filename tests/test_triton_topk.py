@@ -255,7 +255,8 @@ def compile_for_sm90(variant):
             const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
                          K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2)
             if v2:
-                const.update(SELECT_BLOCK=64, RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS))
+                const.update(SELECT_BLOCK=64, RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS),
+                             ASM_STORE=True)  # the inline-PTX stores a GPU launch uses (the interpreter has none)
             if unit_ints:
                 const.update(n_cols=1, row_stride=1, seg_len=1, n_segs=1, n_tasks=1, k=1)
             compile_kernel(fn, bufs, const, num_warps=1)

@@ -4,6 +4,9 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh bench      # benchmarks.run --headline, --quick
 #   source .device/s3/stage.sh && bash tools/device_session.sh recheck [pytest args]  # CuTe bwd, top-k + tests
 #   source .device/s3/stage.sh && bash tools/device_session.sh verify [pytest args]   # examples + tests
+#   bash tools/device_session.sh profile                                 # ncu on top-k, top-k tests (no staging)
+#   bash tools/device_session.sh topk                                    # top-k settings sweep + GPU tests
+#   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
 # Next GPU session, still unverified there: the top-k GPU tests for ties, lengths and graph capture, the 27
 # tests of test_out_variants / test_v4_ops / test_nsa_ops / test_dispatch / compile_tests that a forced backend
 # broke on 2026-11-25, the in-place out variants, and `benchmarks.run` without --quick.
@@ -12,7 +15,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cute | bench | recheck | verify}; shift || true
+phase=${1:?phase: cute | bench | recheck | profile | topk | full | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -43,6 +46,27 @@ recheck)   # after fixes: the CuTe-DSL backward and top-k tests, then the given 
   capped 150 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py
   capped 240 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py
   capped 230 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"
+  ;;
+profile)   # no staging needed: ncu on the top-k kernel at both target shapes, then the top-k GPU tests
+  for cols in 8192 65536; do
+    capped 120 ncu_topk_$cols.log ncu -k regex:_stream_topk_kernel --launch-skip 3 --launch-count 1 --set full \
+      --import-source yes -f -o "$OUT/topk_$cols" python -m tools.profile_topk 4096 $cols 2048
+    ncu -i "$OUT/topk_$cols.ncu-rep" --page details > "$OUT/ncu_topk_${cols}_details.txt" 2>&1
+    ncu -i "$OUT/topk_$cols.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_topk_${cols}_sass.csv" 2>&1
+    grep -E "Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued" \
+      "$OUT/ncu_topk_${cols}_details.txt" | head -30
+  done
+  capped 260 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py
+  ;;
+topk)      # no staging needed: top-k launch/select settings, then its GPU tests (the small-shape ones are slow)
+  capped 240 topk_sweep.log python -m benchmarks.bench_topk --sweep
+  capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu
+  ;;
+full)      # staged: top-k against cuDNN, the given tests, then every op of the benchmark suite in the time left
+  capped 90 topk_bench.log python -m benchmarks.bench_topk
+  if [ $# -gt 0 ]; then capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; fi
+  capped 330 bench_full.log python -m benchmarks.run --also-backends triton --rep-ms 100 --max-seconds 270 \
+    --out "$OUT/full"
   ;;
 verify)
   capped 120 decode_server.log python -m examples.decode_server --compile

@@ -85,7 +85,8 @@ def main():
             configs.append(("v2", tk._stream_topk_kernel_v2, [("buf_val_ptr", "*fp32"), ("buf_col_ptr", "*i32")],
                             dict(HAS_LENGTHS=lens, COLS_FROM_SRC=cols, SORTED=sorted_out, BLOCK=block, CAP=cap,
                                  K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2, SELECT_BLOCK=sel,
-                                 RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS)), w, maxnreg))
+                                 RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS),
+                                 ASM_STORE=True), w, maxnreg))
     for name, fn, bufs, const, warps, maxnreg in configs:
         try:
             r = compile_one(fn, bufs, const, warps, maxnreg)

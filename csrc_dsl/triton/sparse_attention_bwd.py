@@ -9,6 +9,9 @@ Backward:
     dq[t,h]      = scale * sum_j dS * kv[idx]
     dkv[idx]    += scale * sum_h dS * q[t,h]   +   sum_h P * dout[t,h]   (second term: first d_v dims)
     d_sink[h]    = -sum_t exp(sink[h] - L[t,h]) * Delta[t,h]
+With a gradient g = grad_lse[t,h] of lse (merged split branches): d lse / d s_j = exp(s_j - lse)
+= P_j * exp(L - lse), so dS uses Delta - g * exp(L - lse) (= Delta - g without a sink; rows with no
+key: no shift). lse excludes the sink, so d_sink keeps the plain Delta.
 
 Why three kernels and not one. A single kernel per (query, head block) must keep dq [64 heads,
 576] in fp32 registers (56% of the register file) while it recomputes the scores of each tile and
@@ -19,7 +22,7 @@ in 16 bits anyway (the fused form rounds them to bf16 before its tensor-core pro
 
   1. _scores_kernel, per (query t, BLOCK_H heads): S = q kv^T and dP = dout v^T over tiles of
      gathered kv rows, then P and dS (softmax scale folded in) into a bf16 workspace. Also Delta
-     and this query's share of d_sink.
+     (shifted by grad_lse when given) and this query's share of d_sink.
   2. _dkv_kernel, per (query t, block of latent columns), ALL heads at once: dkv^T = q^T dS +
      dout^T P with the heads as the reduction dim (no kv gather). One scatter per (slot, column)
      for all heads: half the scatters of a per-head-block kernel at H = 128.
@@ -156,12 +159,12 @@ def _num_slots(topk_length_ptr, t, topk, HAS_TOPK_LENGTH: tl.constexpr):
 @triton.jit
 def _scores_kernel(
     q_ptr, kv_ptr, dout_ptr, out_ptr, lse_ptr, sink_ptr, indices_ptr, topk_length_ptr,
-    p_ptr, ds_ptr, dsink_part_ptr,
+    grad_lse_ptr, p_ptr, ds_ptr, dsink_part_ptr,
     t_start, num_heads, num_kv_rows, topk, ws_stride, scale,
     D: tl.constexpr, D_V: tl.constexpr, DV_BLOCK: tl.constexpr, D_ROPE: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    WS_PAD: tl.constexpr,
+    HAS_GRAD_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr,
 ):
     t_local = tl.program_id(0).to(tl.int64)  # row of the workspace chunk
     t = t_start + t_local
@@ -192,6 +195,14 @@ def _scores_kernel(
         # This query's share of d_sink; summed over t afterwards (a fixed-order torch sum).
         sink_weight = tl.where(row_has_keys, tl.exp(sink - big_l), 0.0)
         tl.store(dsink_part_ptr + t * num_heads + heads, -sink_weight * delta, mask=head_mask)
+    if HAS_GRAD_LSE:
+        # d lse / d s_j = exp(s_j - lse) = P_j * exp(L - lse): a shift of Delta (not of d_sink: the
+        # sink is not in lse). exp(L - lse) = 1 + exp(sink - lse), which has no inf - inf on rows
+        # without keys (lse = +inf); those get no shift (their P is 0).
+        grad_lse = tl.load(grad_lse_ptr + t * num_heads + heads, mask=head_mask, other=0.0)
+        if HAS_SINK:
+            grad_lse = grad_lse * (1.0 + tl.exp(sink - lse))
+        delta = delta - tl.where(row_has_keys, grad_lse, 0.0)
 
     q_value = _load_2d(q_ptr, q_rows, head_mask, 0, D_V, DV_BLOCK, dv_exact)
     if HAS_ROPE:
@@ -393,11 +404,9 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
 
     dout [T,H,d_v], q [T,H,D], kv [S,D], out [T,H,d_v], lse [T,H] fp32, indices [T,K] int32,
     attn_sink [H] fp32 or None, topk_length [T] int32 or None. Returns dq (q.dtype),
-    dkv (kv.dtype), d_sink [H] fp32 (zeros when attn_sink is None). A gradient of lse (`grad_lse`) is not
-    supported here: the dispatch sends such calls to the reference.
+    dkv (kv.dtype), d_sink [H] fp32 (zeros when attn_sink is None). `grad_lse` [T,H] (fp32/fp64, or
+    None) is the gradient reaching lse: it shifts Delta per (t, h), see the module docstring.
     """
-    if grad_lse is not None:
-        raise ValueError("the Triton sparse attention backward takes no grad_lse (use the reference)")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_rows = kv.shape[0]
     topk = indices.shape[1]
@@ -439,17 +448,18 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
         sorted_slots, composite = _slots_by_kv_row(indices, topk_length, num_kv_rows)
 
     sink_arg = attn_sink if attn_sink is not None else lse
+    grad_lse_arg = grad_lse.to(torch.float32).contiguous() if grad_lse is not None else lse
     length_arg = topk_length if topk_length is not None else indices
     common = dict(HAS_TOPK_LENGTH=topk_length is not None, DOT_PRECISION=dot_precision)
     for t_begin in range(0, num_tokens, chunk):
         rows = min(chunk, num_tokens - t_begin)
         head_grid = (rows, triton.cdiv(num_heads, block_h))
         _scores_kernel[head_grid](
-            q, kv, dout, out, lse, sink_arg, indices, length_arg, p_ws, ds_ws, dsink_part,
-            t_begin, num_heads, num_kv_rows, topk, ws_stride, float(scale),
+            q, kv, dout, out, lse, sink_arg, indices, length_arg, grad_lse_arg, p_ws, ds_ws,
+            dsink_part, t_begin, num_heads, num_kv_rows, topk, ws_stride, float(scale),
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
-            HAS_SINK=attn_sink is not None, BLOCK_H=block_h, BLOCK_N=config["SCORE_BLOCK_N"],
-            WS_PAD=_WS_PAD,
+            HAS_SINK=attn_sink is not None, HAS_GRAD_LSE=grad_lse is not None, BLOCK_H=block_h,
+            BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD,
             num_warps=config["SCORE_WARPS"], num_stages=config["SCORE_STAGES"], **common)
 
         dkv_target = partial if deterministic else dkv_acc

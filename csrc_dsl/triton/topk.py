@@ -326,6 +326,10 @@ def _stream_topk_kernel(
 #     shuffles, no cross-warp barrier) and 32 programs per SM, so many more rows are in flight at once.
 #   * The first-threshold guess aims at k + V2_GUESS_SIGMAS standard deviations of the sample's rank, so a row
 #     almost never has to be streamed twice (one program holds one row; a re-streamed row is the kernel's tail).
+#   * The streaming step is kept small in instructions, because that is what bounds it (ncu on an H100, Triton 3.6:
+#     issue-bound at 56% of the SM, DRAM at 39%): buffer writes go through _store_where (inline PTX on a GPU, so
+#     no layout conversion through shared memory), and the select's upper bound comes from one pass over the
+#     buffer at compaction time instead of a running max in every step. 332 -> 183 SASS instructions a step.
 # ----------------------------------------------------------------------------------------------------------
 V2_BLOCK = 256             # columns per streaming step (8 per thread of one warp: ~94 registers, 21 warps/SM)
 V2_NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 // 1024 for its register sort)
@@ -390,12 +394,19 @@ def _select_v2(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BIT
 
 
 @triton.jit
-def _compact_v2(buf_val, buf_col, cnt, need, lo, vmax, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _compact_v2(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+                ASM_STORE: tl.constexpr):
     """v1's _compact on a buffer of raw values. Returns the new threshold: later entries need key > it."""
     tl.debug_barrier()
-    thr, n_greater = _select_v2(buf_val, cnt, need, lo, _order_key(vmax), SELECT_BLOCK, RADIX_BITS)
-    need_equal = need - n_greater
     lane = tl.arange(0, SELECT_BLOCK)
+    # The select's range [lo, key(max)]: one pass over the buffer here costs less than a running max in the
+    # stream (which saw ~30x more values than the buffer holds).
+    vmax = tl.full([SELECT_BLOCK], float("-inf"), tl.float32)
+    for start in range(0, cnt, SELECT_BLOCK):
+        offs = start + lane
+        vmax = tl.maximum(vmax, tl.load(buf_val + offs, mask=offs < cnt, other=float("-inf")))
+    thr, n_greater = _select_v2(buf_val, cnt, need, lo, _order_key(tl.max(vmax, 0)), SELECT_BLOCK, RADIX_BITS)
+    need_equal = need - n_greater
     gt_seen = tl.zeros([], dtype=tl.int32)
     eq_seen = tl.zeros([], dtype=tl.int32)
     for start in range(0, cnt, SELECT_BLOCK):
@@ -413,8 +424,8 @@ def _compact_v2(buf_val, buf_col, cnt, need, lo, vmax, SELECT_BLOCK: tl.constexp
         pos = gt_before + tl.minimum(eq_before, need_equal)
         col = tl.load(buf_col + offs, mask=keep, other=0)
         tl.debug_barrier()
-        tl.store(buf_val + pos, v, mask=keep)
-        tl.store(buf_col + pos, col, mask=keep)
+        _store_where(buf_val + pos, v, keep, ASM_STORE)
+        _store_where(buf_col + pos, col, keep, ASM_STORE)
         gt_seen += tl.sum(is_gt.to(tl.int32), 0)
         eq_seen += tl.sum(is_eq.to(tl.int32), 0)
     tl.debug_barrier()
@@ -422,11 +433,28 @@ def _compact_v2(buf_val, buf_col, cnt, need, lo, vmax, SELECT_BLOCK: tl.constexp
 
 
 @triton.jit
+def _store_where(ptr, value, mask, ASM: tl.constexpr):
+    """tl.store(ptr, value, mask=mask) of 32-bit values to scattered addresses. On a GPU (ASM) it is one
+    predicated st.global per element, issued in the value's own register layout: a plain tl.store to addresses
+    of unknown contiguity gets a one-element-per-thread layout, and the conversion to it (through shared memory,
+    pulling the prefix scan along) made the streaming loop 332 instructions a step instead of 177 on sm_90
+    (Triton 3.6). The interpreter takes the plain store."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r,r", [ptr, value.to(tl.int32, bitcast=True), mask.to(tl.int32)],
+            dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
 def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
                COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-               SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr):
+               SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr,
+               ASM_STORE: tl.constexpr):
     """v1's _stream with a float admission test. Returns (entries buffered, threshold (every buffered key is
-    >= it), largest value buffered).
+    >= it)).
 
     The inner loop streams until a step would overflow the buffer and then leaves; the compaction runs outside
     it (none of the loop's register tiles is live there), and the step that did not fit is loaded again.
@@ -434,11 +462,9 @@ def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col,
     the loads stay 16-byte vectors); with MASK_TAIL the columns in [col_hi, load_hi) then read as -inf."""
     lane = tl.arange(0, BLOCK)
     cnt = tl.zeros([], dtype=tl.int32)
-    vmax_all = tl.full([], float("-inf"), tl.float32)
     start = col_lo
     while start < col_hi:
         thr_f = _floor_value(thr)
-        vmax = tl.full([BLOCK], float("-inf"), tl.float32)  # element-wise max of the admitted values
         nxt = start + lane
         v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
         full = tl.zeros([], dtype=tl.int32)
@@ -455,23 +481,21 @@ def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col,
                 full = 1
             else:
                 if n_new > 0:
-                    vmax = tl.maximum(vmax, tl.where(admit, v, float("-inf")))
                     a = admit.to(tl.int32)
                     pos = cnt + tl.cumsum(a, 0) - a
                     if COLS_FROM_SRC:
                         c = tl.load(row_col + cols, mask=admit, other=0)
                     else:
                         c = cols
-                    tl.store(buf_val + pos, v, mask=admit)
-                    tl.store(buf_col + pos, c, mask=admit)
+                    _store_where(buf_val + pos, v, admit, ASM_STORE)
+                    _store_where(buf_col + pos, c, admit, ASM_STORE)
                     cnt += n_new
                 start += BLOCK
-        vmax_all = tl.maximum(vmax_all, tl.max(vmax, 0))
         if full != 0:
             # cnt > k here (cnt + n_new > CAP >= k + BLOCK); afterwards the step fits (k + BLOCK <= CAP).
-            thr = _compact_v2(buf_val, buf_col, cnt, k, thr, vmax_all, SELECT_BLOCK, RADIX_BITS)
+            thr = _compact_v2(buf_val, buf_col, cnt, k, thr, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
             cnt = k
-    return cnt, thr, vmax_all
+    return cnt, thr
 
 
 @triton.jit
@@ -518,6 +542,7 @@ def _stream_topk_kernel_v2(
     SELECT_BLOCK: tl.constexpr,
     RADIX_BITS: tl.constexpr,
     GUESS_SIGMAS: tl.constexpr,
+    ASM_STORE: tl.constexpr = False,
 ):
     """_stream_topk_kernel with the v2 stream / select (see the notes above V2_BLOCK)."""
     pid = tl.program_id(0)
@@ -552,17 +577,16 @@ def _stream_topk_kernel_v2(
         guessed = thr > _KEY_NEG_INF
         cnt = tl.zeros([], dtype=tl.int32)
         lo = thr
-        vmax = tl.full([], float("-inf"), tl.float32)
         attempts = 0
         while attempts < 1 + guessed.to(tl.int32):
-            cnt, lo, vmax = _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
-                                       COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS)
+            cnt, lo = _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
+                                       COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE)
             attempts = tl.where(cnt >= k, 2, attempts + 1)
             thr = tl.full([], _KEY_NEG_INF, tl.uint32)
             tl.debug_barrier()
 
         if cnt > k:
-            _compact_v2(buf_val, buf_col, cnt, k, lo, vmax, SELECT_BLOCK, RADIX_BITS)
+            _compact_v2(buf_val, buf_col, cnt, k, lo, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
             cnt = k
         else:
             tl.debug_barrier()
@@ -636,7 +660,7 @@ def _launch_v2(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_
         HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
         BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample),
         SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=V2_RADIX_BITS,
-        GUESS_SIGMAS=float(V2_GUESS_SIGMAS),
+        GUESS_SIGMAS=float(V2_GUESS_SIGMAS), ASM_STORE=device.type == "cuda",
         num_warps=warps,
         **extra,
     )

@@ -33,7 +33,7 @@ define("dense_attn_score",
 
 # sparse_attention: gradient to q, kv, attn_sink through dsa::sparse_attention_backward, from `out` and
 # from `lse` (merging split branches, SPEC section 7, differentiates through each branch's lse). Grads are
-# not materialised, so an unused lse arrives as None and the fast kernels (which take no grad_lse) run.
+# not materialised, so an unused lse arrives as None (the kernels then skip the Delta shift it needs).
 def _attention_setup(ctx, inputs, output):
     q, kv, indices, scale, d_v, attn_sink, topk_length = inputs
     out, lse = output

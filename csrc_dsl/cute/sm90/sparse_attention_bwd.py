@@ -2,7 +2,7 @@
 
     sparse_attention_backward(dout [T,H,d_v], q [T,H,D], kv [S,D], out [T,H,d_v], lse [T,H] fp32,
                               indices [T,K] int32, scale, d_v=512, attn_sink [H] fp32 | None,
-                              topk_length [T] int32 | None, deterministic: bool)
+                              topk_length [T] int32 | None, deterministic: bool, grad_lse [T,H] | None)
         -> (dq [T,H,D] bf16, dkv [S,D] bf16, d_sink [H] fp32 (zeros without a sink))
 
 Design (the kernel's own docstring has the details): ONE fused kernel per (query token, 64-head block),
@@ -16,7 +16,8 @@ and sent to global memory:
   - deterministic mode: stores into a per-slot partial buffer [head_blocks, chunk*K, D] fp32, summed per
     kv row in ascending slot order (head block 0 first) by the Triton backward's `_reduce_kernel`.
 Torch ops in this launcher: Delta = out . dout and L = logaddexp(lse, sink) (both [T, H] fp32),
-d_sink = -sum_t exp(sink - L) * Delta, and the final fp32 -> bf16 cast of dkv.
+d_sink = -sum_t exp(sink - L) * Delta, the shift of the kernel's Delta by a gradient of lse
+(Delta - grad_lse * exp(L - lse), see `row_terms`), and the final fp32 -> bf16 cast of dkv.
 
 Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25), and it is in the SM90
 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured faster elsewhere).
@@ -79,11 +80,11 @@ def shipped_configs() -> list[BwdConfig]:
 # ------------------------------------------------------------------------------------------------------
 def supports(dout, q, kv, out, lse, indices, scale=None, d_v=512, attn_sink=None, topk_length=None,
              deterministic=False, grad_lse=None) -> bool:
-    """Cheap predicate for the dispatch table: the shapes and devices this kernel is built for (no gradient
-    of lse: that rarer call, merged branches, runs on the Triton kernel or the reference)."""
+    """Cheap predicate for the dispatch table: the shapes and devices this kernel is built for. A gradient of
+    lse (`grad_lse`) is handled by the launcher's torch side (`row_terms`)."""
     import torch
 
-    if grad_lse is not None or launch_unavailable_reason() is not None:
+    if launch_unavailable_reason() is not None:
         return False
     if q.device.type != "cuda" or not is_sm90(q.device):
         return False
@@ -100,6 +101,8 @@ def supports(dout, q, kv, out, lse, indices, scale=None, d_v=512, attn_sink=None
         return False
     if tuple(lse.shape) != (num_tokens, num_heads) or indices.shape[0] != num_tokens:
         return False
+    if grad_lse is not None and tuple(grad_lse.shape) != (num_tokens, num_heads):
+        return False
     if not 1 <= num_heads <= MAX_HEADS:
         return False
     if attn_sink is not None and (attn_sink.dtype != torch.float32 or attn_sink.numel() != num_heads):
@@ -115,9 +118,8 @@ def supports(dout, q, kv, out, lse, indices, scale=None, d_v=512, attn_sink=None
 
 def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v: int = 512, attn_sink=None,
                               topk_length=None, deterministic: bool = False, grad_lse=None):
-    """SPEC section 5 on SM90. Inputs are validated and contiguous (the op layer's contract). No grad_lse."""
-    if grad_lse is not None:
-        raise ValueError("the CuTe-DSL sparse attention backward takes no grad_lse (use the reference)")
+    """SPEC section 5 on SM90. Inputs are validated and contiguous (the op layer's contract). `grad_lse`
+    (optional [T, H]) only shifts the kernel's Delta (`row_terms`)."""
     import torch
 
     num_tokens, num_heads, head_dim = q.shape
@@ -128,7 +130,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
     if num_tokens == 0 or num_heads == 0:
         return dq, dkv_acc.to(kv.dtype), torch.zeros(num_heads, dtype=torch.float32, device=device)
 
-    delta, l2, d_sink = row_terms(out, dout, lse, attn_sink)
+    delta, l2, d_sink = row_terms(out, dout, lse, attn_sink, grad_lse)
     if num_kv_rows == 0 or topk == 0:
         dq.zero_()                         # no valid key anywhere: every gradient is 0
         return dq, dkv_acc.to(kv.dtype), d_sink
@@ -165,22 +167,31 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
     return dq, dkv_acc.to(kv.dtype), d_sink
 
 
-def row_terms(out, dout, lse, attn_sink):
-    """The per-(token, head) torch side of the backward: (Delta, L2, d_sink).
+def row_terms(out, dout, lse, attn_sink, grad_lse=None):
+    """The per-(token, head) torch side of the backward: (Delta for the kernel, L2, d_sink).
 
     Delta = out . dout; L = logaddexp(lse, sink) (= lse without a sink); L2 = log2(e) * L, which the
     kernel subtracts from its log2-unit scores (+inf on rows with no valid key: P = 0 there);
-    d_sink[h] = -sum_t exp(sink[h] - L[t, h]) * Delta[t, h] (zeros without a sink)."""
+    d_sink[h] = -sum_t exp(sink[h] - L[t, h]) * Delta[t, h] (zeros without a sink).
+    With a gradient g of lse: d lse / d s_j = exp(s_j - lse) = P_j * exp(L - lse), so the kernel's
+    dS = P (dP - Delta) gets Delta - g * exp(L - lse) instead, exp(L - lse) = 1 + exp(sink - lse) (no
+    shift on rows with no valid key: P = 0 there). The sink is not in lse, so d_sink keeps the plain Delta."""
     import torch
 
     delta = _delta(out, dout)
-    big_l = lse.float()
+    lse = lse.float()
+    big_l = lse
     if attn_sink is not None:
         big_l = torch.logaddexp(big_l, attn_sink.float()[None, :])
         d_sink = -(torch.exp(attn_sink.float()[None, :] - big_l) * delta).sum(dim=0)
     else:
         d_sink = torch.zeros(lse.shape[1], dtype=torch.float32, device=lse.device)
-    return delta, (big_l * LOG2_E).contiguous(), d_sink
+    if grad_lse is not None:
+        shift = grad_lse.float()
+        if attn_sink is not None:
+            shift = shift * (1.0 + torch.exp(attn_sink.float()[None, :] - lse))
+        delta = delta - torch.where(torch.isfinite(lse), shift, torch.zeros_like(shift))
+    return delta.contiguous(), (big_l * LOG2_E).contiguous(), d_sink
 
 
 def _delta(out, dout):

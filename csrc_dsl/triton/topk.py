@@ -331,17 +331,19 @@ def _stream_topk_kernel(
 #     no layout conversion through shared memory), and the select's upper bound comes from one pass over the
 #     buffer at compaction time instead of a running max in every step. 332 -> 183 SASS instructions a step.
 # ----------------------------------------------------------------------------------------------------------
-V2_BLOCK = 256             # columns per streaming step (8 per thread of one warp: ~94 registers, 21 warps/SM)
+V2_BLOCK = 256             # columns per streaming step (8 per thread of one warp)
 V2_NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 // 1024 for its register sort)
-V2_PROGRAMS_PER_SM = 24    # persistent programs per SM, for V2_NUM_WARPS warps each (the ones that do not fit
-                           # wait and then find no work left; each costs CAP x 8 bytes of scratch)
+V2_PROGRAMS_PER_SM = 32    # persistent programs per SM, for V2_NUM_WARPS warps each: all resident at once under
+                           # V2_MAX_REGISTERS (each costs CAP x 8 bytes of scratch)
 V2_SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
-V2_RADIX_BITS = 8          # digit width of one select round (2^bits histogram bins)
+V2_RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
+                           # registers and 469 SASS instructions per pass step, against 128 and 765 at 8 bits)
 V2_SAMPLE = 1024
 V2_GUESS_SIGMAS = 5.0      # margin of the first-threshold guess, in standard deviations of the sampled rank
 V2_CAP_K = 3               # buffer = V2_CAP_K * k rounded up to BLOCK, plus BUFFER_STEPS blocks
 V2_SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this (as v1 with 8 programs)
-V2_MAX_REGISTERS = None
+V2_MAX_REGISTERS = 64      # unsorted launches: 32 one-warp programs per SM fit (a few values spill to the stack);
+                           # measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
 
 
 @triton.jit
@@ -647,12 +649,15 @@ def _launch_v2(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_
     if sorted_out:  # the in-register sort of K_POW2 packed entries: at most 32 per thread, as v1 at k = 4096
         warps = max(warps, min(8, k_pow2 // 1024))
         programs = max(1, programs * V2_NUM_WARPS // warps)
-    grid = max(1, min(programs, n_tasks))
+    # Equal waves: every program takes the same number of tasks (4096 rows on 4224 programs run as one wave of
+    # 4096, not 4224 then a tail; a 1.3-wave grid cost 15% at 4096 x 65536 on an H100).
+    grid = max(1, triton.cdiv(n_tasks, triton.cdiv(n_tasks, max(1, programs))))
     device = src_val.device
     buf_val = torch.empty(grid * cap, dtype=torch.float32, device=device)
     buf_col = torch.empty(grid * cap, dtype=torch.int32, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    extra = {} if V2_MAX_REGISTERS is None or device.type != "cuda" else {"maxnreg": V2_MAX_REGISTERS}
+    capped = V2_MAX_REGISTERS is not None and device.type == "cuda" and not sorted_out  # the sort needs registers
+    extra = {"maxnreg": V2_MAX_REGISTERS} if capped else {}
     _stream_topk_kernel_v2[(grid,)](
         src_val, src_col if src_col is not None else src_val, lengths if lengths is not None else src_val,
         out_val, out_col, buf_val, buf_col, counter,

@@ -39,9 +39,9 @@ are bitwise deterministic). Workspace sizes depend on shapes only, and nothing s
 
 A second kernel, variant "v2" (the default; VARIANT / env DSA_TOPK_VARIANT=v1 picks the first; same results bit
 for bit), runs the same algorithm with a float admission test, a select on digits relative to the buffer's range
-that stops early, and small one-warp programs: see the notes above V2_BLOCK. On an H100 (k=2048) it takes 0.39 ms
-at 4096 x 8192 and 0.98 ms at 4096 x 65536, against v1's 0.49 and 1.29-1.34 ms (BENCHMARKS.md). tools/topk_compile_check.py compiles both for sm_90 on a
-machine without a GPU and reports registers and spills.
+that stops early, and small one-warp programs: see the notes above V2_BLOCK. On an H100 (k=2048) it takes 0.34 ms
+at 4096 x 8192 and 0.86 ms at 4096 x 65536, against v1's 0.49 and 1.34 ms (BENCHMARKS.md).
+tools/topk_compile_check.py compiles both for sm_90 on a machine without a GPU and reports registers and spills.
 """
 from __future__ import annotations
 

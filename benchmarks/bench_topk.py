@@ -3,8 +3,7 @@ when `import cudnn` provides it).
 
     python -m benchmarks.bench_topk            # the two target shapes, k = 2048
     python -m benchmarks.bench_topk --all      # plus long rows, odd sizes and the sorted=True variant
-    python -m benchmarks.bench_topk --sweep    # time v1 and the v2 variant (DSA_TOPK_VARIANT) in several settings
-    python -m benchmarks.bench_topk --sweep-v1 # the older v1-only launch sweep (BLOCK, warps, programs per SM)
+    python -m benchmarks.bench_topk --sweep    # time the kernel in several launch settings (module knobs)
 
 Each shape is checked for correctness before it is timed. Times are medians of triton.testing.do_bench (which
 clears the L2 cache before every run). GB/s counts the bytes that must move: the scores read once plus the
@@ -90,28 +89,23 @@ def bench_shape(rows, cols, k, do_sorted, cudnn_fn):
                 gbps=gbps, tied=tied_rows)
 
 
-V1_KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SAMPLE", "MAX_REGISTERS")
-V2_KNOBS = ("V2_BLOCK", "V2_NUM_WARPS", "V2_PROGRAMS_PER_SM", "V2_SELECT_BLOCK", "V2_SAMPLE", "V2_GUESS_SIGMAS",
-            "V2_RADIX_BITS", "V2_MAX_REGISTERS")
-# (variant, {knob: value}); knobs not named keep the module defaults.
+KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SELECT_BLOCK", "SAMPLE", "GUESS_SIGMAS", "RADIX_BITS",
+         "MAX_REGISTERS")
+# {knob: value} per configuration (module attributes of csrc_dsl/triton/topk.py); knobs not named keep the defaults.
 SWEEP_CONFIGS = [
-    ("v1", dict(BLOCK=1024, NUM_WARPS=4, PROGRAMS_PER_SM=8, SAMPLE=1024, MAX_REGISTERS=None)),  # the default
-    ("v2", dict()),                                                                             # v2's defaults
-    ("v2", dict(V2_RADIX_BITS=8)),
-    ("v2", dict(V2_RADIX_BITS=6)),
-    ("v2", dict(V2_RADIX_BITS=5)),
-    ("v2", dict(V2_RADIX_BITS=6, V2_MAX_REGISTERS=80)),
-    ("v2", dict(V2_RADIX_BITS=6, V2_SAMPLE=512)),
-    ("v2", dict(V2_RADIX_BITS=6, V2_SAMPLE=512, V2_MAX_REGISTERS=80)),
-    ("v2", dict(V2_RADIX_BITS=6, V2_PROGRAMS_PER_SM=16)),
-    ("v2", dict(V2_RADIX_BITS=6, V2_MAX_REGISTERS=64, V2_PROGRAMS_PER_SM=32)),
+    dict(),                                                       # the defaults
+    dict(RADIX_BITS=8, PROGRAMS_PER_SM=24, MAX_REGISTERS=None),   # the defaults until 2026-11-25 18:40 UTC
+    dict(RADIX_BITS=8),
+    dict(RADIX_BITS=5),
+    dict(SAMPLE=512),
+    dict(PROGRAMS_PER_SM=16, MAX_REGISTERS=None),
+    dict(PROGRAMS_PER_SM=24, MAX_REGISTERS=80),
 ]
-V1_SWEEP_CONFIGS = [(1024, 4, 8, 1024, None), (1024, 4, 8, 1024, 80), (512, 4, 16, 512, 64), (512, 2, 16, 512, 80)]
 
 
-def sweep(v1_only=False):
-    """Time kernel variants / launch configurations on the two target shapes (tuning aid). Each configuration is
-    checked first (check() on the timed random matrices, plus a matrix with heavy ties and -0.0/+0.0)."""
+def sweep():
+    """Time launch configurations on the two target shapes (tuning aid). Each configuration is checked first
+    (check() on the timed random matrices, plus a matrix with heavy ties and -0.0/+0.0)."""
     import triton.testing
 
     from csrc_dsl.triton import topk as tk
@@ -126,35 +120,33 @@ def sweep(v1_only=False):
     ties = torch.randint(-20, 40, (2048, 65536), device="cuda", generator=g).float()  # enough rows: no split
     ties[:, ::5] = -0.0
     ties[:, 1::5] = 0.0
-    configs = ([("v1", dict(zip(V1_KNOBS, c))) for c in V1_SWEEP_CONFIGS] if v1_only else SWEEP_CONFIGS)
-    defaults = {name: getattr(tk, name) for name in V1_KNOBS + V2_KNOBS}
-    sorted_checked = set()
-    print("| variant | settings | " + " | ".join(f"{r}x{c} ms" for r, c, _ in shapes) + " |")
-    print("| --- | --- | " + "--- | " * len(shapes))
-    for variant, knobs in configs:
+    defaults = {name: getattr(tk, name) for name in KNOBS}
+    sorted_checked = False
+    print("| settings | " + " | ".join(f"{r}x{c} ms" for r, c, _ in shapes) + " |")
+    print("| --- | " + "--- | " * len(shapes))
+    for knobs in SWEEP_CONFIGS:
         for name, value in defaults.items():
             setattr(tk, name, value)
         for name, value in knobs.items():
             setattr(tk, name, value)
-        names = V1_KNOBS if variant == "v1" else V2_KNOBS
-        settings = ", ".join(f"{n.replace('V2_', '')}={getattr(tk, n)}" for n in names)
+        settings = ", ".join(f"{n}={getattr(tk, n)}" for n in KNOBS)
         times = []
         try:
             for rows, cols, k in shapes:
                 x = data[cols]
-                check(tk._topk(x, k, None, False, variant=variant), x, k)
-                times.append(triton.testing.do_bench(lambda: tk._topk(x, k, None, False, variant=variant),
+                check(tk._topk(x, k, None, False), x, k)
+                times.append(triton.testing.do_bench(lambda: tk._topk(x, k, None, False),
                                                      warmup=25, rep=150, return_mode="median"))
-            check(tk._topk(ties, 2048, None, False, variant=variant), ties, 2048)  # same compiled kernel
-            if variant not in sorted_checked:  # sorted=True compiles another kernel: once per variant
-                sorted_checked.add(variant)
-                s_idx, _ = tk._topk(ties[:1024], 2048, None, True, variant=variant)
+            check(tk._topk(ties, 2048, None, False), ties, 2048)  # same compiled kernel
+            if not sorted_checked:  # sorted=True compiles another kernel: checked once
+                sorted_checked = True
+                s_idx, _ = tk._topk(ties[:1024], 2048, None, True)
                 ref = torch.sort(ties[:64], dim=-1, descending=True, stable=True).indices[:, :2048]
                 assert torch.equal(s_idx[:64].long(), ref), "sorted output differs from a stable sort"
         except Exception as exc:  # report the failure, go on with the next configuration
-            print(f"| {variant} | {settings} | FAILED: {type(exc).__name__}: {exc} |", flush=True)
+            print(f"| {settings} | FAILED: {type(exc).__name__}: {exc} |", flush=True)
             continue
-        print(f"| {variant} | {settings} | " + " | ".join(f"{t:.3f}" for t in times) + " |", flush=True)
+        print(f"| {settings} | " + " | ".join(f"{t:.3f}" for t in times) + " |", flush=True)
     for name, value in defaults.items():
         setattr(tk, name, value)
 
@@ -162,14 +154,13 @@ def sweep(v1_only=False):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--all", action="store_true", help="more shapes and the sorted=True variant")
-    parser.add_argument("--sweep", action="store_true", help="time kernel variants / launch configurations instead")
-    parser.add_argument("--sweep-v1", action="store_true", help="the older sweep: v1 launch configurations only")
+    parser.add_argument("--sweep", action="store_true", help="time launch configurations instead")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_topk: needs a CUDA GPU")
         return
-    if args.sweep or args.sweep_v1:
-        sweep(v1_only=args.sweep_v1)
+    if args.sweep:
+        sweep()
         return
     print(f"device: {torch.cuda.get_device_name()}")
     cudnn_fn = _cudnn_topk()

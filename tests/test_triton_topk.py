@@ -73,11 +73,6 @@ def gen(seed):
 DEV = "cuda" if HAS_CUDA else "cpu"
 
 
-@pytest.fixture(autouse=True, params=["v1", "v2"])
-def variant(request, monkeypatch):
-    """Every test runs against both kernels (tk.VARIANT selects; DSA_TOPK_VARIANT sets its default)."""
-    monkeypatch.setattr(tk, "VARIANT", request.param)
-    return request.param
 # Small steps and samples on the interpreter, so rows of a few thousand columns guess a first threshold and
 # compact their buffer several times.
 TINY = dict(block=64, programs=3, sample=64)
@@ -174,7 +169,7 @@ def test_bad_guess_falls_back():
 
 
 def test_float_admission_edges():
-    # v2 admits with a float compare against the threshold's floor value: -0.0 == +0.0, denormals, values one
+    # The kernel admits with a float compare against the threshold's floor value: -0.0 == +0.0, denormals, values one
     # ulp either side of the threshold, and thresholds next to 0 must all behave as the integer keys do.
     g = gen(9)
     tiny = torch.finfo(torch.float32).smallest_normal
@@ -211,7 +206,7 @@ def test_full_key_range():
 @pytest.mark.parametrize("sorted_out", [False, True])
 def test_k_at_tie_group_boundary(sorted_out):
     # k equal to the number of entries >= some value: the k-th entry closes its tie group, so the select can
-    # stop with "keep every key >= the k-th" (v2's early exit) and nothing equal to the k-th may be dropped.
+    # stop with "keep every key >= the k-th" (the select's early exit) and nothing equal to the k-th may be dropped.
     g = gen(11)
     base = torch.randint(-8, 9, (2500,), generator=g).float() * 0.5
     base[:100] = 0.0
@@ -240,29 +235,26 @@ def test_deterministic():
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
-def compile_for_sm90(variant):
-    """Compiles one kernel variant for sm_90 on any machine (Triton's compiler needs no GPU), sorted or not,
+def compile_for_sm90():
+    """Compiles the kernel for sm_90 on any machine (Triton's compiler needs no GPU), sorted or not,
     with every integer argument a runtime value and then the compile-time constant 1, as a launch with k == 1
     (or one column, one row) makes it: the interpreter never specializes, so only a compile finds code that
     breaks on such constants."""
     from tools.topk_compile_check import compile_for_sm90 as compile_kernel
 
-    v2 = variant == "v2"
-    fn = tk._stream_topk_kernel_v2 if v2 else tk._stream_topk_kernel
-    bufs = [("buf_val_ptr", "*fp32") if v2 else ("buf_key_ptr", "*i32"), ("buf_col_ptr", "*i32")]
+    bufs = [("buf_val_ptr", "*fp32"), ("buf_col_ptr", "*i32")]
     for sorted_out in (False, True):
         for unit_ints in (True, False):
             const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
-                         K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2)
-            if v2:
-                const.update(SELECT_BLOCK=64, RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS),
-                             ASM_STORE=True)  # the inline-PTX stores a GPU launch uses (the interpreter has none)
+                         K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2,
+                         SELECT_BLOCK=64, RADIX_BITS=tk.RADIX_BITS, GUESS_SIGMAS=float(tk.GUESS_SIGMAS),
+                         ASM_STORE=True)  # the inline-PTX stores a GPU launch uses (the interpreter has none)
             if unit_ints:
                 const.update(n_cols=1, row_stride=1, seg_len=1, n_segs=1, n_tasks=1, k=1)
-            compile_kernel(fn, bufs, const, num_warps=1)
+            compile_kernel(tk._stream_topk_kernel, bufs, const, num_warps=1)
 
 
-def test_kernels_compile_for_sm90_with_unit_arguments(variant):
+def test_kernels_compile_for_sm90_with_unit_arguments():
     # In a fresh interpreter without TRITON_INTERPRET (the kernels must be compiled functions, not interpreted).
     import subprocess
     import sys
@@ -273,7 +265,7 @@ def test_kernels_compile_for_sm90_with_unit_arguments(variant):
         pytest.skip("this Triton cannot target a GPU from this machine")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="0")
-    code = f"from tests.test_triton_topk import compile_for_sm90 as c; c({variant!r})"
+    code = "from tests.test_triton_topk import compile_for_sm90 as c; c()"
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

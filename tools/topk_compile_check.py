@@ -1,4 +1,4 @@
-"""Compile the Triton top-k kernels for sm_90 without a GPU (Triton >= 3.x can target a GPUTarget on CPU) and
+"""Compile the Triton top-k kernel for sm_90 without a GPU (Triton >= 3.x can target a GPUTarget on CPU) and
 print registers / spills / shared memory per configuration, from the cubin (cuobjdump shipped with Triton).
 
     python tools/topk_compile_check.py
@@ -60,43 +60,37 @@ def compile_one(fn, buf_types, constexprs, num_warps, maxnreg=None):
 def main():
     k, k_pow2 = 2048, 2048
     print(f"triton {triton.__version__}, target sm_90")
-    print("| kernel | BLOCK | warps | SELECT_BLOCK | SAMPLE | maxnreg | SORTED | COLS_FROM_SRC | HAS_LENGTHS | regs "
+    print("| BLOCK | warps | SELECT_BLOCK | SAMPLE | maxnreg | SORTED | COLS_FROM_SRC | HAS_LENGTHS | regs "
           "| stack (spill) B | shared B | v4 loads in PTX | warps/SM by regs |")
-    print("| --- " * 14 + "|")
+    print("| --- " * 13 + "|")
     failures = 0
     configs = []
     flags = list(itertools.product([False, True], [False, True], [False, True]))  # SORTED, COLS_FROM_SRC, LENGTHS
-    for sorted_out, cols, lens in flags:
-        block = tk.BLOCK
-        cap = (triton.cdiv(2 * k, block) + tk.BUFFER_STEPS) * block
-        configs.append(("v1", tk._stream_topk_kernel, [("buf_key_ptr", "*i32"), ("buf_col_ptr", "*i32")],
-                        dict(HAS_LENGTHS=lens, COLS_FROM_SRC=cols, SORTED=sorted_out, BLOCK=block, CAP=cap,
-                             K_POW2=k_pow2, SAMPLE=tk.SAMPLE, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2), tk.NUM_WARPS, None))
-    # v2: its defaults with every flag, then the other settings of benchmarks/bench_topk.py --sweep (plain kernel)
-    v2_default = (tk.V2_BLOCK, tk.V2_NUM_WARPS, tk.V2_SELECT_BLOCK, tk.V2_SAMPLE, None)
-    v2_settings = [v2_default] + [(256, 1, 256, 1024, 64), (256, 1, 256, 2048, None), (512, 2, 512, 1024, None),
-                                  (1024, 4, 1024, 1024, None)]
-    for block, warps, sel, sample, maxnreg in v2_settings:
+    # The defaults with every flag, then the other settings of benchmarks/bench_topk.py --sweep (plain kernel)
+    bufs = [("buf_val_ptr", "*fp32"), ("buf_col_ptr", "*i32")]
+    default = (tk.BLOCK, tk.NUM_WARPS, tk.SELECT_BLOCK, tk.SAMPLE, None)
+    settings = [default] + [(256, 1, 256, 1024, 64), (256, 1, 256, 2048, None), (512, 2, 512, 1024, None),
+                            (1024, 4, 1024, 1024, None)]
+    for block, warps, sel, sample, maxnreg in settings:
         for sorted_out, cols, lens in flags:
-            if (block, warps, sel, sample, maxnreg) != v2_default and (sorted_out or cols or lens):
+            if (block, warps, sel, sample, maxnreg) != default and (sorted_out or cols or lens):
                 continue
-            cap = (triton.cdiv(tk.V2_CAP_K * k, block) + tk.BUFFER_STEPS) * block
+            cap = (triton.cdiv(tk.CAP_K * k, block) + tk.BUFFER_STEPS) * block
             w = max(warps, min(8, k_pow2 // 1024)) if sorted_out else warps
-            configs.append(("v2", tk._stream_topk_kernel_v2, [("buf_val_ptr", "*fp32"), ("buf_col_ptr", "*i32")],
-                            dict(HAS_LENGTHS=lens, COLS_FROM_SRC=cols, SORTED=sorted_out, BLOCK=block, CAP=cap,
+            configs.append((dict(HAS_LENGTHS=lens, COLS_FROM_SRC=cols, SORTED=sorted_out, BLOCK=block, CAP=cap,
                                  K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2, SELECT_BLOCK=sel,
-                                 RADIX_BITS=tk.V2_RADIX_BITS, GUESS_SIGMAS=float(tk.V2_GUESS_SIGMAS),
+                                 RADIX_BITS=tk.RADIX_BITS, GUESS_SIGMAS=float(tk.GUESS_SIGMAS),
                                  ASM_STORE=True), w, maxnreg))
-    for name, fn, bufs, const, warps, maxnreg in configs:
+    for const, warps, maxnreg in configs:
         try:
-            r = compile_one(fn, bufs, const, warps, maxnreg)
+            r = compile_one(tk._stream_topk_kernel, bufs, const, warps, maxnreg)
         except Exception as exc:  # report and go on
             failures += 1
-            print(f"| {name} | {const['BLOCK']} | {warps} | FAILED: {type(exc).__name__}: {str(exc)[:300]} |")
+            print(f"| {const['BLOCK']} | {warps} | FAILED: {type(exc).__name__}: {str(exc)[:300]} |")
             continue
         per_warp = ((r["reg"] + 7) // 8 * 8) * 32  # registers are allocated per warp in units of 256
         progs = min(32, 65536 // (per_warp * warps), 64 // warps)
-        print(f"| {name} | {const['BLOCK']} | {warps} | {const.get('SELECT_BLOCK', '-')} | {const['SAMPLE']} "
+        print(f"| {const['BLOCK']} | {warps} | {const['SELECT_BLOCK']} | {const['SAMPLE']} "
               f"| {maxnreg} | {const['SORTED']} | {const['COLS_FROM_SRC']} | {const['HAS_LENGTHS']} | {r['reg']} "
               f"| {r['stack'] + r['local']} | {r['shared']} | {r['ld_v4']} | {progs * warps} |", flush=True)
     sys.exit(1 if failures else 0)

@@ -10,18 +10,25 @@ Algorithm: one streaming pass over each row with a candidate buffer and a rising
 the row is never sorted):
 
   * Each float maps to a uint32 "key" whose unsigned order is the float order. NaN maps below -inf; -inf never
-    passes the initial threshold, so neither is ever a candidate.
-  * First threshold: a guess from a sample of the row (SAMPLE values in evenly spaced runs), set so that about
-    1.25 k values should beat it. If fewer than k beat it after all, the row is streamed again from -inf, so the
-    guess only affects speed, never the result.
-  * The row streams through in BLOCK-column steps. An element enters the buffer when its key is above the
-    threshold `thr`. Entries are appended in column order (a prefix count over the block), so the buffer is
-    always in column order.
-  * When the next block would overflow the buffer (CAP entries), the buffer is compacted to exactly its k best
-    entries: the k-th largest key T comes from a 4-round radix select (8 bits a round, on-chip histograms);
-    every key > T stays, and of the keys == T only the first (k - #greater) in column order stay. Then
-    thr = T: a later element with key == T loses the tie to the ones kept (they have smaller columns), so only
-    keys > T can still get in. This is what makes ties exact without any sort.
+    passes the initial threshold, so neither is ever a candidate. The threshold `thr` is a key.
+  * First threshold: a guess from a sample of the row (SAMPLE values in SAMPLE_RUNS evenly spaced runs): the
+    sample's rank expected to hold k of the row's values, plus GUESS_SIGMAS standard deviations of that rank, so
+    that a row almost never has to be streamed twice. If fewer than k beat it after all, the row is streamed
+    again from -inf, so the guess only affects speed, never the result.
+  * The row streams through in BLOCK-column steps. An element enters the buffer when its key is above `thr`,
+    tested as one float compare `v > thr_f` (thr_f: the largest float whose key is <= thr, so the test is exactly
+    `key(v) > thr`; NaN and -inf fail it): no key is built for the streamed values. The buffer holds raw values,
+    turned into keys only when its (few) entries are read back. Entries are appended in column order (a prefix
+    count over the block), so the buffer is always in column order.
+  * When the next block would overflow the buffer (CAP entries, about CAP_K x k), the buffer is compacted to
+    exactly its k best entries. The k-th largest key T comes from a radix select (RADIX_BITS-bit digits, on-chip
+    histograms) on digits RELATIVE to the buffer's range [thr, key(max)] (every buffered key is >= thr; the max
+    comes from one pass over the buffer), so the first round already splits the range the keys really span; and
+    the select stops as soon as the bin holding the k-th entry is needed whole (its count equals what is still
+    missing): then "keep every key >= the bin's low end" is exact with no tie to resolve. Random data usually
+    needs 2 passes over the buffer. Every key > T stays, and of the keys == T only the first (k - #greater) in
+    column order stay. Then thr = T: a later element with key == T loses the tie to the ones kept (they have
+    smaller columns), so only keys > T can still get in. This is what makes ties exact without any sort.
   * At the end of the row the same compaction leaves the answer; it is written in column order (sorted=False)
     or sorted by (value desc, column asc) with one in-register bitonic sort of packed 64-bit (key, ~column).
 
@@ -37,34 +44,51 @@ Programs are persistent: a grid sized to the GPU takes (row, segment) tasks from
 in which programs take tasks varies; each task's result does not depend on which program ran it, so outputs
 are bitwise deterministic). Workspace sizes depend on shapes only, and nothing syncs the host: CUDA-graph safe.
 
-A second kernel, variant "v2" (the default; VARIANT / env DSA_TOPK_VARIANT=v1 picks the first; same results bit
-for bit), runs the same algorithm with a float admission test, a select on digits relative to the buffer's range
-that stops early, and small one-warp programs: see the notes above V2_BLOCK. On an H100 (k=2048) it takes 0.34 ms
-at 4096 x 8192 and 0.86 ms at 4096 x 65536, against v1's 0.49 and 1.34 ms (BENCHMARKS.md).
-tools/topk_compile_check.py compiles both for sm_90 on a machine without a GPU and reports registers and spills.
+The launch shape (small one-warp programs, many per SM) and what bounds a streaming step on a GPU: see the notes
+above BLOCK. tools/topk_compile_check.py compiles the kernel for sm_90 on a machine without a GPU and reports
+registers and spills.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 # ----------------------------------------------------------------------------------------------------------
-# Launch configuration (read by `_plan`; tests shrink BLOCK to reach every code path on tiny inputs).
+# Launch configuration (read at every call by `_topk`, `_launch` and `_plan`; tests shrink BLOCK / SAMPLE to
+# reach every code path on tiny inputs; benchmarks/bench_topk.py --sweep times other settings).
+#
+#   * Many small programs: one warp per program (scans and sums are warp shuffles, no cross-warp barrier) and
+#     32 programs per SM, all resident at once under a 64-register cap, so many rows are in flight at once. One
+#     program holds one row, so a re-streamed row is the kernel's tail: hence the guess's GUESS_SIGMAS margin.
+#   * The streaming step is kept small in instructions, because that is what bounds it (ncu on an H100, Triton
+#     3.6: issue-bound at 56% of the SM, DRAM at 39%): admission is one float compare, buffer writes go through
+#     _store_where (inline PTX on a GPU, so no layout conversion through shared memory), and the select's upper
+#     bound comes from one pass over the buffer at compaction time instead of a running max in every step.
+#     332 -> 183 SASS instructions a step.
+#   * History: an earlier version (4-warp programs of 1024-column steps, 8 per SM, integer keys in the buffer
+#     and a fixed 4-round select of 8-bit digits) took 0.49 / 1.34 ms on an H100 at 4096 x 8192 / 65536
+#     (k=2048), against 0.34 / 0.86 ms for this one (BENCHMARKS.md).
 # ----------------------------------------------------------------------------------------------------------
-VARIANT = os.environ.get("DSA_TOPK_VARIANT", "v2")  # "v2" (default, faster on H100): see the notes above V2_BLOCK; "v1": the kernel below
-BLOCK = 1024            # columns per streaming step: 4 KB of fp32 per program per step (plus 4 KB prefetched)
-NUM_WARPS = 4           # 128 threads: 8 columns per thread per step
-BUFFER_STEPS = 1        # buffer = 2k rounded up to BLOCK, plus this many BLOCKs (more: fewer compactions, more memory)
+BLOCK = 256             # columns per streaming step (8 per thread of one warp)
+NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 // 1024 for its register sort)
+PROGRAMS_PER_SM = 32    # persistent programs per SM, for NUM_WARPS warps each: all resident at once under
+                        # MAX_REGISTERS (each costs CAP x 8 bytes of scratch); extra ones just find no work left
+SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this
+MAX_REGISTERS = 64      # unsorted launches on a GPU: 32 one-warp programs per SM fit (a few values spill to the
+                        # stack); measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
+SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
+RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
+                        # registers and 469 SASS instructions per pass step, against 128 and 765 at 8 bits)
+CAP_K = 3               # buffer = CAP_K * k rounded up to BLOCK, plus BUFFER_STEPS blocks ...
+BUFFER_STEPS = 1        # ... (more: fewer compactions, more memory)
 SAMPLE = 1024           # values sampled per row to guess the first threshold (rows shorter than 4x this: no guess)
 SAMPLE_RUNS = 16        # ... taken as this many evenly spaced contiguous runs
 SAMPLE_ROUNDS = 2       # radix rounds for the guess: its top 16 bits (~1% of its value) are precise enough
-MAX_REGISTERS = None    # per-thread register cap handed to ptxas (None: its choice)
-PROGRAMS_PER_SM = 8     # persistent grid = SMs x this; extra programs that do not fit just find no work left
+GUESS_SIGMAS = 5.0      # margin of the first-threshold guess, in standard deviations of the sampled rank
 MIN_SEGMENT = 32768     # a row is split only into segments at least this long ...
 SEGMENT_PER_K = 8       # ... and at least this many times k, so a segment's top-k really filters it
 
@@ -94,6 +118,13 @@ def _key_to_value(key):
 
 
 @triton.jit
+def _floor_value(t):
+    """The float f with `v > f` <=> `_order_key(v) > t` for every v (t >= key(-inf)); NaN fails both."""
+    t = tl.where(t == 0x7FFFFFFF, 0x7FFFFFFE, t)  # 0x7FFFFFFF would be -0.0's key, which maps to +0.0's
+    return _key_to_value(t)
+
+
+@triton.jit
 def _pick_byte(hist, remaining, prefix, shift: tl.constexpr):
     """One radix-select round: the byte value where the count from the top reaches `remaining`."""
     bins = tl.arange(0, 256)
@@ -104,257 +135,35 @@ def _pick_byte(hist, remaining, prefix, shift: tl.constexpr):
 
 
 @triton.jit
-def _guess_threshold(key, need, ROUNDS: tl.constexpr):
-    """A key that at least `need` of the register tensor's keys reach (1 <= need <= numel): the need-th largest
-    rounded down to its top 8 * ROUNDS bits. Radix rounds of 8 bits, most significant first, each
-    histogramming the keys whose higher bytes match the answer so far."""
-    live = key == key
+def _guess(row_val, col_lo, n_here, need, SAMPLE: tl.constexpr, SAMPLE_RUNS: tl.constexpr,
+           CHUNK: tl.constexpr, ROUNDS: tl.constexpr):
+    """A key that at least `need` of the sample's keys reach (1 <= need <= SAMPLE): the need-th largest rounded
+    down to its top 8 * ROUNDS bits. Radix rounds of 8 bits, most significant first, each histogramming the keys
+    whose higher bytes match the answer so far. The sample (SAMPLE_RUNS evenly spaced runs of the segment) is
+    read in CHUNK-sized pieces in every round (L2 hits after the first), so no SAMPLE-sized register tile
+    exists."""
+    run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
+    lane = tl.arange(0, CHUNK)
+    stride = n_here // SAMPLE_RUNS
     prefix = tl.zeros([], dtype=tl.uint32)
     remaining = need
     for r in tl.static_range(ROUNDS):
         shift = 24 - 8 * r  # constexpr: r comes from static_range
-        if r == 0:
-            in_play = live
-        else:
-            in_play = live & ((key >> (shift + 8)) == (prefix >> (shift + 8)))  # earlier bytes match
-        hist = tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
+        hist = tl.zeros([256], dtype=tl.int32)
+        for c in range(0, SAMPLE, CHUNK):
+            sl = c + lane
+            key = _order_key(tl.load(row_val + (col_lo + (sl // run_len) * stride + sl % run_len)))
+            if r == 0:
+                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256)
+            else:
+                in_play = (key >> (shift + 8)) == (prefix >> (shift + 8))  # earlier bytes match
+                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
         remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
     return prefix
 
 
 @triton.jit
-def _kth_largest_key(buf_key_ptr, cnt, need, BLOCK: tl.constexpr):
-    """Same select over the buffer's first `cnt` keys, read in BLOCK-sized chunks (registers do not grow with
-    the buffer). Returns the key and how many keys exceed it."""
-    lane = tl.arange(0, BLOCK)
-    prefix = tl.zeros([], dtype=tl.uint32)
-    remaining = need
-    for r in tl.static_range(4):
-        shift = 24 - 8 * r
-        hist = tl.zeros([256], dtype=tl.int32)
-        for start in range(0, cnt, BLOCK):
-            offs = start + lane
-            live = offs < cnt
-            key = tl.load(buf_key_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
-            if r == 0:
-                in_play = live
-            else:
-                in_play = live & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
-        remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
-    return prefix, need - remaining
-
-
-@triton.jit
-def _compact(buf_key_ptr, buf_col_ptr, cnt, need, BLOCK: tl.constexpr):
-    """Shrink the buffer's first `cnt` entries (cnt >= need) in place to its `need` best, keeping column order.
-
-    Returns T, the key of the need-th best: every later entry must have key > T to get in.
-    """
-    tl.debug_barrier()  # the appends of all threads must be visible before we read them
-    thr, n_greater = _kth_largest_key(buf_key_ptr, cnt, need, BLOCK)
-    need_equal = need - n_greater  # how many of the keys == thr survive: the first ones in column order
-    lane = tl.arange(0, BLOCK)
-    gt_seen = tl.zeros([], dtype=tl.int32)  # kept entries before this chunk: keys > thr ...
-    eq_seen = tl.zeros([], dtype=tl.int32)  # ... and keys == thr (of which the first need_equal are kept)
-    for start in range(0, cnt, BLOCK):
-        offs = start + lane
-        live = offs < cnt
-        key = tl.load(buf_key_ptr + offs, mask=live, other=0).to(tl.uint32, bitcast=True)
-        is_gt = live & (key > thr)
-        is_eq = live & (key == thr)
-        # One scan counts both kinds: greater in the low 16 bits, equal in the high 16 (BLOCK < 65536).
-        both = is_gt.to(tl.int32) + (is_eq.to(tl.int32) << 16)
-        before = tl.cumsum(both, 0) - both
-        gt_before = gt_seen + (before & 0xFFFF)
-        eq_before = eq_seen + (before >> 16)
-        keep = is_gt | (is_eq & (eq_before < need_equal))
-        pos = gt_before + tl.minimum(eq_before, need_equal)  # <= offs: entries only move left
-        col = tl.load(buf_col_ptr + offs, mask=keep, other=0)
-        tl.debug_barrier()  # this chunk is read by everyone before anyone overwrites it
-        tl.store(buf_key_ptr + pos, key.to(tl.int32, bitcast=True), mask=keep)
-        tl.store(buf_col_ptr + pos, col, mask=keep)
-        gt_seen += tl.sum(is_gt.to(tl.int32), 0)
-        eq_seen += tl.sum(is_eq.to(tl.int32), 0)
-    tl.debug_barrier()
-    return thr
-
-
-@triton.jit
-def _stream(row_val, row_col, col_lo, col_hi, thr, buf_key, buf_col, k,
-            COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr):
-    """Append every column in [col_lo, col_hi) whose key is > thr to the (empty) buffer, compacting to the k
-    best and raising thr whenever a step would overflow it. Returns the number of buffered entries."""
-    lane = tl.arange(0, BLOCK)
-    cnt = tl.zeros([], dtype=tl.int32)
-    # Prefetch one step ahead so the next load is in flight while this step is processed.
-    nxt = col_lo + lane
-    v_next = tl.load(row_val + nxt, mask=nxt < col_hi, other=float("-inf"))
-    for start in range(col_lo, col_hi, BLOCK):
-        cols = start + lane
-        v = v_next
-        nxt = cols + BLOCK
-        v_next = tl.load(row_val + nxt, mask=nxt < col_hi, other=float("-inf"))
-        key = _order_key(v)
-        admit = key > thr
-        n_new = tl.sum(admit.to(tl.int32), 0)
-        if n_new > 0:
-            if cnt + n_new > CAP:
-                thr = _compact(buf_key, buf_col, cnt, k, BLOCK)
-                cnt = k
-                admit = key > thr
-                n_new = tl.sum(admit.to(tl.int32), 0)
-            a = admit.to(tl.int32)
-            pos = cnt + tl.cumsum(a, 0) - a
-            if COLS_FROM_SRC:
-                c = tl.load(row_col + cols, mask=admit, other=0)
-            else:
-                c = cols
-            tl.store(buf_key + pos, key.to(tl.int32, bitcast=True), mask=admit)
-            tl.store(buf_col + pos, c, mask=admit)
-            cnt += n_new
-    return cnt
-
-
-@triton.jit
-def _stream_topk_kernel(
-    src_val_ptr,      # fp32 [n_rows, row_stride]: the scores (stage 1) or segment survivors (stage 2)
-    src_col_ptr,      # int32, same shape: the survivors' columns (COLS_FROM_SRC), else unused
-    lengths_ptr,      # int32 [n_rows] (HAS_LENGTHS), else unused
-    out_val_ptr,      # fp32 [n_tasks, k]
-    out_col_ptr,      # int32 [n_tasks, k]
-    buf_key_ptr,      # uint32 keys [num_programs, CAP] scratch (an int32 tensor)
-    buf_col_ptr,      # int32 [num_programs, CAP] scratch
-    task_counter_ptr,  # int32 [1], zeroed: hands out tasks to programs
-    n_cols, row_stride, seg_len, n_segs, n_tasks, k,
-    HAS_LENGTHS: tl.constexpr,
-    COLS_FROM_SRC: tl.constexpr,
-    SORTED: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CAP: tl.constexpr,
-    K_POW2: tl.constexpr,
-    SAMPLE: tl.constexpr,
-    SAMPLE_RUNS: tl.constexpr,
-    SAMPLE_ROUNDS: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    buf_key = buf_key_ptr + pid * CAP
-    buf_col = buf_col_ptr + pid * CAP
-    sample_lane = tl.arange(0, SAMPLE)
-
-    task = tl.atomic_add(task_counter_ptr, 1)
-    while task < n_tasks:
-        next_task = tl.atomic_add(task_counter_ptr, 1)  # asked for now, so its round trip overlaps this task
-        row = task // n_segs
-        seg = task - row * n_segs
-        col_lo = seg * seg_len
-        col_hi = tl.minimum(col_lo + seg_len, n_cols)
-        if HAS_LENGTHS:
-            col_hi = tl.minimum(col_hi, tl.load(lengths_ptr + row))
-        row_val = src_val_ptr + row.to(tl.int64) * row_stride
-        row_col = src_col_ptr + row.to(tl.int64) * row_stride
-        n_here = col_hi - col_lo
-
-        # Speculative first threshold: from SAMPLE values (SAMPLE_RUNS evenly spaced runs), the key expected to
-        # be beaten by ~1.25 k + a margin of the segment's values. If fewer than k beat it after all, the segment
-        # is streamed again from -inf, so the result stays exact whatever the data.
-        thr = tl.full([], _KEY_NEG_INF, tl.uint32)  # -inf (and NaN) never get in
-        rank = (SAMPLE * k * 5) // (4 * tl.maximum(n_here, 1)) + 16
-        if (n_here >= 4 * SAMPLE) & (rank < SAMPLE):
-            run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
-            s_cols = col_lo + (sample_lane // run_len) * (n_here // SAMPLE_RUNS) + sample_lane % run_len
-            s_key = _order_key(tl.load(row_val + s_cols))
-            guess = _guess_threshold(s_key, rank, SAMPLE_ROUNDS)
-            thr = tl.maximum(tl.maximum(guess, 1) - 1, thr)  # - 1: keys equal to the guess get in too
-        cnt = tl.zeros([], dtype=tl.int32)
-        guessed = thr > _KEY_NEG_INF
-        attempts = 0
-        while attempts < 1 + guessed.to(tl.int32):
-            cnt = _stream(row_val, row_col, col_lo, col_hi, thr, buf_key, buf_col, k, COLS_FROM_SRC, BLOCK, CAP)
-            # Enough got in (always true after a compaction): done. Else the guess was too high: again from -inf.
-            attempts = tl.where(cnt >= k, 2, attempts + 1)
-            thr = tl.full([], _KEY_NEG_INF, tl.uint32)
-            tl.debug_barrier()
-
-        if cnt > k:
-            _compact(buf_key, buf_col, cnt, k, BLOCK)
-            cnt = k
-        else:
-            tl.debug_barrier()  # appends visible to all threads
-
-        # Emit the (at most k) survivors, padded with (-inf, -1).
-        out_val_row = out_val_ptr + task.to(tl.int64) * k
-        out_col_row = out_col_ptr + task.to(tl.int64) * k
-        if SORTED:
-            # One in-register sort, descending on (key, ~col) == value descending, then column ascending; pads
-            # (key(-inf), ~-1 = 0) sort last.
-            offs = tl.arange(0, K_POW2)
-            live = offs < cnt
-            key = tl.load(buf_key + offs, mask=live, other=_KEY_NEG_INF).to(tl.uint32, bitcast=True)
-            col = tl.load(buf_col + offs, mask=live, other=-1)
-            lo = (~col).to(tl.uint32, bitcast=True).to(tl.uint64)
-            packed = tl.sort((key.to(tl.uint64) << 32) | lo, descending=True)
-            key = (packed >> 32).to(tl.uint32)
-            col = ~(packed.to(tl.uint32).to(tl.int32, bitcast=True))
-            tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
-            tl.store(out_col_row + offs, col, mask=offs < k)
-        else:
-            # Column order, in BLOCK-sized pieces (no big register tile).
-            for start in range(0, k, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                live = offs < cnt
-                key = tl.load(buf_key + offs, mask=live, other=_KEY_NEG_INF).to(tl.uint32, bitcast=True)
-                col = tl.load(buf_col + offs, mask=live, other=-1)
-                tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
-                tl.store(out_col_row + offs, col, mask=offs < k)
-        tl.debug_barrier()  # the buffer is read by everyone before the next task refills it
-        task = next_task
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Variant "v2" (DSA_TOPK_VARIANT=v2 or VARIANT = "v2"): same algorithm and results, cheaper per step.
-#
-#   * Admission is one float compare `v > thr_f` (thr_f: the largest float whose key is <= thr, so the test is
-#     exactly `key(v) > thr`; NaN and -inf fail it) instead of building every element's key; the buffer holds
-#     raw values, converted to keys only when the (few) buffered entries are read back.
-#   * The k-th key is found with radix digits RELATIVE to [thr, key(max admitted)] (thr: every buffered key is
-#     >= it; the max is tracked element-wise in registers during the stream, reduced once), so the first round
-#     already splits the buffer's real range; and the select stops as soon as the bin holding the k-th entry is
-#     needed whole (its count equals what is still missing): then "keep every key >= the bin's low end" is exact
-#     with no tie to resolve. Random data usually needs 2 passes over the buffer instead of 4.
-#   * Launch shape for many small programs: by default one warp per program (scans and sums are warp
-#     shuffles, no cross-warp barrier) and 32 programs per SM, so many more rows are in flight at once.
-#   * The first-threshold guess aims at k + V2_GUESS_SIGMAS standard deviations of the sample's rank, so a row
-#     almost never has to be streamed twice (one program holds one row; a re-streamed row is the kernel's tail).
-#   * The streaming step is kept small in instructions, because that is what bounds it (ncu on an H100, Triton 3.6:
-#     issue-bound at 56% of the SM, DRAM at 39%): buffer writes go through _store_where (inline PTX on a GPU, so
-#     no layout conversion through shared memory), and the select's upper bound comes from one pass over the
-#     buffer at compaction time instead of a running max in every step. 332 -> 183 SASS instructions a step.
-# ----------------------------------------------------------------------------------------------------------
-V2_BLOCK = 256             # columns per streaming step (8 per thread of one warp)
-V2_NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 // 1024 for its register sort)
-V2_PROGRAMS_PER_SM = 32    # persistent programs per SM, for V2_NUM_WARPS warps each: all resident at once under
-                           # V2_MAX_REGISTERS (each costs CAP x 8 bytes of scratch)
-V2_SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
-V2_RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
-                           # registers and 469 SASS instructions per pass step, against 128 and 765 at 8 bits)
-V2_SAMPLE = 1024
-V2_GUESS_SIGMAS = 5.0      # margin of the first-threshold guess, in standard deviations of the sampled rank
-V2_CAP_K = 3               # buffer = V2_CAP_K * k rounded up to BLOCK, plus BUFFER_STEPS blocks
-V2_SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this (as v1 with 8 programs)
-V2_MAX_REGISTERS = 64      # unsorted launches: 32 one-warp programs per SM fit (a few values spill to the stack);
-                           # measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
-
-
-@triton.jit
-def _floor_value(t):
-    """The float f with `v > f` <=> `_order_key(v) > t` for every v (t >= key(-inf)); NaN fails both."""
-    t = tl.where(t == 0x7FFFFFFF, 0x7FFFFFFE, t)  # 0x7FFFFFFF would be -0.0's key, which maps to +0.0's
-    return _key_to_value(t)
-
-
-@triton.jit
-def _select_v2(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _select(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
     """The need-th largest key among the buffer's first cnt values (need <= cnt), all with keys in [lo, hi].
 
     Returns (T, n_greater): the need best are the keys > T plus the first (need - n_greater) keys == T in
@@ -396,10 +205,12 @@ def _select_v2(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BIT
 
 
 @triton.jit
-def _compact_v2(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
-                ASM_STORE: tl.constexpr):
-    """v1's _compact on a buffer of raw values. Returns the new threshold: later entries need key > it."""
-    tl.debug_barrier()
+def _compact(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+             ASM_STORE: tl.constexpr):
+    """Shrink the buffer's first `cnt` entries (cnt >= need, every key >= lo) in place to its `need` best,
+    keeping column order. Returns T, the key of the need-th best: every later entry must have key > T to get in.
+    """
+    tl.debug_barrier()  # the appends of all threads must be visible before we read them
     lane = tl.arange(0, SELECT_BLOCK)
     # The select's range [lo, key(max)]: one pass over the buffer here costs less than a running max in the
     # stream (which saw ~30x more values than the buffer holds).
@@ -407,10 +218,10 @@ def _compact_v2(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RAD
     for start in range(0, cnt, SELECT_BLOCK):
         offs = start + lane
         vmax = tl.maximum(vmax, tl.load(buf_val + offs, mask=offs < cnt, other=float("-inf")))
-    thr, n_greater = _select_v2(buf_val, cnt, need, lo, _order_key(tl.max(vmax, 0)), SELECT_BLOCK, RADIX_BITS)
-    need_equal = need - n_greater
-    gt_seen = tl.zeros([], dtype=tl.int32)
-    eq_seen = tl.zeros([], dtype=tl.int32)
+    thr, n_greater = _select(buf_val, cnt, need, lo, _order_key(tl.max(vmax, 0)), SELECT_BLOCK, RADIX_BITS)
+    need_equal = need - n_greater  # how many of the keys == thr survive: the first ones in column order
+    gt_seen = tl.zeros([], dtype=tl.int32)  # kept entries before this chunk: keys > thr ...
+    eq_seen = tl.zeros([], dtype=tl.int32)  # ... and keys == thr (of which the first need_equal are kept)
     for start in range(0, cnt, SELECT_BLOCK):
         offs = start + lane
         live = offs < cnt
@@ -418,14 +229,15 @@ def _compact_v2(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RAD
         key = _order_key(v)
         is_gt = live & (key > thr)
         is_eq = live & (key == thr)
+        # One scan counts both kinds: greater in the low 16 bits, equal in the high 16 (SELECT_BLOCK < 65536).
         both = is_gt.to(tl.int32) + (is_eq.to(tl.int32) << 16)
         before = tl.cumsum(both, 0) - both
         gt_before = gt_seen + (before & 0xFFFF)
         eq_before = eq_seen + (before >> 16)
         keep = is_gt | (is_eq & (eq_before < need_equal))
-        pos = gt_before + tl.minimum(eq_before, need_equal)
+        pos = gt_before + tl.minimum(eq_before, need_equal)  # <= offs: entries only move left
         col = tl.load(buf_col + offs, mask=keep, other=0)
-        tl.debug_barrier()
+        tl.debug_barrier()  # this chunk is read by everyone before anyone overwrites it
         _store_where(buf_val + pos, v, keep, ASM_STORE)
         _store_where(buf_col + pos, col, keep, ASM_STORE)
         gt_seen += tl.sum(is_gt.to(tl.int32), 0)
@@ -451,12 +263,13 @@ def _store_where(ptr, value, mask, ASM: tl.constexpr):
 
 
 @triton.jit
-def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
-               COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
-               SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr,
-               ASM_STORE: tl.constexpr):
-    """v1's _stream with a float admission test. Returns (entries buffered, threshold (every buffered key is
-    >= it)).
+def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
+            COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
+            SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr,
+            ASM_STORE: tl.constexpr):
+    """Append every column in [col_lo, col_hi) whose key is > thr to the (empty) buffer, compacting to the k
+    best and raising thr whenever a step would overflow it. Returns (entries buffered, threshold (every buffered
+    key is >= it)).
 
     The inner loop streams until a step would overflow the buffer and then leaves; the compaction runs outside
     it (none of the loop's register tiles is live there), and the step that did not fit is loaded again.
@@ -467,6 +280,7 @@ def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col,
     start = col_lo
     while start < col_hi:
         thr_f = _floor_value(thr)
+        # Prefetch one step ahead so the next load is in flight while this step is processed.
         nxt = start + lane
         v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
         full = tl.zeros([], dtype=tl.int32)
@@ -495,42 +309,21 @@ def _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col,
                 start += BLOCK
         if full != 0:
             # cnt > k here (cnt + n_new > CAP >= k + BLOCK); afterwards the step fits (k + BLOCK <= CAP).
-            thr = _compact_v2(buf_val, buf_col, cnt, k, thr, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
+            thr = _compact(buf_val, buf_col, cnt, k, thr, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
             cnt = k
     return cnt, thr
 
 
 @triton.jit
-def _guess_v2(row_val, col_lo, n_here, need, SAMPLE: tl.constexpr, SAMPLE_RUNS: tl.constexpr,
-              CHUNK: tl.constexpr, ROUNDS: tl.constexpr):
-    """_guess_threshold over the sample (SAMPLE_RUNS evenly spaced runs of the segment), read in CHUNK-sized
-    pieces in every round (L2 hits after the first), so no SAMPLE-sized register tile exists."""
-    run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
-    lane = tl.arange(0, CHUNK)
-    stride = n_here // SAMPLE_RUNS
-    prefix = tl.zeros([], dtype=tl.uint32)
-    remaining = need
-    for r in tl.static_range(ROUNDS):
-        shift = 24 - 8 * r
-        hist = tl.zeros([256], dtype=tl.int32)
-        for c in range(0, SAMPLE, CHUNK):
-            sl = c + lane
-            key = _order_key(tl.load(row_val + (col_lo + (sl // run_len) * stride + sl % run_len)))
-            if r == 0:
-                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256)
-            else:
-                in_play = (key >> (shift + 8)) == (prefix >> (shift + 8))
-                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
-        remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
-    return prefix
-
-
-@triton.jit
-def _stream_topk_kernel_v2(
-    src_val_ptr, src_col_ptr, lengths_ptr, out_val_ptr, out_col_ptr,
+def _stream_topk_kernel(
+    src_val_ptr,      # fp32 [n_rows, row_stride]: the scores (stage 1) or segment survivors (stage 2)
+    src_col_ptr,      # int32, same shape: the survivors' columns (COLS_FROM_SRC), else unused
+    lengths_ptr,      # int32 [n_rows] (HAS_LENGTHS), else unused
+    out_val_ptr,      # fp32 [n_tasks, k]
+    out_col_ptr,      # int32 [n_tasks, k]
     buf_val_ptr,      # fp32 [num_programs, CAP] scratch (raw values)
     buf_col_ptr,      # int32 [num_programs, CAP] scratch
-    task_counter_ptr,
+    task_counter_ptr,  # int32 [1], zeroed: hands out tasks to programs
     n_cols, row_stride, seg_len, n_segs, n_tasks, k,
     HAS_LENGTHS: tl.constexpr,
     COLS_FROM_SRC: tl.constexpr,
@@ -546,7 +339,6 @@ def _stream_topk_kernel_v2(
     GUESS_SIGMAS: tl.constexpr,
     ASM_STORE: tl.constexpr = False,
 ):
-    """_stream_topk_kernel with the v2 stream / select (see the notes above V2_BLOCK)."""
     pid = tl.program_id(0)
     buf_val = buf_val_ptr + pid * CAP
     buf_col = buf_col_ptr + pid * CAP
@@ -554,7 +346,7 @@ def _stream_topk_kernel_v2(
 
     task = tl.atomic_add(task_counter_ptr, 1)
     while task < n_tasks:
-        next_task = tl.atomic_add(task_counter_ptr, 1)
+        next_task = tl.atomic_add(task_counter_ptr, 1)  # asked for now, so its round trip overlaps this task
         row = task // n_segs
         seg = task - row * n_segs
         col_lo = seg * seg_len
@@ -569,33 +361,38 @@ def _stream_topk_kernel_v2(
         n_here = col_hi - col_lo
 
         # First threshold: the sample's rank expected to hold k of the segment, plus GUESS_SIGMAS of its spread.
-        thr = tl.full([], _KEY_NEG_INF, tl.uint32)
+        # If fewer than k beat it after all, the segment is streamed again from -inf, so the result stays exact.
+        thr = tl.full([], _KEY_NEG_INF, tl.uint32)  # -inf (and NaN) never get in
         # (k + a fp32 zero: a launch with k == 1 makes k a compile-time constant, which has no .to())
         expect = SAMPLE * (k + tl.zeros([], dtype=tl.float32)) / tl.maximum(n_here, 1).to(tl.float32)
         rank = (expect + GUESS_SIGMAS * tl.sqrt(expect)).to(tl.int32) + 4
         if (n_here >= 4 * SAMPLE) & (rank < SAMPLE):
-            guess = _guess_v2(row_val, col_lo, n_here, rank, SAMPLE, SAMPLE_RUNS, SAMPLE_CHUNK, SAMPLE_ROUNDS)
-            thr = tl.maximum(tl.maximum(guess, 1) - 1, thr)
+            guess = _guess(row_val, col_lo, n_here, rank, SAMPLE, SAMPLE_RUNS, SAMPLE_CHUNK, SAMPLE_ROUNDS)
+            thr = tl.maximum(tl.maximum(guess, 1) - 1, thr)  # - 1: keys equal to the guess get in too
         guessed = thr > _KEY_NEG_INF
         cnt = tl.zeros([], dtype=tl.int32)
         lo = thr
         attempts = 0
         while attempts < 1 + guessed.to(tl.int32):
-            cnt, lo = _stream_v2(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
-                                       COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE)
+            cnt, lo = _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
+                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE)
+            # Enough got in (always true after a compaction): done. Else the guess was too high: again from -inf.
             attempts = tl.where(cnt >= k, 2, attempts + 1)
             thr = tl.full([], _KEY_NEG_INF, tl.uint32)
             tl.debug_barrier()
 
         if cnt > k:
-            _compact_v2(buf_val, buf_col, cnt, k, lo, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
+            _compact(buf_val, buf_col, cnt, k, lo, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
             cnt = k
         else:
-            tl.debug_barrier()
+            tl.debug_barrier()  # appends visible to all threads
 
+        # Emit the (at most k) survivors, padded with (-inf, -1).
         out_val_row = out_val_ptr + task.to(tl.int64) * k
         out_col_row = out_col_ptr + task.to(tl.int64) * k
         if SORTED:
+            # One in-register sort, descending on (key, ~col) == value descending, then column ascending; pads
+            # (key(-inf), ~-1 = 0) sort last.
             offs = tl.arange(0, K_POW2)
             live = offs < cnt
             key = _order_key(tl.load(buf_val + offs, mask=live, other=float("-inf")))
@@ -607,6 +404,7 @@ def _stream_topk_kernel_v2(
             tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
             tl.store(out_col_row + offs, col, mask=offs < k)
         else:
+            # Column order, in SELECT_BLOCK-sized pieces (no big register tile).
             for start in range(0, k, SELECT_BLOCK):
                 offs = start + tl.arange(0, SELECT_BLOCK)
                 live = offs < cnt
@@ -614,7 +412,7 @@ def _stream_topk_kernel_v2(
                 col = tl.load(buf_col + offs, mask=live, other=-1)
                 tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
                 tl.store(out_col_row + offs, col, mask=offs < k)
-        tl.debug_barrier()
+        tl.debug_barrier()  # the buffer is read by everyone before the next task refills it
         task = next_task
 
 
@@ -623,9 +421,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _programs_available(device: torch.device) -> int:
+def _programs_available(device: torch.device, per_sm: int | None = None) -> int:
+    """Persistent programs for a launch on `device`: SMs x per_sm (default PROGRAMS_PER_SM) on a GPU."""
     if device.type == "cuda":
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * PROGRAMS_PER_SM
+        per_sm = PROGRAMS_PER_SM if per_sm is None else per_sm
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device()) * per_sm
     return 4  # Triton interpreter on CPU tensors: a few programs, so the task hand-out is exercised
 
 
@@ -640,15 +440,17 @@ def _plan(n_rows: int, n_cols: int, k: int, programs: int, block: int, min_segme
     return n_segs, seg_len
 
 
-def _launch_v2(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
-               sorted_out, block, programs, sample, select_block):
+def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
+            sorted_out, block, programs, sample, select_block):
     n_tasks = n_rows * n_segs
     k_pow2 = triton.next_power_of_2(max(k, 1))
-    cap = (triton.cdiv(V2_CAP_K * k, block) + BUFFER_STEPS) * block
-    warps = V2_NUM_WARPS
-    if sorted_out:  # the in-register sort of K_POW2 packed entries: at most 32 per thread, as v1 at k = 4096
+    # Buffer entries per program: room for what passes a good first threshold (k plus the guess's margin) without
+    # any compaction, and >= k + BLOCK, so a compaction always frees room for a whole step.
+    cap = (triton.cdiv(CAP_K * k, block) + BUFFER_STEPS) * block
+    warps = NUM_WARPS
+    if sorted_out:  # the in-register sort of K_POW2 packed entries: at most 32 per thread (up to 8 warps)
         warps = max(warps, min(8, k_pow2 // 1024))
-        programs = max(1, programs * V2_NUM_WARPS // warps)
+        programs = max(1, programs * NUM_WARPS // warps)
     # Equal waves: every program takes the same number of tasks (4096 rows on 4224 programs run as one wave of
     # 4096, not 4224 then a tail; a 1.3-wave grid cost 15% at 4096 x 65536 on an H100).
     grid = max(1, triton.cdiv(n_tasks, triton.cdiv(n_tasks, max(1, programs))))
@@ -656,57 +458,28 @@ def _launch_v2(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_
     buf_val = torch.empty(grid * cap, dtype=torch.float32, device=device)
     buf_col = torch.empty(grid * cap, dtype=torch.int32, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    capped = V2_MAX_REGISTERS is not None and device.type == "cuda" and not sorted_out  # the sort needs registers
-    extra = {"maxnreg": V2_MAX_REGISTERS} if capped else {}
-    _stream_topk_kernel_v2[(grid,)](
+    capped = MAX_REGISTERS is not None and device.type == "cuda" and not sorted_out  # the sort needs registers
+    extra = {"maxnreg": MAX_REGISTERS} if capped else {}
+    _stream_topk_kernel[(grid,)](
         src_val, src_col if src_col is not None else src_val, lengths if lengths is not None else src_val,
         out_val, out_col, buf_val, buf_col, counter,
         n_cols, row_stride, seg_len, n_segs, n_tasks, k,
         HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
         BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample),
-        SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=V2_RADIX_BITS,
-        GUESS_SIGMAS=float(V2_GUESS_SIGMAS), ASM_STORE=device.type == "cuda",
+        SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=RADIX_BITS,
+        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda",
         num_warps=warps,
         **extra,
     )
 
 
-def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
-            sorted_out, block, programs, sample):
-    n_tasks = n_rows * n_segs
-    k_pow2 = triton.next_power_of_2(max(k, 1))
-    # Buffer entries per program: room for the ~1.25 k that pass a good first threshold without any compaction,
-    # and >= k + BLOCK, so a compaction always frees room for a whole step.
-    cap = (triton.cdiv(2 * k, block) + BUFFER_STEPS) * block
-    grid = max(1, min(programs, n_tasks))
-    device = src_val.device
-    buf_key = torch.empty(grid * cap, dtype=torch.int32, device=device)
-    buf_col = torch.empty(grid * cap, dtype=torch.int32, device=device)
-    counter = torch.zeros(1, dtype=torch.int32, device=device)
-    extra = {} if MAX_REGISTERS is None or device.type != "cuda" else {"maxnreg": MAX_REGISTERS}
-    _stream_topk_kernel[(grid,)](
-        src_val, src_col if src_col is not None else src_val, lengths if lengths is not None else src_val,
-        out_val, out_col, buf_key, buf_col, counter,
-        n_cols, row_stride, seg_len, n_segs, n_tasks, k,
-        HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
-        BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample), SAMPLE_ROUNDS=SAMPLE_ROUNDS,
-        num_warps=NUM_WARPS,
-        **extra,
-    )
-
-
 def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None,
-          variant=None, out=None):
+          out=None):
     """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path)."""
-    variant = VARIANT if variant is None else variant
-    if variant not in ("v1", "v2"):
-        raise ValueError(f"unknown top-k variant {variant!r} (DSA_TOPK_VARIANT: v1 or v2)")
-    v2 = variant == "v2"
-    default_block = V2_BLOCK if v2 else BLOCK
-    # v2's select / output step scales with the stream step (tests shrink both).
-    select_block = V2_SELECT_BLOCK if block is None else max(16, V2_SELECT_BLOCK * block // V2_BLOCK)
-    block = default_block if block is None else block
-    sample = (V2_SAMPLE if v2 else SAMPLE) if sample is None else sample
+    # The select / output step scales with the stream step (tests shrink both).
+    select_block = SELECT_BLOCK if block is None else max(16, SELECT_BLOCK * block // BLOCK)
+    block = BLOCK if block is None else block
+    sample = SAMPLE if sample is None else sample
     min_segment = MIN_SEGMENT if min_segment is None else min_segment
     lead = scores.shape[:-1]
     n_cols = scores.shape[-1]
@@ -727,33 +500,24 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
     lens = None if lengths is None else lengths.reshape(n_rows).to(torch.int32).contiguous()
     if programs is None:
         programs = _programs_available(device)
-        split_programs = programs
-        if v2 and device.type == "cuda":
-            sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-            programs = sms * V2_PROGRAMS_PER_SM
-            split_programs = sms * V2_SPLIT_PROGRAMS_PER_SM
+        split_programs = _programs_available(device, SPLIT_PROGRAMS_PER_SM)
     else:
         split_programs = programs
 
-    if v2:
-        def launch(*args):
-            _launch_v2(*args, select_block)
-    else:
-        launch = _launch
     n_segs, seg_len = _plan(n_rows, n_cols, k, split_programs, block, min_segment)
     if n_segs == 1:
-        launch(src, None, lens, out_val, out_col, n_rows, n_cols, max(n_cols, 1), n_cols, 1, k,
-               sorted, block, programs, sample)
+        _launch(src, None, lens, out_val, out_col, n_rows, n_cols, max(n_cols, 1), n_cols, 1, k,
+                sorted, block, programs, sample, select_block)
         return out_col, out_val
     # Stage 1: each segment's top-k, in column order, padded with (-inf, -1).
     part_val = torch.empty(n_rows, n_segs, k, dtype=torch.float32, device=device)
     part_col = torch.empty(n_rows, n_segs, k, dtype=torch.int32, device=device)
-    launch(src, None, lens, part_val, part_col, n_rows, n_cols, n_cols, seg_len, n_segs, k,
-           False, block, programs, sample)
+    _launch(src, None, lens, part_val, part_col, n_rows, n_cols, n_cols, seg_len, n_segs, k,
+            False, block, programs, sample, select_block)
     # Stage 2: the row's top-k among its segments' survivors.
     width = n_segs * k
-    launch(part_val, part_col, None, out_val, out_col, n_rows, width, width, width, 1, k,
-           sorted, block, programs, sample)
+    _launch(part_val, part_col, None, out_val, out_col, n_rows, width, width, width, 1, k,
+            sorted, block, programs, sample, select_block)
     return out_col, out_val
 
 

@@ -7,9 +7,12 @@
 #   bash tools/device_session.sh profile                                 # ncu on top-k, top-k tests (no staging)
 #   bash tools/device_session.sh topk                                    # top-k settings sweep + GPU tests
 #   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
-# Next GPU session, still unverified there: the top-k GPU tests for ties, lengths and graph capture, the 27
-# tests of test_out_variants / test_v4_ops / test_nsa_ops / test_dispatch / compile_tests that a forced backend
-# broke on 2026-11-25, the in-place out variants, and `benchmarks.run` without --quick.
+# Next GPU session: `benchmarks.run` without --quick (169 cases, more than one 600 s call: split with --ops),
+# an ncu profile of the CuTe-DSL backward (0.55x cuDNN, never profiled yet), and the top-k tests' small shapes on
+# the GPU after the v1 removal (the kernel's PTX did not change). For plots on the GPU machine, carry matplotlib
+# for Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
+# manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then
+# `pip install --no-index --no-deps --target /opt/mpl .device/mpl/*.whl` and add /opt/mpl to PYTHONPATH.
 # Every command has a wall-clock cap (a hung kernel costs its cap, not the call); logs go to $OUT.
 # The dispatch is never forced here: a forced backend makes every call it cannot run (CPU, fp64) an error.
 set -uo pipefail

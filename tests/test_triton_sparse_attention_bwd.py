@@ -386,3 +386,19 @@ def test_cuda_deterministic_bitwise_10_runs():
         again = run(case, deterministic=True)
         for a, b in zip(first, again):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rows, n", [(1, 8), (37, 48), (300, 512)])
+def test_row_dot_matches_fp64(rows, n):
+    """`row_dot` (the CuTe-DSL backward's Delta = out . dout): odd row counts, a width that is not a
+    power of two, fresh random inputs; bf16 on the GPU, fp16 in the interpreter."""
+    from csrc_dsl.triton.sparse_attention_bwd import row_dot
+
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float16
+    g = torch.Generator(device=DEVICE).manual_seed(rows * 1000 + n)
+    a = torch.randn(rows, 3, n, generator=g, device=DEVICE).to(dtype)
+    b = torch.randn(rows, 3, n, generator=g, device=DEVICE).to(dtype)
+    got = row_dot(a, b)
+    assert got.dtype == torch.float32 and got.shape == (rows, 3)
+    want = (a.double() * b.double()).sum(-1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * n ** 0.5)

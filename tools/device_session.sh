@@ -7,10 +7,13 @@
 #   bash tools/device_session.sh profile                                 # ncu on top-k, top-k tests (no staging)
 #   bash tools/device_session.sh topk                                    # top-k settings sweep + GPU tests
 #   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
-# Next GPU session: `benchmarks.run` without --quick (169 cases, more than one 600 s call: split with --ops),
-# an ncu profile of the CuTe-DSL backward (0.55x cuDNN, never profiled yet), and the top-k tests' small shapes on
-# the GPU after the v1 removal (the kernel's PTX did not change). For plots on the GPU machine, carry matplotlib
-# for Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
+#   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
+#   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
+# The full suite (`python -m benchmarks.run --also-backends triton`, 169 cases) ran in one call in 332 s (19:35 UTC,
+# 2026-11-25). Next GPU session: the CuTe-DSL backward's dkv reductions with a dedicated staging buffer (see
+# csrc_dsl/cute/sm90/sparse_attention_bwd.py), and the top-k tests' small shapes after the v1 removal.
+# The GPU machine drew plots (matplotlib was importable there on 2026-11-25); if it is not, carry wheels for
+# Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
 # manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then
 # `pip install --no-index --no-deps --target /opt/mpl .device/mpl/*.whl` and add /opt/mpl to PYTHONPATH.
 # Every command has a wall-clock cap (a hung kernel costs its cap, not the call); logs go to $OUT.
@@ -18,7 +21,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cute | bench | recheck | profile | topk | full | verify}; shift || true
+phase=${1:?phase: cute | bench | recheck | profile | topk | full | bwdprof | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -70,6 +73,26 @@ full)      # staged: top-k against cuDNN, the given tests, then every op of the 
   if [ $# -gt 0 ]; then capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; fi
   capped 330 bench_full.log python -m benchmarks.run --also-backends triton --rep-ms 100 --max-seconds 270 \
     --out "$OUT/full"
+  ;;
+bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three H), then ncu at H = 64
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 200 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
+    --ablation none kernel no_dkv_write no_dkv
+  capped 200 ncu_bwd.log ncu -k regex:SparseAttentionBwdSm90 --launch-skip 2 --launch-count 1 --set full \
+    -f -o "$OUT/bwd_h64" python -m tools.profile_bwd 64 4096
+  ncu -i "$OUT/bwd_h64.ncu-rep" --page details > "$OUT/ncu_bwd_h64_details.txt" 2>&1
+  ncu -i "$OUT/bwd_h64.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_bwd_h64_sass.csv" 2>&1
+  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
+    "$OUT/ncu_bwd_h64_details.txt" | head -40
+  if [ $# -gt 0 ]; then capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; fi
+  ;;
+bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
+  capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
+  capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
+    --ablation none kernel no_dkv_write no_dkv
+  capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
+    --also-backends triton --no-overhead --out "$OUT/bwd"
+  capped 60 bench_dkv_reduction.log python -m benchmarks.bench_dkv_reduction
   ;;
 verify)
   capped 120 decode_server.log python -m examples.decode_server --compile

@@ -368,6 +368,34 @@ def _reduce_kernel(
         tl.store(acc_ptrs, acc, mask=col_mask)
 
 
+# --------------------------------------------------------------------------------------------
+# Delta = out . dout for the CuTe-DSL backward (the Triton one forms it inside _scores_kernel)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, N: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < N)
+    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, tl.sum(a * b, axis=1), mask=rows < n_rows)
+
+
+def row_dot(a, b):
+    """sum(a * b, -1) in fp32 for contiguous [..., N] tensors, reading each input once (torch would
+    make fp32 copies of both: 1.6 ms of the CuTe-DSL backward at T=4096, H=64, measured)."""
+    n = a.shape[-1]
+    out = torch.empty(a.shape[:-1], dtype=torch.float32, device=a.device)
+    n_rows = out.numel()
+    if n_rows:
+        block_r = 16
+        _row_dot_kernel[(triton.cdiv(n_rows, block_r),)](a, b, out, n_rows, N=n, BLOCK_N=_next_pow2(n),
+                                                         BLOCK_R=block_r, num_warps=4)
+    return out
+
+
 def _slots_by_kv_row(indices, topk_length, num_kv_rows):
     """Inverse index: the valid slots (flat t*K + j) sorted by kv row id, ascending slot order
     within a row (a stable sort), and a sort key for searching chunk boundaries. All on device."""

@@ -21,17 +21,24 @@ d_sink = -sum_t exp(sink - L) * Delta, the shift of the kernel's Delta by a grad
 
 Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25), and it is in the SM90
 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured faster elsewhere).
-Measured: 240 TFLOP/s at H=64 and 128 (T=4096, K=2048, D=576), 1.2-1.3x the Triton backward but 0.57x
-cuDNN's SM90 backward (BENCHMARKS.md).
-Expected bottleneck (not yet profiled): the dkv scatter. Each CTA sends 32 x D fp32 values per tile; the wgmma accumulator
-gives a thread two neighbouring KEYS (different kv rows), never neighbouring columns, so the reductions
-are scalar `red.global.add.f32` (coalesced 32 bytes per 8 lanes). If the benchmark shows it, the next
-step is to stage each dkv^T block through smem and send whole rows with `cp.reduce.async.bulk .add.f32`
-(one 2304-byte bulk reduction per kv row), which needs about 8 KB of smem per consumer (today 2 KB are
-free at D = 576, so it needs one of: P/dS exchange in registers, or dO read as a register operand).
+Measured (BENCHMARKS.md, T=4096, K=2048, D=576): 271 / 270 TFLOP/s at H=64 / 128, 1.35-1.48x the Triton
+backward, 0.63-0.64x cuDNN's SM90 backward in the same run.
+Where the time goes (kernel alone, H=64: 10.8 ms): without the dkv writes 6.6 ms, without the dkv
+products too 3.6 ms; ncu: L2 at 72% of its peak, DRAM 4%. The dkv reductions are 2048 x 576 fp32 values
+per (token, 64-head) CTA, i.e. 19 GB at H=64; each warp instruction sends 32-byte pieces of 8 kv rows.
+Tried on the H100 and NOT kept, because neither was faster (branches experiments/dkv-*):
+  - 16-byte `red.v4` after a 4 x 4 lane transpose, and two dkv accumulators so that a block's wgmma
+    overlaps the previous block's writes: within noise (10.7-12.1 ms);
+  - staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines (L2 takes
+    those 1.6x faster in isolation, benchmarks/bench_dkv_reduction.py): 12.5 ms. The no-write ablation
+    went from 6.6 to 8.1 ms with it: the stage held through the dkv phase (the gather waits longer) and
+    the shared-memory round trip cost more than the wider lines saved.
+Next: a dedicated staging buffer (smem is full: Q 72 KB, dO 64 KB, kv 72 KB), e.g. by reading P from the
+bf16 tile instead of the fp32 exchange, or fewer kv stages of more rows.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -195,9 +202,14 @@ def row_terms(out, dout, lse, attn_sink, grad_lse=None):
 
 
 def _delta(out, dout):
-    """Delta[t, h] = out[t, h] . dout[t, h] in fp32, in chunks (no [T, H, d_v] fp32 temporary)."""
+    """Delta[t, h] = out[t, h] . dout[t, h] in fp32: one Triton pass on the GPU; on the CPU (tests of
+    `row_terms`) torch in chunks, with no [T, H, d_v] fp32 temporary."""
     import torch
 
+    if out.is_cuda:
+        from csrc_dsl.triton.sparse_attention_bwd import row_dot
+
+        return row_dot(out, dout)
     num_tokens, num_heads, d_v = out.shape
     flat_out, flat_dout = out.reshape(-1, d_v), dout.reshape(-1, d_v)
     delta = torch.empty(flat_out.shape[0], dtype=torch.float32, device=out.device)
@@ -280,6 +292,14 @@ _CACHE = KernelCache(
 )
 
 
+# The benchmark's kernel-alone variants: BwdConfig fields over the defaults.
+_KERNEL_VARIANTS = {
+    "kernel": {},
+    "no_dkv_write": {"ablation": "no_dkv_write"},
+    "no_dkv": {"ablation": "no_dkv"},
+}
+
+
 def _benchmark(argv=None) -> None:
     """`python -m csrc_dsl.cute.sm90.sparse_attention_bwd [--T 4096 --S 8192 --H 64 128 --K 2048 --D 576]`:
     this kernel vs the Triton backward, FLOPs 2*T*H*K*(3D + 2 d_v)."""
@@ -297,8 +317,10 @@ def _benchmark(argv=None) -> None:
     parser.add_argument("--sink", action="store_true")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--no-triton", action="store_true", help="time only the CuTe kernel")
-    parser.add_argument("--ablation", default="none", choices=["none", "no_dkv_write", "no_dkv"],
-                        help="time a partial kernel (wrong dkv) to see where the time goes")
+    parser.add_argument("--ablation", nargs="+", default=["none"],
+                        choices=["none", *_KERNEL_VARIANTS],
+                        help="none: the whole op; kernel: the kernel alone; no_dkv_write / no_dkv: the "
+                             "kernel without parts of its work (wrong dkv), to see where the time goes")
     args = parser.parse_args(argv)
     d_v = 512
     for num_heads in args.H:
@@ -313,18 +335,20 @@ def _benchmark(argv=None) -> None:
         sink = torch.randn(num_heads, device="cuda", generator=gen) if args.sink else None
         scale = args.D ** -0.5
         flops = 2 * args.T * num_heads * args.K * (3 * args.D + 2 * d_v)
-        if args.ablation == "none":
-            cute_run = lambda: sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v,  # noqa: E731
-                                                         sink, None, args.deterministic)
-        else:  # the kernel alone, fast mode
-            config = BwdConfig(args.D, d_v, False, ablation=args.ablation)
+        runs = []
+        for ablation in args.ablation:
+            if ablation == "none":
+                runs.append(("cute_sm90", lambda: sparse_attention_backward(
+                    dout, q, kv, out, lse, indices, scale, d_v, sink, None, args.deterministic)))
+                continue
+            # the kernel alone, fast mode (no Delta, no dkv zeroing or cast)
+            config = BwdConfig(args.D, d_v, False, **_KERNEL_VARIANTS[ablation])
             delta, l2, _ = row_terms(out, dout, lse, sink)
             lengths = torch.full((args.T,), args.K, dtype=torch.int32, device="cuda")
             dq = torch.empty_like(q)
             dkv_acc = torch.zeros(args.S, args.D, dtype=torch.float32, device="cuda")
-            cute_run = lambda: _launch(config, q, kv, indices, dout, l2, delta, lengths, dq,  # noqa: E731
-                                       dkv_acc, scale)
-        runs = [(f"cute_sm90[{args.ablation}]", cute_run)]
+            runs.append((f"cute_sm90[{ablation}]", functools.partial(
+                _launch, config, q, kv, indices, dout, l2, delta, lengths, dq, dkv_acc, scale)))
         if not args.no_triton:
             runs.append(("triton", lambda: triton_bwd.sparse_attention_backward(
                 dout, q, kv, out, lse, indices, scale, d_v, sink, None, args.deterministic)))

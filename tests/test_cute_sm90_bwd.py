@@ -265,16 +265,22 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
 
 
 @needs_dsl
-def test_bwd_ablation_compiles_without_spills():
-    """The benchmark's ablation variant (dkv products kept, never written) compiles, no spills."""
-    config = bwd.BwdConfig(576, 512, False, ablation="no_dkv_write")
+@pytest.mark.parametrize("config", [bwd.BwdConfig(576, 512, False, ablation="no_dkv_write"),
+                                    bwd.BwdConfig(576, 512, False, tile_dkv_addresses=True),
+                                    bwd.BwdConfig(576, 512, True, tile_dkv_addresses=True)],
+                         ids=["no_dkv_write", "tile_dkv_addresses", "tile_dkv_addresses_det"])
+def test_bwd_variants_compile_without_spills(config):
+    """The benchmark's variants (dkv products kept but never written; per-tile dkv addresses) compile, no
+    spills, and per-tile addresses leave no thread-index reads in the write path."""
     ptx, cubin, _ = bwd.compile_for_inspection(config)
     assert fake_compile.cubin_resources(cubin).stack_frame == 0
     sass = fake_compile.sass(cubin)
     if sass is not None:
-        ops = fake_compile.count_opcodes(sass, "HGMMA", "LDL", "STL")
+        ops = fake_compile.count_opcodes(sass, "HGMMA", "LDL", "STL", "S2R")
         assert ops["HGMMA"] == _expected_hgmma(config)
         assert ops["LDL"] == 0 and ops["STL"] == 0
+        if config.tile_dkv_addresses:
+            assert ops["S2R"] <= 4                     # thread index read once, not per written key
 
 
 # ======================================================================================================
@@ -433,6 +439,36 @@ def test_bwd_deterministic_is_bitwise_stable(D, monkeypatch):
     fast = bwd.sparse_attention_backward(dout, q, kv, out, lse, idx, D ** -0.5, 512, sink, lengths, False)
     assert torch.equal(fast[0], first[0])                      # dq never depends on the dkv mode
     assert rel_err(fast[1], first[1].double()) <= 1e-2
+
+
+@needs_sm90
+@pytest.mark.parametrize("H", [16, 128])
+def test_bwd_tile_dkv_addresses_equal_default(H):
+    """BwdConfig.tile_dkv_addresses (per-key addresses computed once per tile) writes the same values to the
+    same places: deterministic partial rows bit for bit, fast-mode sums up to the order of the atomics."""
+    T, S, K, D = 7, 300, 200, 576
+    q, kv, idx, _, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=H, topk_length=True, dup=0.2)
+    out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, None, lengths)
+    delta, l2, _ = bwd.row_terms(out, dout, lse, None)
+    head_blocks = (H + 63) // 64
+    results = {}
+    for tiled in (True, False):
+        for deterministic in (True, False):
+            config = bwd.BwdConfig(D, 512, deterministic, tile_dkv_addresses=tiled)
+            dq = torch.full_like(q, float("nan"))
+            # deterministic: per-slot partial rows (skipped slots stay 0); fast: the fp32 [S, D] sums
+            target = torch.zeros(head_blocks * T * K if deterministic else S, D, device="cuda")
+            bwd._launch(config, q, kv, idx, dout, l2, delta, lengths, dq, target, D ** -0.5)
+            results[tiled, deterministic] = (dq, target)
+    torch.cuda.synchronize()
+    for deterministic in (True, False):
+        (dq_t, t_t), (dq_d, t_d) = results[True, deterministic], results[False, deterministic]
+        assert torch.equal(dq_t, dq_d)
+        if deterministic:
+            assert torch.equal(t_t, t_d)
+        else:
+            assert rel_err(t_t, t_d.double()) <= 1e-5              # fp32 sums in another order
+        assert t_t.abs().sum() > 0
 
 
 @needs_sm90

@@ -10,8 +10,10 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
 # The full suite (`python -m benchmarks.run --also-backends triton`, 169 cases) ran in one call in 332 s (19:35 UTC,
-# 2026-11-25). Next GPU session: the CuTe-DSL backward's dkv reductions with a dedicated staging buffer (see
-# csrc_dsl/cute/sm90/sparse_attention_bwd.py), and the top-k tests' small shapes after the v1 removal.
+# 2026-11-25). Next GPU session: `bwdcheck` first: it tests BwdConfig.tile_dkv_addresses (compiled and
+# SASS-checked, never run) against the default and times it; if it is faster, make it the default. Then the
+# dkv reductions with a dedicated staging buffer (csrc_dsl/cute/sm90/sparse_attention_bwd.py says why), and
+# the top-k tests' small shapes after the v1 removal.
 # The GPU machine drew plots (matplotlib was importable there on 2026-11-25); if it is not, carry wheels for
 # Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
 # manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then
@@ -89,7 +91,7 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
   capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
   capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
-    --ablation none kernel no_dkv_write no_dkv
+    --ablation none kernel tile_dkv_addresses no_dkv_write no_dkv
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
   capped 60 bench_dkv_reduction.log python -m benchmarks.bench_dkv_reduction

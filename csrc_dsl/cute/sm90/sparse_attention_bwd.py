@@ -33,8 +33,11 @@ Tried on the H100 and NOT kept, because neither was faster (branches experiments
     those 1.6x faster in isolation, benchmarks/bench_dkv_reduction.py): 12.5 ms. The no-write ablation
     went from 6.6 to 8.1 ms with it: the stage held through the dkv phase (the gather waits longer) and
     the shared-memory round trip cost more than the wider lines saved.
-Next: a dedicated staging buffer (smem is full: Q 72 KB, dO 64 KB, kv 72 KB), e.g. by reading P from the
-bf16 tile instead of the fp32 exchange, or fewer kv stages of more rows.
+Also seen in the profile: the write path re-reads the thread index (S2R) and redoes the address math for
+every key, and 12.7% of the stall samples sit on those S2R -> SHF chains. `BwdConfig.tile_dkv_addresses`
+computes each key's address once per tile (SASS: S2R 72 -> 2, LEA 536 -> 208); it is off until a GPU run
+has tested and timed it. Next: a dedicated staging buffer (smem is full: Q 72 KB, dO 64 KB, kv 72 KB), e.g.
+by reading P from the bf16 tile instead of the fp32 exchange, or fewer kv stages of more rows.
 """
 from __future__ import annotations
 
@@ -71,6 +74,11 @@ class BwdConfig:
     producer_regs: int = 40     # setmaxnreg for the gather warpgroup
     consumer_regs: int = 232    # setmaxnreg for each math warpgroup (40 + 2 * 232 <= 512)
     arch: str = "sm_90a"
+    # dkv write addresses computed once per tile and key, each write = that + a constant (True), or per
+    # write (False). Off until measured on a GPU: the SASS has 70 fewer S2R and 330 fewer LEA (ncu put
+    # 12.7% of the stall samples on S2R -> SHF chains in the write path); tests/test_cute_sm90_bwd.py
+    # checks it against the default bit for bit (deterministic partial rows).
+    tile_dkv_addresses: bool = False
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
@@ -295,6 +303,7 @@ _CACHE = KernelCache(
 # The benchmark's kernel-alone variants: BwdConfig fields over the defaults.
 _KERNEL_VARIANTS = {
     "kernel": {},
+    "tile_dkv_addresses": {"tile_dkv_addresses": True},
     "no_dkv_write": {"ablation": "no_dkv_write"},
     "no_dkv": {"ablation": "no_dkv"},
 }
@@ -319,8 +328,9 @@ def _benchmark(argv=None) -> None:
     parser.add_argument("--no-triton", action="store_true", help="time only the CuTe kernel")
     parser.add_argument("--ablation", nargs="+", default=["none"],
                         choices=["none", *_KERNEL_VARIANTS],
-                        help="none: the whole op; kernel: the kernel alone; no_dkv_write / no_dkv: the "
-                             "kernel without parts of its work (wrong dkv), to see where the time goes")
+                        help="none: the whole op; kernel: the kernel alone; tile_dkv_addresses: the kernel "
+                             "with that BwdConfig option; no_dkv_write / no_dkv: the kernel without parts of "
+                             "its work (wrong dkv), to see where the time goes")
     args = parser.parse_args(argv)
     d_v = 512
     for num_heads in args.H:

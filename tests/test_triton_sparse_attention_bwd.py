@@ -402,3 +402,5 @@ def test_row_dot_matches_fp64(rows, n):
     assert got.dtype == torch.float32 and got.shape == (rows, 3)
     want = (a.double() * b.double()).sum(-1)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * n ** 0.5)
+    with pytest.raises(ValueError, match="contiguous"):
+        row_dot(a[..., ::2], b[..., ::2])

@@ -256,3 +256,25 @@ def test_plot_writes_png(tmp_path):
     plot.main([str(src)])
     png = tmp_path / "latest.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_ncu_samples_summarizes_an_export(capsys, tmp_path):
+    """tools/ncu_samples.py on a tiny export in ncu's format: shares by opcode and the S2R .. REDG window."""
+    import gzip
+
+    from tools import ncu_samples
+
+    header = ["Address", "Source", "# Samples", "stall_wait", "stall_short_sb", "stall_wait (Not Issued)"]
+    body = [["0x0", "S2R R0, SR_TID.X ;", "10", "10", "0", "0"],
+            ["0x10", "SHF.R.U32.HI R3, RZ, 0x2, R0 ;", "30", "0", "30", "0"],
+            ["0x20", "REDG.E.ADD.F32 desc[UR4][R2.64], R5 ;", "20", "20", "0", "0"],
+            ["0x30", "@!P1 BRA 0x0 ;", "40", "40", "0", "0"]]
+    path = tmp_path / "sass.csv.gz"
+    with gzip.open(path, "wt") as f:
+        f.write('"Kernel Name","k"\n' + "\n".join(",".join(f'"{c}"' for c in row) for row in [header, *body]))
+    ncu_samples.main([str(path), "--window", "SR_TID", "REDG"])
+    out = capsys.readouterr().out
+    assert "100 samples over 4 instructions" in out
+    assert "| BRA | 40.0% | stall_wait 40.0%" in out
+    assert "| SHF | 30.0% | stall_short_sb 30.0%" in out
+    assert "1 windows SR_TID .. REDG: 60.0% of all samples" in out

@@ -34,7 +34,7 @@ Tried on the H100 and NOT kept, because neither was faster (branches experiments
     went from 6.6 to 8.1 ms with it: the stage held through the dkv phase (the gather waits longer) and
     the shared-memory round trip cost more than the wider lines saved.
 Also seen in the profile: the write path re-reads the thread index (S2R) and redoes the address math for
-every key, and 12.7% of the stall samples sit on those S2R -> SHF chains. `BwdConfig.tile_dkv_addresses`
+every key; 23% of all warp samples fall between such an S2R and its reduction. `BwdConfig.tile_dkv_addresses`
 computes each key's address once per tile (SASS: S2R 72 -> 2, LEA 536 -> 208); it is off until a GPU run
 has tested and timed it. Next: a dedicated staging buffer (smem is full: Q 72 KB, dO 64 KB, kv 72 KB), e.g.
 by reading P from the bf16 tile instead of the fp32 exchange, or fewer kv stages of more rows.
@@ -75,8 +75,8 @@ class BwdConfig:
     consumer_regs: int = 232    # setmaxnreg for each math warpgroup (40 + 2 * 232 <= 512)
     arch: str = "sm_90a"
     # dkv write addresses computed once per tile and key, each write = that + a constant (True), or per
-    # write (False). Off until measured on a GPU: the SASS has 70 fewer S2R and 330 fewer LEA (ncu put
-    # 12.7% of the stall samples on S2R -> SHF chains in the write path); tests/test_cute_sm90_bwd.py
+    # write (False). Off until measured on a GPU: the SASS has 70 fewer S2R and 330 fewer LEA (ncu put 23%
+    # of the warp samples between those S2R and their reductions); tests/test_cute_sm90_bwd.py
     # checks it against the default bit for bit (deterministic partial rows).
     tile_dkv_addresses: bool = False
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to

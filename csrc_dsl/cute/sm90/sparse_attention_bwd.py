@@ -26,7 +26,7 @@ backward, 0.63-0.64x cuDNN's SM90 backward in the same run.
 Where the time goes (kernel alone, H=64: 10.8 ms): without the dkv writes 6.6 ms, without the dkv
 products too 3.6 ms; ncu: L2 at 72% of its peak, DRAM 4%. The dkv reductions are 2048 x 576 fp32 values
 per (token, 64-head) CTA, i.e. 19 GB at H=64; each warp instruction sends 32-byte pieces of 8 kv rows.
-Tried on the H100 and NOT kept, because neither was faster (branches experiments/dkv-*):
+Tried on the H100 and NOT kept, because neither was faster (docs/experiments/*.patch):
   - 16-byte `red.v4` after a 4 x 4 lane transpose, and two dkv accumulators so that a block's wgmma
     overlaps the previous block's writes: within noise (10.7-12.1 ms);
   - staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines (L2 takes

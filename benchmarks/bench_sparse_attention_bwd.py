@@ -84,11 +84,11 @@ def torch_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_l
 # ----------------------------------------------------------------------------------------------
 def cudnn_backward_fn():
     """A callable like torch_backward running cuDNN's DSA backward, or (None, reason)."""
-    try:
-        from cudnn import DSA  # cuDNN frontend 1.32.0 with the CuTe-DSL stack
-        DSA.sparse_attention_backward_wrapper  # noqa: B018 - DSA is lazy: this imports the kernels' modules
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return None, f"cuDNN frontend DSA not importable ({type(exc).__name__}: {exc})"
+    from benchmarks.common import load_cudnn_dsa
+
+    dsa, note = load_cudnn_dsa()
+    if dsa is None:
+        return None, f"cuDNN frontend DSA not importable ({note})"
 
     def run(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length):
         # It takes V = kv[:, :512] for D = 576 and all of kv for D = 512 (no other D), our natural-log sink-free
@@ -97,7 +97,7 @@ def cudnn_backward_fn():
             raise RuntimeError(f"cuDNN's backward has no D={q.shape[-1]}, d_v={d_v} form")
         sink = attn_sink if attn_sink is not None else torch.full(
             (q.shape[1],), float("-inf"), dtype=torch.float32, device=q.device)
-        result = DSA.sparse_attention_backward_wrapper(
+        result = dsa.sparse_attention_backward_wrapper(
             q, kv, out, dout, lse, sink, indices, softmax_scale=scale, topk_length=topk_length)
         return result["dq"], result["dkv"], result["d_sink"]
 

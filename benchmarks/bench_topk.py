@@ -20,12 +20,13 @@ PEAK_GBPS = 2900.0  # H100 SXM HBM3, measured copy bandwidth in this workplace i
 
 def _cudnn_topk():
     """cuDNN frontend's DSA indexer top-k as fn(scores, k) -> indices, or None with a note."""
-    try:
-        import cudnn  # noqa: F401
-        wrapper = cudnn.DSA.indexer_top_k_wrapper
-    except Exception as exc:  # not installed, or a version without the DSA kernels
-        print(f"note: cuDNN frontend DSA top-k unavailable ({type(exc).__name__}: {exc}); baseline left out")
+    from benchmarks.common import load_cudnn_dsa
+
+    dsa, note = load_cudnn_dsa()
+    if dsa is None:
+        print(f"note: cuDNN frontend DSA top-k unavailable ({note}); baseline left out")
         return None
+    wrapper = dsa.indexer_top_k_wrapper
 
     def run(scores, k, lengths):
         # the same work as ours: values too, and tie_break=1 (the smaller column wins, our rule; its default 0

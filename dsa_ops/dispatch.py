@@ -127,8 +127,7 @@ def cute_sm90(module: str, op: str, requires: str, faster: Optional[Callable[...
 
 
 def _supported_and_faster(supports: str, faster: Callable[..., bool], *args) -> bool:
-    predicate, _ = _load(supports)
-    return predicate is not None and faster(*args) and predicate(*args)
+    return faster(*args) and _holds(supports, args)
 
 
 # Where the CuTe-DSL kernels lose to Triton (BENCHMARKS.md, headline run 2026-11-25, H100, T=4096, K=2048, D=576):
@@ -154,8 +153,8 @@ def _why_unavailable(impl: Impl) -> tuple[Optional[Callable], str]:
     return (None, reason) if reason else (fn, "")
 
 
-def _supports(impl: Impl, args: tuple) -> bool:
-    predicate = impl.supports
+def _holds(predicate: Callable[..., bool] | str, args: tuple) -> bool:
+    """A predicate, or the "module:function" of one (False when it cannot be imported), applied to args."""
     if isinstance(predicate, str):
         predicate, _ = _load(predicate)
         if predicate is None:
@@ -299,7 +298,7 @@ def choose(op: str, args: tuple) -> tuple[Impl, Callable]:
         if fn is None:
             reasons.append(f"{impl.backend}: unavailable ({why})")
             continue
-        if not _supports(impl, args):
+        if not _holds(impl.supports, args):
             reasons.append(f"{impl.backend}: needs {impl.requires}")
             continue
         return impl, fn

@@ -51,7 +51,7 @@ from dsa_ops.reference import indexer as ref_indexer
 from dsa_ops.reference import loss as ref_loss
 
 from . import common
-from .common import PEAK_GBPS, PEAK_TFLOPS, check_close, generator, randn
+from .common import check_close, generator, randn
 
 BF16 = torch.bfloat16
 BASELINE_TOL_FACTOR = 5.0
@@ -120,11 +120,11 @@ class Case:
 
     @property
     def roofline_ms(self) -> float:
-        return max(self.flops / (PEAK_TFLOPS * 1e9), self.bytes / (PEAK_GBPS * 1e6))
+        return max(self.flops / (common.PEAK_TFLOPS * 1e9), self.bytes / (common.PEAK_GBPS * 1e6))
 
     @property
     def memory_bound(self) -> bool:
-        return self.bytes / (PEAK_GBPS * 1e6) > self.flops / (PEAK_TFLOPS * 1e9)
+        return self.bytes / (common.PEAK_GBPS * 1e6) > self.flops / (common.PEAK_TFLOPS * 1e9)
 
 
 def nbytes(*shape, itemsize: int) -> int:
@@ -1022,7 +1022,8 @@ def render_markdown(result: dict) -> str:
         "# dsa_ops benchmarks", "",
         f"- device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}; cuDNN: {meta['cudnn']}",
         f"- {meta['time']}; mode: {meta['mode']}; DSA_OPS_BACKEND={meta['forced_backend'] or '(unset)'}",
-        f"- roofline: {PEAK_TFLOPS:.0f} TFLOP/s (bf16 matmul), {PEAK_GBPS:.0f} GB/s (copy); "
+        f"- roofline: {meta.get('peak_tflops', common.PEAK_TFLOPS):.0f} TFLOP/s (bf16 matmul), "
+        f"{meta.get('peak_gbps', common.PEAK_GBPS):.0f} GB/s (copy); "
         "% roofline = max(FLOPs / peak, compulsory bytes / bandwidth) / time",
         "- baseline columns: time (baseline time / our time; > 1 means ours is faster); "
         "`~`: extrapolated from the checked rows",
@@ -1147,6 +1148,8 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown op(s) {unknown}; known: {', '.join(OPS)}")
         cases = [c for c in cases if c.op in wanted]
     on_gpu = device.type == "cuda"
+    if on_gpu:
+        common.use_roofline_of(torch.cuda.get_device_name(device))
     default_rep_ms = (100.0 if a.quick else 200.0) if on_gpu else 5.0
     cfg = Settings(device=device, budget_s=(a.rep_ms if a.rep_ms is not None else default_rep_ms) / 1e3,
                    check_rows=a.check_rows, compile_reference=a.compile_reference,
@@ -1155,8 +1158,8 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {**_versions(device), "time": now.strftime("%Y-%m-%d %H:%M UTC"), "stamp": now.strftime("%Y%m%d-%H%M%S"),
             "mode": "headline" if a.headline else "quick" if a.quick else "full", "forced_backend": os.environ.get(dispatch.ENV_FORCE, ""),
-            "argv": sys.argv[1:] if argv is None else list(argv), "peak_tflops": PEAK_TFLOPS,
-            "peak_gbps": PEAK_GBPS, "dispatch": dispatch.report(device),
+            "argv": sys.argv[1:] if argv is None else list(argv), "peak_tflops": common.PEAK_TFLOPS,
+            "peak_gbps": common.PEAK_GBPS, "dispatch": dispatch.report(device),
             "settings": {"rep_ms": cfg.budget_s * 1e3, "check_rows": cfg.check_rows,
                          "max_ref_seconds": None if math.isinf(cfg.max_ref_s) else cfg.max_ref_s,
                          "also_backends": list(cfg.also_backends)}}

@@ -278,3 +278,12 @@ def test_ncu_samples_summarizes_an_export(capsys, tmp_path):
     assert "| BRA | 40.0% | stall_wait 40.0%" in out
     assert "| SHF | 30.0% | stall_short_sb 30.0%" in out
     assert "1 windows SR_TID .. REDG: 60.0% of all samples" in out
+
+
+def test_roofline_follows_the_gpu(monkeypatch):
+    monkeypatch.setattr(common, "PEAK_TFLOPS", common.PEAK_TFLOPS)
+    monkeypatch.setattr(common, "PEAK_GBPS", common.PEAK_GBPS)
+    assert common.use_roofline_of("NVIDIA H200") == (790.0, 4300.0)
+    assert (common.PEAK_TFLOPS, common.PEAK_GBPS) == (790.0, 4300.0)
+    assert common.use_roofline_of("NVIDIA H100 80GB HBM3") == (760.0, 2900.0)
+    assert common.use_roofline_of("Some other GPU") == (760.0, 2900.0)      # unchanged: the last one set

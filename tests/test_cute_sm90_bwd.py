@@ -266,12 +266,14 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
 
 @needs_dsl
 @pytest.mark.parametrize("config", [bwd.BwdConfig(576, 512, False, ablation="no_dkv_write"),
-                                    bwd.BwdConfig(576, 512, False, tile_dkv_addresses=True),
-                                    bwd.BwdConfig(576, 512, True, tile_dkv_addresses=True)],
-                         ids=["no_dkv_write", "tile_dkv_addresses", "tile_dkv_addresses_det"])
+                                    bwd.BwdConfig(576, 512, False, dkv_write="scalar"),
+                                    bwd.BwdConfig(576, 512, False, dkv_write="vector"),
+                                    bwd.BwdConfig(576, 512, True, dkv_write="vector")],
+                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det"])
 def test_bwd_variants_compile_without_spills(config):
-    """The benchmark's variants (dkv products kept but never written; per-tile dkv addresses) compile, no
-    spills, and per-tile addresses leave no thread-index reads in the write path."""
+    """The benchmark's variants (dkv products kept but never written; the other dkv write paths) compile
+    without spills; addresses computed per tile leave no thread-index reads in the write path, and vector
+    writes are one 16-byte instruction per 4 values."""
     ptx, cubin, _ = bwd.compile_for_inspection(config)
     assert fake_compile.cubin_resources(cubin).stack_frame == 0
     sass = fake_compile.sass(cubin)
@@ -279,8 +281,17 @@ def test_bwd_variants_compile_without_spills(config):
         ops = fake_compile.count_opcodes(sass, "HGMMA", "LDL", "STL", "S2R")
         assert ops["HGMMA"] == _expected_hgmma(config)
         assert ops["LDL"] == 0 and ops["STL"] == 0
-        if config.tile_dkv_addresses:
+        if config.dkv_write != "scalar":
             assert ops["S2R"] <= 4                     # thread index read once, not per written key
+        if config.dkv_write == "vector" and config.ablation == "none":
+            # 16 values per thread and dkv^T block, 4 per instruction (the consumers' code is compiled
+            # once each, so every block counts once); the dQ epilogue also stores 16-byte pieces.
+            dkv_pieces = 4 * (config.head_dim // 64)
+            if config.deterministic:
+                epilogue_pieces = 2 * 64 * (config.head_dim // 8) // 256
+                assert sass.count("STG.E.128") == dkv_pieces + epilogue_pieces
+            else:
+                assert sass.count("REDG.E.ADD.F32x4") == dkv_pieces
 
 
 # ======================================================================================================
@@ -443,32 +454,33 @@ def test_bwd_deterministic_is_bitwise_stable(D, monkeypatch):
 
 @needs_sm90
 @pytest.mark.parametrize("H", [16, 128])
-def test_bwd_tile_dkv_addresses_equal_default(H):
-    """BwdConfig.tile_dkv_addresses (per-key addresses computed once per tile) writes the same values to the
-    same places: deterministic partial rows bit for bit, fast-mode sums up to the order of the atomics."""
+def test_bwd_dkv_write_paths_agree(H):
+    """Every BwdConfig.dkv_write path writes the same values to the same places: deterministic partial rows
+    bit for bit, fast-mode sums up to the order of the atomics."""
     T, S, K, D = 7, 300, 200, 576
     q, kv, idx, _, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=H, topk_length=True, dup=0.2)
     out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, None, lengths)
     delta, l2, _ = bwd.row_terms(out, dout, lse, None)
     head_blocks = (H + 63) // 64
     results = {}
-    for tiled in (True, False):
+    for mode in ("scalar", "tiled", "vector"):
         for deterministic in (True, False):
-            config = bwd.BwdConfig(D, 512, deterministic, tile_dkv_addresses=tiled)
+            config = bwd.BwdConfig(D, 512, deterministic, dkv_write=mode)
             dq = torch.full_like(q, float("nan"))
             # deterministic: per-slot partial rows (skipped slots stay 0); fast: the fp32 [S, D] sums
             target = torch.zeros(head_blocks * T * K if deterministic else S, D, device="cuda")
             bwd._launch(config, q, kv, idx, dout, l2, delta, lengths, dq, target, D ** -0.5)
-            results[tiled, deterministic] = (dq, target)
+            results[mode, deterministic] = (dq, target)
     torch.cuda.synchronize()
-    for deterministic in (True, False):
-        (dq_t, t_t), (dq_d, t_d) = results[True, deterministic], results[False, deterministic]
-        assert torch.equal(dq_t, dq_d)
-        if deterministic:
-            assert torch.equal(t_t, t_d)
-        else:
-            assert rel_err(t_t, t_d.double()) <= 1e-5              # fp32 sums in another order
-        assert t_t.abs().sum() > 0
+    for mode in ("tiled", "vector"):
+        for deterministic in (True, False):
+            (dq_m, t_m), (dq_s, t_s) = results[mode, deterministic], results["scalar", deterministic]
+            assert torch.equal(dq_m, dq_s)
+            if deterministic:
+                assert torch.equal(t_m, t_s), mode
+            else:
+                assert rel_err(t_m, t_s.double()) <= 1e-5, mode          # fp32 sums in another order
+            assert t_m.abs().sum() > 0
 
 
 @needs_sm90

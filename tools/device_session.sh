@@ -10,10 +10,9 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
 # The full suite (`python -m benchmarks.run --also-backends triton`, 169 cases) ran in one call in 332 s (19:35 UTC,
-# 2026-11-25). Next GPU session: `bwdcheck` first: it tests BwdConfig.tile_dkv_addresses (compiled and
-# SASS-checked, never run) against the default and times it; if it is faster, make it the default. Then the
-# dkv reductions with a dedicated staging buffer (csrc_dsl/cute/sm90/sparse_attention_bwd.py says why), and
-# the top-k tests' small shapes after the v1 removal.
+# 2026-11-25). The GPU is an H200 since 2026-12-04; `bwdcheck` there (197 s) measured BwdConfig.dkv_write
+# "vector" 8-9% faster than "tiled" and made it the default (BENCHMARKS.md). Set DKV_MICRO=1 for the L2
+# reduction microbenchmark too.
 # The GPU machine drew plots (matplotlib was importable there on 2026-11-25); if it is not, carry wheels for
 # Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
 # manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then
@@ -91,10 +90,10 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
   capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
   capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
-    --ablation none kernel tile_dkv_addresses no_dkv_write no_dkv
+    --ablation none kernel tiled_dkv scalar_dkv no_dkv_write no_dkv
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
-  capped 60 bench_dkv_reduction.log python -m benchmarks.bench_dkv_reduction
+  if [ -n "${DKV_MICRO:-}" ]; then capped 60 bench_dkv_reduction.log python -m benchmarks.bench_dkv_reduction; fi
   ;;
 verify)
   capped 120 decode_server.log python -m examples.decode_server --compile

@@ -19,25 +19,28 @@ Torch ops in this launcher: Delta = out . dout and L = logaddexp(lse, sink) (bot
 d_sink = -sum_t exp(sink - L) * Delta, the shift of the kernel's Delta by a gradient of lse
 (Delta - grad_lse * exp(L - lse), see `row_terms`), and the final fp32 -> bf16 cast of dkv.
 
-Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25), and it is in the SM90
-row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured faster elsewhere).
-Measured (BENCHMARKS.md, T=4096, K=2048, D=576): 271 / 270 TFLOP/s at H=64 / 128, 1.35-1.48x the Triton
-backward, 0.63-0.64x cuDNN's SM90 backward in the same run.
-Where the time goes (kernel alone, H=64: 10.8 ms): without the dkv writes 6.6 ms, without the dkv
-products too 3.6 ms; ncu: L2 at 72% of its peak, DRAM 4%. The dkv reductions are 2048 x 576 fp32 values
-per (token, 64-head) CTA, i.e. 19 GB at H=64; each warp instruction sends 32-byte pieces of 8 kv rows.
+Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25) and an H200 (2026-12-04),
+and it is in the SM90 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured
+faster elsewhere). Measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576): 309 / 314 TFLOP/s
+at H=64 / 128, 1.54-1.63x the Triton backward, 0.74-0.75x cuDNN's SM90 backward in the same run.
+Where the time goes (kernel alone, H=64, H200: 9.3 ms): without the dkv writes 7.2 ms, without the dkv
+products too 3.9 ms. The dkv reductions are 2048 x 576 fp32 values per (token, 64-head) CTA, i.e. 19 GB at
+H=64; L2 takes them faster the longer the contiguous piece of a row that one warp instruction covers
+(benchmarks/bench_dkv_reduction.py on the H200: 571 / 794 / 957 G values/s for 32 / 64 / 128 bytes).
+`BwdConfig.dkv_write` picks the write path; measured, kernel alone at H = 16 / 64 / 128:
+  - "scalar": 4-byte reductions straight from the wgmma accumulator (32-byte pieces), the address redone
+    per write: 10.59 / 10.70 / 21.89 ms;
+  - "tiled": the same with each key's address computed once per tile (SASS: S2R 72 -> 2, LEA 536 -> 208):
+    10.24 / 10.20 / 20.38 ms;
+  - "vector" (default): a 4 x 4 block transpose across lanes (16 shuffles per 16 values) so that each
+    instruction is a 16-byte `red.v4` and a warp covers 64 bytes of 8 keys: 9.29 / 9.34 / 18.68 ms.
 Tried on the H100 and NOT kept, because neither was faster (docs/experiments/*.patch):
-  - 16-byte `red.v4` after a 4 x 4 lane transpose, and two dkv accumulators so that a block's wgmma
-    overlaps the previous block's writes: within noise (10.7-12.1 ms);
-  - staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines (L2 takes
-    those 1.6x faster in isolation, benchmarks/bench_dkv_reduction.py): 12.5 ms. The no-write ablation
-    went from 6.6 to 8.1 ms with it: the stage held through the dkv phase (the gather waits longer) and
-    the shared-memory round trip cost more than the wider lines saved.
-Also seen in the profile: the write path re-reads the thread index (S2R) and redoes the address math for
-every key; 23% of all warp samples fall between such an S2R and its reduction. `BwdConfig.tile_dkv_addresses`
-computes each key's address once per tile (SASS: S2R 72 -> 2, LEA 536 -> 208); it is off until a GPU run
-has tested and timed it. Next: a dedicated staging buffer (smem is full: Q 72 KB, dO 64 KB, kv 72 KB), e.g.
-by reading P from the bf16 tile instead of the fp32 exchange, or fewer kv stages of more rows.
+  - 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, and two dkv
+    accumulators so that a block's wgmma overlaps the previous block's writes: within noise;
+  - staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines: slower, because
+    the stage was held through the dkv phase (the gather waited longer).
+Next: 128-byte pieces need the two warps that hold a key's 32 neighbouring columns to meet in shared memory,
+which is full (Q 72 KB, dO 64 KB, kv 72 KB, P exchange 8 KB, 2 KB free): P could travel in its bf16 tile.
 """
 from __future__ import annotations
 
@@ -74,11 +77,11 @@ class BwdConfig:
     producer_regs: int = 40     # setmaxnreg for the gather warpgroup
     consumer_regs: int = 232    # setmaxnreg for each math warpgroup (40 + 2 * 232 <= 512)
     arch: str = "sm_90a"
-    # dkv write addresses computed once per tile and key, each write = that + a constant (True), or per
-    # write (False). Off until measured on a GPU: the SASS has 70 fewer S2R and 330 fewer LEA (ncu put 23%
-    # of the warp samples between those S2R and their reductions); tests/test_cute_sm90_bwd.py
-    # checks it against the default bit for bit (deterministic partial rows).
-    tile_dkv_addresses: bool = False
+    # How each thread sends its dkv values (the kernel's `write_dkv*`): "scalar" one 4-byte value per
+    # instruction with the address computed per write, "tiled" the same with each key's address computed
+    # once per tile (3.4% faster on the H200, 2026-12-04), "vector" 16-byte pieces after a lane
+    # transpose, so that a warp instruction covers 64 contiguous bytes of a key instead of 32.
+    dkv_write: str = "vector"
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
@@ -303,7 +306,8 @@ _CACHE = KernelCache(
 # The benchmark's kernel-alone variants: BwdConfig fields over the defaults.
 _KERNEL_VARIANTS = {
     "kernel": {},
-    "tile_dkv_addresses": {"tile_dkv_addresses": True},
+    "scalar_dkv": {"dkv_write": "scalar"},
+    "tiled_dkv": {"dkv_write": "tiled"},
     "no_dkv_write": {"ablation": "no_dkv_write"},
     "no_dkv": {"ablation": "no_dkv"},
 }
@@ -328,8 +332,8 @@ def _benchmark(argv=None) -> None:
     parser.add_argument("--no-triton", action="store_true", help="time only the CuTe kernel")
     parser.add_argument("--ablation", nargs="+", default=["none"],
                         choices=["none", *_KERNEL_VARIANTS],
-                        help="none: the whole op; kernel: the kernel alone; tile_dkv_addresses: the kernel "
-                             "with that BwdConfig option; no_dkv_write / no_dkv: the kernel without parts of "
+                        help="none: the whole op; kernel: the kernel alone; scalar_dkv / tiled_dkv: the "
+                             "kernel with that BwdConfig.dkv_write; no_dkv_write / no_dkv: the kernel without parts of "
                              "its work (wrong dkv), to see where the time goes")
     args = parser.parse_args(argv)
     d_v = 512

@@ -55,6 +55,8 @@ import cuda.bindings.driver as cuda
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
+from cutlass._mlir import ir
+from cutlass._mlir.dialects import vector as mlir_vector
 from cutlass import BFloat16, Boolean, Float32, Int32, Int64, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
@@ -80,6 +82,8 @@ class SparseAttentionBwdSm90:
     def __init__(self, config):
         if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
             raise ValueError(f"unknown ablation {config.ablation!r}")
+        if config.dkv_write not in ("scalar", "tiled", "vector"):
+            raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
         if config.block_n != 32 or config.num_stages != 2:
             raise ValueError("this kernel is written for block_n = 32 and 2 stages")
         if config.d_v != 512 or config.head_dim not in (512, 576):
@@ -342,9 +346,15 @@ class SparseAttentionBwdSm90:
         acc_KV = cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32)
         KV = rows_cols_view(acc_KV)
         KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((DKV_BLOCK, BN))))
-        kv_cols = cute.size(KV, mode=[1])                       # keys held by this thread
-        # per key: its dkv target row (-1: skip), or with `tile_dkv_addresses` its address (0: skip)
-        key_rows = cute.make_rmem_tensor((kv_cols,), Int64)
+        # The keys (top-k slots of the tile) whose dkv values this thread sends; `key_rows` holds, per such
+        # key, its dkv target row (-1: skip) for "scalar" writes, or its address for "tiled" and "vector"
+        # writes (0: skip): see `write_dkv`.
+        key_slot = self.dkv_key_slots(KV_coord, tid)
+        key_rows = cute.make_rmem_tensor((cute.size(key_slot),), Int64)
+        dkv_col = KV_coord[0, 0][0]       # this thread's first latent column of a dkv^T block
+        if const_expr(self.cfg.dkv_write == "vector"):
+            lane = tid % 32
+            dkv_col = 16 * (tid // 32) + 8 * ((lane // 4) % 2) + 4 * (lane // 16)
 
         # Per-row constants of this thread's heads (padding heads: L2 = +inf, so P = dS = 0).
         row_const = cute.make_rmem_tensor((n_rows,), Float32)
@@ -398,17 +408,16 @@ class SparseAttentionBwdSm90:
             wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, stage], zero_init=False, wait=False)
             if const_expr(with_rope):
                 wgmma(mma_dq_rope, acc_dQr, tRrdS, tRrK[None, None, None, stage], zero_init=False, wait=False)
-            for j in cutlass.range_constexpr(kv_cols):
-                slot_in_tile = KV_coord[0, j][1]
+            for j in cutlass.range_constexpr(cute.size(key_slot)):
+                slot_in_tile = key_slot[j]
                 kv_id = sIds[slot_in_tile, stage]
                 target = Int64(kv_id)
                 if const_expr(self.deterministic):
                     target = (Int64(head_block) * num_tokens + token) * topk + it * BN + slot_in_tile
                     if kv_id < 0:
                         target = Int64(-1)
-                if const_expr(self.cfg.tile_dkv_addresses):
-                    # the address of the key's value at this thread's first latent column of block 0
-                    address = dkv_base + (target * self.D + KV_coord[0, 0][0]) * 4
+                if const_expr(self.cfg.dkv_write != "scalar"):
+                    address = dkv_base + (target * self.D + dkv_col) * 4
                     target = address if kv_id >= 0 else Int64(0)
                 key_rows[j] = target
             warpgroup.wait_group(0)
@@ -420,33 +429,55 @@ class SparseAttentionBwdSm90:
                 wgmma(mma_kv, acc_KV, tKrQ[None, None, None, b], tKrdS, zero_init=True, wait=not with_p)
                 if const_expr(with_p):
                     wgmma(mma_kv, acc_KV, tKrdO[None, None, None, b], tKrP, zero_init=False)
-                self.write_dkv(KV, KV_coord, key_rows, dkv_base, b * DKV_BLOCK)
+                if const_expr(self.cfg.dkv_write == "vector"):
+                    self.write_dkv_vector(KV, key_rows, b * DKV_BLOCK, tid)
+                else:
+                    self.write_dkv(KV, KV_coord, key_rows, dkv_base, b * DKV_BLOCK)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
 
     @cute.jit
+    def dkv_key_slots(self, KV_coord: cute.Tensor, tid: Int32) -> cute.Tensor:
+        """The tile slots (keys) whose dkv values this thread sends, in the order `write_dkv*` uses them:
+        the keys of its accumulator columns (8), or for "vector" writes the 4 keys it holds after the
+        transpose (`write_dkv_vector`)."""
+        if const_expr(self.cfg.dkv_write == "vector"):
+            lane = tid % 32
+            slots = cute.make_rmem_tensor((4,), Int32)
+            for p in cutlass.range_constexpr(2):
+                for ek in cutlass.range_constexpr(2):
+                    slots[2 * p + ek] = 8 * (2 * p + (lane // 8) % 2) + 2 * (lane % 4) + ek
+        else:
+            slots = cute.make_rmem_tensor((cute.size(KV_coord, mode=[1]),), Int32)
+            for j in cutlass.range_constexpr(cute.size(slots)):
+                slots[j] = KV_coord[0, j][1]
+        return slots
+
+    @cute.jit
     def write_dkv(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64,
                   col0: int):
-        """This thread's values of one dkv^T block to global memory: fast mode an fp32 reduction into
-        the [S, D] accumulator, deterministic mode a store into the slot's partial row.
+        """This thread's values of one dkv^T block to global memory, one 4-byte value per instruction: fast
+        mode an fp32 reduction into the [S, D] accumulator, deterministic mode a store into the slot's
+        partial row. A warp instruction covers 32-byte pieces of 4 keys.
 
-        With `tile_dkv_addresses`, `key_rows` holds each key's address at the thread's first latent
-        column of block 0 (computed once per tile); in the SM90 accumulator layout the thread's second
-        row is 8 columns further, so every address here is that one plus a compile-time offset. Without
-        it, each address is computed here from the row and the thread's coordinates, which the compiler
-        rematerializes from the thread index per key (SASS: 72 S2R, 536 LEA against 2 and 208)."""
+        "tiled": `key_rows` holds each key's address at the thread's first latent column of block 0
+        (computed once per tile); in the SM90 accumulator layout the thread's second row is 8 columns
+        further, so every address here is that one plus a compile-time offset. "scalar": each address is
+        computed here from the row and the thread's coordinates, which the compiler rematerializes from
+        the thread index per key (SASS: 72 S2R, 536 LEA against 2 and 208; 3.4% slower on the H200)."""
+        tiled = const_expr(self.cfg.dkv_write == "tiled")
         for j in cutlass.range_constexpr(cute.size(KV, mode=[1])):
             row = key_rows[j]
             # Ablation "no_dkv_write": a condition that never holds but that the compiler cannot drop,
             # so the dkv products stay in the kernel while no value reaches global memory.
-            if const_expr(self.cfg.tile_dkv_addresses):
+            if const_expr(tiled):
                 write = row != 0 if const_expr(self.cfg.ablation == "none") else row == 1
             else:
                 write = row >= 0 if const_expr(self.cfg.ablation == "none") else row < -1
             if write:
                 for i in cutlass.range_constexpr(cute.size(KV, mode=[0])):
-                    if const_expr(self.cfg.tile_dkv_addresses):
+                    if const_expr(tiled):
                         addr = row + (col0 + 8 * i) * 4
                     else:
                         col = col0 + KV_coord[i, j][0]
@@ -456,6 +487,49 @@ class SparseAttentionBwdSm90:
                         cute.make_tensor(ptr, cute.make_layout((1,)))[0] = KV[i, j]
                     else:
                         cute.arch.red(ptr, KV[i, j], op="add", dtype="f32", sem="relaxed", scope="gpu")
+
+    @cute.jit
+    def write_dkv_vector(self, KV: cute.Tensor, key_rows: cute.Tensor, col0: int, tid: Int32):
+        """This thread's values of one dkv^T block as four 16-byte pieces (`red.global.add.v4.f32`, or
+        `st.global.v4` in deterministic mode); a warp instruction covers 64 contiguous bytes of each of 8
+        keys, which L2 takes 1.4x faster than the 32-byte pieces of `write_dkv`
+        (benchmarks/bench_dkv_reduction.py).
+
+        Lane 4g + q of warp w holds KV[r, c + 2j]: latent column 16w + g + 8r, key 8j + 2q + c (g = 4b + i).
+        The lanes i = 0..3 (same b, q) swap 4-value blocks, a 4 x 4 block transpose in two butterfly
+        stages (lane xor 4, lane xor 8): lane i's block d, sent to lane d, is
+        {KV[d % 2, ek + 4p + 2 (d // 2)] : p, ek in {0, 1}}. Afterwards lane (b, i = 2 i_hi + e, q)
+        holds, for each (p, ek), latent columns 16w + 8e + 4b + 0..3 (one value from each lane k = 0..3)
+        of key 8 (2p + i_hi) + 2q + ek, whose address `key_rows[2p + ek]` holds (`dkv_key_slots`)."""
+        lane = tid % 32
+        i = (lane // 4) % 4
+        # blocks[d][2p + ek]: the values for lane d, before the exchange; from lane d, after it
+        blocks = [[KV[d % 2, ek + 4 * p + 2 * (d // 2)] for p in range(2) for ek in range(2)]
+                  for d in range(4)]
+        for s in cutlass.range_constexpr(2):
+            upper = (i >> s) % 2 == 1          # this lane's bit s: it keeps the upper block of each pair
+            for d in cutlass.range_constexpr(4):
+                if const_expr(d & (1 << s) == 0):
+                    d2 = d | (1 << s)
+                    for v in cutlass.range_constexpr(4):
+                        sent = blocks[d][v] if upper else blocks[d2][v]
+                        got = cute.arch.shuffle_sync_bfly(sent, offset=4 << s)
+                        blocks[d][v] = got if upper else blocks[d][v]
+                        blocks[d2][v] = blocks[d2][v] if upper else got
+        for v in cutlass.range_constexpr(4):
+            row = key_rows[v]
+            write = row != 0 if const_expr(self.cfg.ablation == "none") else row == 1
+            if write:
+                ptr = cute.make_ptr(Float32, row + col0 * 4, cute.AddressSpace.gmem, assumed_align=16)
+                if const_expr(self.deterministic):
+                    piece = cute.make_rmem_tensor((4,), Float32)
+                    for k in cutlass.range_constexpr(4):
+                        piece[k] = blocks[k][v]
+                    cute.autovec_copy(piece, cute.make_tensor(ptr, cute.make_layout((4,))))
+                else:
+                    vec = mlir_vector.from_elements(ir.VectorType.get([4], Float32.mlir_type),
+                                                    [Float32(blocks[k][v]).ir_value() for k in range(4)])
+                    cute.arch.red(ptr, vec, op="add", dtype="f32", sem="relaxed", scope="gpu")
 
     @cute.jit
     def epilogue(self, mdQ: cute.Tensor, sQ: cute.Tensor, thr_dq: cute.ThrMma, thr_dqr: cute.ThrMma,

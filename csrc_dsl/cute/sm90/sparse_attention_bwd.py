@@ -34,13 +34,18 @@ H=64; L2 takes them faster the longer the contiguous piece of a row that one war
     10.24 / 10.20 / 20.38 ms;
   - "vector" (default): a 4 x 4 block transpose across lanes (16 shuffles per 16 values) so that each
     instruction is a 16-byte `red.v4` and a warp covers 64 bytes of 8 keys: 9.29 / 9.34 / 18.68 ms.
-Tried on the H100 and NOT kept, because neither was faster (docs/experiments/*.patch):
-  - 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, and two dkv
+Tried and NOT kept, because none was faster (docs/experiments/*.patch, numbers in BENCHMARKS.md):
+  - (H100) 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, and two dkv
     accumulators so that a block's wgmma overlaps the previous block's writes: within noise;
-  - staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines: slower, because
-    the stage was held through the dkv phase (the gather waited longer).
-Next: 128-byte pieces need the two warps that hold a key's 32 neighbouring columns to meet in shared memory,
-which is full (Q 72 KB, dO 64 KB, kv 72 KB, P exchange 8 KB, 2 KB free): P could travel in its bf16 tile.
+  - (H100) staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines: slower,
+    because the stage was held through the dkv phase (the gather waited longer);
+  - (H200) handing P to consumer 1 in its bf16 tile, which frees the 8 KB fp32 exchange, and staging half
+    blocks there per warp pair so that each instruction covers 128 bytes of 4 keys: 9.72 against 9.34 ms at
+    H=64; the hand-off alone cost 0.7 ms (consumer 0 must wait until consumer 1's dkv products are done with
+    the tile before writing the next P), the wider pieces saved 0.3 ms.
+The writes now add about 2.1 ms to the 7.2 ms without them, at 2.1 TB/s on average, half of what L2 takes in
+64-byte pieces in isolation: the cost is in how they are issued (bursts at the end of each dkv block, while the
+warpgroup's tensor work waits), not in L2's rate.
 """
 from __future__ import annotations
 

@@ -268,8 +268,9 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
 @pytest.mark.parametrize("config", [bwd.BwdConfig(576, 512, False, ablation="no_dkv_write"),
                                     bwd.BwdConfig(576, 512, False, dkv_write="scalar"),
                                     bwd.BwdConfig(576, 512, False, dkv_write="vector"),
-                                    bwd.BwdConfig(576, 512, True, dkv_write="vector")],
-                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det"])
+                                    bwd.BwdConfig(576, 512, True, dkv_write="vector"),
+                                    bwd.BwdConfig(576, 512, False, overlap_dkv=False)],
+                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det", "serial_dkv"])
 def test_bwd_variants_compile_without_spills(config):
     """The benchmark's variants (dkv products kept but never written; the other dkv write paths) compile
     without spills; addresses computed per tile leave no thread-index reads in the write path, and vector
@@ -282,7 +283,8 @@ def test_bwd_variants_compile_without_spills(config):
         assert ops["HGMMA"] == _expected_hgmma(config)
         assert ops["LDL"] == 0 and ops["STL"] == 0
         if config.dkv_write != "scalar":
-            assert ops["S2R"] <= 4                     # thread index read once, not per written key
+            # a few thread-index reads per consumer, not one per written key ("scalar": 72)
+            assert ops["S2R"] <= 8
         if config.dkv_write == "vector" and config.ablation == "none":
             # 16 values per thread and dkv^T block, 4 per instruction (the consumers' code is compiled
             # once each, so every block counts once); the dQ epilogue also stores 16-byte pieces.
@@ -455,24 +457,26 @@ def test_bwd_deterministic_is_bitwise_stable(D, monkeypatch):
 @needs_sm90
 @pytest.mark.parametrize("H", [16, 128])
 def test_bwd_dkv_write_paths_agree(H):
-    """Every BwdConfig.dkv_write path writes the same values to the same places: deterministic partial rows
-    bit for bit, fast-mode sums up to the order of the atomics."""
+    """Every BwdConfig.dkv_write path, with or without overlap_dkv, writes the same values to the same places:
+    deterministic partial rows bit for bit, fast-mode sums up to the order of the atomics."""
     T, S, K, D = 7, 300, 200, 576
     q, kv, idx, _, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=H, topk_length=True, dup=0.2)
     out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, None, lengths)
     delta, l2, _ = bwd.row_terms(out, dout, lse, None)
     head_blocks = (H + 63) // 64
     results = {}
-    for mode in ("scalar", "tiled", "vector"):
+    variants = {"scalar": {"dkv_write": "scalar"}, "tiled": {"dkv_write": "tiled"},
+                "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False}}
+    for mode, options in variants.items():
         for deterministic in (True, False):
-            config = bwd.BwdConfig(D, 512, deterministic, dkv_write=mode)
+            config = bwd.BwdConfig(D, 512, deterministic, **options)
             dq = torch.full_like(q, float("nan"))
             # deterministic: per-slot partial rows (skipped slots stay 0); fast: the fp32 [S, D] sums
             target = torch.zeros(head_blocks * T * K if deterministic else S, D, device="cuda")
             bwd._launch(config, q, kv, idx, dout, l2, delta, lengths, dq, target, D ** -0.5)
             results[mode, deterministic] = (dq, target)
     torch.cuda.synchronize()
-    for mode in ("tiled", "vector"):
+    for mode in ("tiled", "vector", "serial"):
         for deterministic in (True, False):
             (dq_m, t_m), (dq_s, t_s) = results[mode, deterministic], results["scalar", deterministic]
             assert torch.equal(dq_m, dq_s)

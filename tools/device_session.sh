@@ -90,7 +90,7 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
   capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
   capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
-    --ablation none kernel tiled_dkv scalar_dkv no_dkv_write no_dkv
+    --ablation none kernel serial_dkv tiled_dkv no_dkv_write no_dkv
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
   if [ -n "${DKV_MICRO:-}" ]; then capped 60 bench_dkv_reduction.log python -m benchmarks.bench_dkv_reduction; fi

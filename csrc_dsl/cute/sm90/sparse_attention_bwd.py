@@ -21,8 +21,8 @@ d_sink = -sum_t exp(sink - L) * Delta, the shift of the kernel's Delta by a grad
 
 Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25) and an H200 (2026-12-04),
 and it is in the SM90 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured
-faster elsewhere). Measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576): 309 / 314 TFLOP/s
-at H=64 / 128, 1.54-1.63x the Triton backward, 0.74-0.75x cuDNN's SM90 backward in the same run.
+faster elsewhere). Measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576): 309 / 316 TFLOP/s
+at H=64 / 128, 1.57-1.65x the Triton backward, 0.74-0.76x cuDNN's SM90 backward in the same run.
 Where the time goes (kernel alone, H=64, H200: 9.3 ms): without the dkv writes 7.2 ms, without the dkv
 products too 3.9 ms. The dkv reductions are 2048 x 576 fp32 values per (token, 64-head) CTA, i.e. 19 GB at
 H=64; L2 takes them faster the longer the contiguous piece of a row that one warp instruction covers
@@ -33,10 +33,12 @@ H=64; L2 takes them faster the longer the contiguous piece of a row that one war
   - "tiled": the same with each key's address computed once per tile (SASS: S2R 72 -> 2, LEA 536 -> 208):
     10.24 / 10.20 / 20.38 ms;
   - "vector" (default): a 4 x 4 block transpose across lanes (16 shuffles per 16 values) so that each
-    instruction is a 16-byte `red.v4` and a warp covers 64 bytes of 8 keys: 9.29 / 9.34 / 18.68 ms.
+    instruction is a 16-byte `red.v4` and a warp covers 64 bytes of 8 keys: 9.29 / 9.34 / 18.68 ms;
+    with `overlap_dkv` (default; two dkv accumulators, a block's wgmmas running while the block before is
+    sent) 9.21 / 9.32 / 18.53 ms against 9.30 / 9.46 / 19.17 without, in one run.
 Tried and NOT kept, because none was faster (docs/experiments/*.patch, numbers in BENCHMARKS.md):
-  - (H100) 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, and two dkv
-    accumulators so that a block's wgmma overlaps the previous block's writes: within noise;
+  - (H100) 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, with the
+    two dkv accumulators of `overlap_dkv`: within noise then (with 64-byte pieces, overlap gains 1-3%);
   - (H100) staging each dkv block in the dead half of the kv stage and sending whole 128-byte lines: slower,
     because the stage was held through the dkv phase (the gather waited longer);
   - (H200) handing P to consumer 1 in its bf16 tile, which frees the 8 KB fp32 exchange, and staging half
@@ -87,6 +89,9 @@ class BwdConfig:
     # once per tile (3.4% faster on the H200, 2026-12-04), "vector" 16-byte pieces after a lane
     # transpose, so that a warp instruction covers 64 contiguous bytes of a key instead of 32.
     dkv_write: str = "vector"
+    # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
+    # each block is computed, waited for and sent in turn (False).
+    overlap_dkv: bool = True
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
@@ -313,6 +318,7 @@ _KERNEL_VARIANTS = {
     "kernel": {},
     "scalar_dkv": {"dkv_write": "scalar"},
     "tiled_dkv": {"dkv_write": "tiled"},
+    "serial_dkv": {"overlap_dkv": False},
     "no_dkv_write": {"ablation": "no_dkv_write"},
     "no_dkv": {"ablation": "no_dkv"},
 }

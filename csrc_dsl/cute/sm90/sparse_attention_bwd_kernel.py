@@ -343,8 +343,10 @@ class SparseAttentionBwdSm90:
         tKrdO = thr_kv.make_fragment_A(thr_kv.partition_A(cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
         tKrdS = thr_kv.make_fragment_B(thr_kv.partition_B(sdSt))
         tKrP = thr_kv.make_fragment_B(thr_kv.partition_B(sPt))
-        acc_KV = cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32)
-        KV = rows_cols_view(acc_KV)
+        # two accumulators with `overlap_dkv`: block n's products run while block n - 1 is being sent
+        acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32)
+                  for _ in range(2 if self.cfg.overlap_dkv else 1)]
+        KV = [rows_cols_view(acc) for acc in acc_KV]
         KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((DKV_BLOCK, BN))))
         # The keys (top-k slots of the tile) whose dkv values this thread sends; `key_rows` holds, per such
         # key, its dkv target row (-1: skip) for "scalar" writes, or its address for "tiled" and "vector"
@@ -424,15 +426,28 @@ class SparseAttentionBwdSm90:
             cute.arch.mbarrier_arrive(empty_bar + stage)
 
             # dkv^T blocks b = c, c + 2, ...: Q_b^T dS' (+ dO_b^T P on the value columns) -> global.
-            for b in cutlass.range_constexpr(c, D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0, 2):
+            # With `overlap_dkv`, block n's wgmmas are issued before block n - 1 is sent, on the other
+            # accumulator, so the tensor cores work while this warpgroup shuffles and writes.
+            blocks = list(range(c, D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0, 2))
+            overlap = const_expr(self.cfg.overlap_dkv)
+            for n in cutlass.range_constexpr(len(blocks)):
+                b = blocks[n]
                 with_p = b * DKV_BLOCK < DV
-                wgmma(mma_kv, acc_KV, tKrQ[None, None, None, b], tKrdS, zero_init=True, wait=not with_p)
+                acc = acc_KV[n % len(acc_KV)]
+                wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True,
+                      wait=not with_p and not overlap)
                 if const_expr(with_p):
-                    wgmma(mma_kv, acc_KV, tKrdO[None, None, None, b], tKrP, zero_init=False)
-                if const_expr(self.cfg.dkv_write == "vector"):
-                    self.write_dkv_vector(KV, key_rows, b * DKV_BLOCK, tid)
+                    wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=not overlap)
+                if const_expr(overlap):
+                    if const_expr(n > 0):
+                        warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
+                        self.write_dkv_block(KV[(n - 1) % 2], KV_coord, key_rows, dkv_base,
+                                             blocks[n - 1] * DKV_BLOCK, tid)
+                    if const_expr(n == len(blocks) - 1):
+                        warpgroup.wait_group(0)
+                        self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
                 else:
-                    self.write_dkv(KV, KV_coord, key_rows, dkv_base, b * DKV_BLOCK)
+                    self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
@@ -453,6 +468,14 @@ class SparseAttentionBwdSm90:
             for j in cutlass.range_constexpr(cute.size(slots)):
                 slots[j] = KV_coord[0, j][1]
         return slots
+
+    @cute.jit
+    def write_dkv_block(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64,
+                        col0: int, tid: Int32):
+        if const_expr(self.cfg.dkv_write == "vector"):
+            self.write_dkv_vector(KV, key_rows, col0, tid)
+        else:
+            self.write_dkv(KV, KV_coord, key_rows, dkv_base, col0)
 
     @cute.jit
     def write_dkv(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64,

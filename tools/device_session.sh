@@ -7,8 +7,10 @@
 #   bash tools/device_session.sh profile                                 # ncu on top-k, top-k tests (no staging)
 #   bash tools/device_session.sh topk                                    # top-k settings sweep + GPU tests
 #   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
+#   source .device/s3/stage.sh && bash tools/device_session.sh suite                  # top-k vs cuDNN, whole suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
+#   source .device/s3/stage.sh && bash tools/device_session.sh bwdncu                 # CuTe bwd ncu at H = 64
 # The full suite (`python -m benchmarks.run --also-backends triton`, 169 cases) ran in one call in 332 s (19:35 UTC,
 # 2026-11-25). The GPU is an H200 since 2026-12-04; `bwdcheck` there (197 s) measured BwdConfig.dkv_write
 # "vector" 8-9% faster than "tiled" and made it the default (BENCHMARKS.md). Set DKV_MICRO=1 for the L2
@@ -22,7 +24,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cute | bench | recheck | profile | topk | full | bwdprof | bwdcheck | verify}; shift || true
+phase=${1:?phase: cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -75,6 +77,10 @@ full)      # staged: top-k against cuDNN, the given tests, then every op of the 
   capped 330 bench_full.log python -m benchmarks.run --also-backends triton --rep-ms 100 --max-seconds 270 \
     --out "$OUT/full"
   ;;
+suite)     # staged: top-k against cuDNN, then every op of the benchmark suite (about 330 s on the H100)
+  capped 90 topk_bench.log python -m benchmarks.bench_topk
+  capped 470 bench_full.log python -m benchmarks.run --also-backends triton --max-seconds 420 --out "$OUT/full"
+  ;;
 bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three H), then ncu at H = 64
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 200 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
@@ -86,6 +92,17 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
   grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
     "$OUT/ncu_bwd_h64_details.txt" | head -40
   if [ $# -gt 0 ]; then capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; fi
+  ;;
+bwdncu)    # staged: ncu (full set) of the CuTe-DSL backward at H = 64, then its warp-state samples by opcode
+  capped 240 ncu_bwd.log ncu --clock-control none -k regex:SparseAttentionBwdSm90 --launch-skip 2 --launch-count 1 \
+    --set full -f -o "$OUT/bwd_h64" python -m tools.profile_bwd 64 4096
+  ncu -i "$OUT/bwd_h64.ncu-rep" --page details > "$OUT/ncu_bwd_h64_details.txt" 2>&1
+  ncu -i "$OUT/bwd_h64.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_bwd_h64_sass.csv" 2>&1
+  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
+    "$OUT/ncu_bwd_h64_details.txt" | head -40
+  python -m tools.ncu_samples "$OUT/ncu_bwd_h64_sass.csv" --top 25 > "$OUT/ncu_bwd_h64_samples.txt" 2>&1
+  head -60 "$OUT/ncu_bwd_h64_samples.txt"
+  gzip -f "$OUT/ncu_bwd_h64_sass.csv"; rm -f "$OUT/bwd_h64.ncu-rep"
   ;;
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
   capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"

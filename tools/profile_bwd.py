@@ -4,7 +4,7 @@
         python -m tools.profile_bwd [H] [T] [variant]       # defaults: 64 4096 kernel; K=2048, D=576, S=8192
 
 variant: one of the benchmark's kernel-alone variants (`--ablation` of csrc_dsl.cute.sm90.sparse_attention_bwd:
-kernel, tiled_dkv, scalar_dkv, no_dkv_write, no_dkv).
+kernel, serial_dkv, tiled_dkv, scalar_dkv, no_dkv_write, no_dkv).
 """
 import math
 import sys

@@ -102,6 +102,12 @@ SWEEP_CONFIGS = [
     dict(SAMPLE=512),
     dict(PROGRAMS_PER_SM=16, MAX_REGISTERS=None),
     dict(PROGRAMS_PER_SM=24, MAX_REGISTERS=80),
+    # added for the H200 (2026-12-04): wider or narrower steps, two-warp programs, a tighter first guess
+    dict(BLOCK=512),
+    dict(BLOCK=512, PROGRAMS_PER_SM=16, MAX_REGISTERS=None),
+    dict(BLOCK=128),
+    dict(NUM_WARPS=2, PROGRAMS_PER_SM=16),
+    dict(GUESS_SIGMAS=3.0),
 ]
 
 

@@ -28,16 +28,19 @@ Three warpgroups of 128 threads; the kv rows come in tiles of BN = 32 top-k slot
               accumulator in registers for the whole key loop;
               dkv^T block b (64 latent columns x 32 keys), for the blocks b = c, c+2, ...:
                   = Q_b^T dS' (+ dO_b^T P when the block is among the first d_v columns)
-              then each value goes to global memory: fast mode `red.global.add.f32` into the fp32
-              [S, D] accumulator at row id; deterministic mode a plain store into a per-slot partial
-              row ((head_block * T + token) * K + slot), which the launcher sums in slot order.
+              then the values go to global memory: fast mode reductions (`red.global.add.v4.f32`
+              after a lane transpose, `write_dkv_vector`) into the fp32 [S, D] accumulator at row id;
+              deterministic mode plain stores into a per-slot partial row ((head_block * T + token) * K
+              + slot), which the launcher sums in slot order. Two accumulators (`overlap_dkv`): block
+              b's wgmmas run while block b - 2 is being sent.
        The dkv product is computed transposed (latent columns as M) because wgmma needs M = 64 and a
        tile has only 32 keys; both its operands are read MN-major from the same smem tiles (Q, dO, dS,
        P) that the other products read K-major.
 
 Why BN = 32 and two stages: shared memory holds Q (72 KB at D = 576), dO (64 KB) and the kv stages;
 two stages of 64 rows (144 KB) do not fit next to Q and dO, two of 32 (72 KB) do (about 225 KB total).
-Registers: consumer 0 keeps 64 x 320 fp32 of dQ (160 per thread) plus the 64 x 32 S and dkv tiles.
+Registers: consumer 0 keeps 64 x 320 fp32 of dQ (160 per thread) plus the 64 x 32 S tile and two dkv tiles
+(16 values per thread each), within the 232 registers setmaxnreg gives a consumer thread (ptxas: no spills).
 
 Synchronisation per tile (named barriers between the two consumers, 256 threads):
   P_READY  : c0 has written P (fp32) to sPx;      c1 waits before reading it.

@@ -18,7 +18,6 @@ import torch
 from benchmarks.common import use_roofline_of
 
 
-
 def _cudnn_topk():
     """cuDNN frontend's DSA indexer top-k as fn(scores, k) -> indices, or None with a note."""
     from benchmarks.common import load_cudnn_dsa
@@ -170,8 +169,9 @@ def main():
     if args.sweep:
         sweep()
         return
-    print(f"device: {torch.cuda.get_device_name()}")
-    _, peak_gbps = use_roofline_of(torch.cuda.get_device_name())
+    device_name = torch.cuda.get_device_name()
+    print(f"device: {device_name}")
+    _, peak_gbps = use_roofline_of(device_name)
     cudnn_fn = _cudnn_topk()
     shapes = [(4096, 8192, 2048), (4096, 65536, 2048)]
     if args.all:

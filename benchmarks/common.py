@@ -24,6 +24,8 @@ PEAK_GBPS = 2900.0       # device-to-device copy, bytes read + written
 # (bf16 matmul TFLOP/s, copy GB/s) measured on the lent machines, by a word of the device name. H200: an
 # 8192^3 bf16 product at 769-798 TFLOP/s and a device copy at about 4.3 TB/s (the device library's KINDS.md).
 _ROOFLINES = {"H200": (790.0, 4300.0), "H100": (760.0, 2900.0)}
+L2_BYTES = 50 * 2 ** 20
+_FLUSH_BYTES = 256 * 2 ** 20
 
 
 def use_roofline_of(device_name: str) -> tuple[float, float]:
@@ -34,8 +36,6 @@ def use_roofline_of(device_name: str) -> tuple[float, float]:
             PEAK_TFLOPS, PEAK_GBPS = tflops, gbps
             break
     return PEAK_TFLOPS, PEAK_GBPS
-L2_BYTES = 50 * 2 ** 20
-_FLUSH_BYTES = 256 * 2 ** 20
 
 
 # ------------------------------------------------------------------------------------------------------

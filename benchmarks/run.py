@@ -1022,8 +1022,7 @@ def render_markdown(result: dict) -> str:
         "# dsa_ops benchmarks", "",
         f"- device: {meta['device']}; torch {meta['torch']}; triton {meta['triton']}; cuDNN: {meta['cudnn']}",
         f"- {meta['time']}; mode: {meta['mode']}; DSA_OPS_BACKEND={meta['forced_backend'] or '(unset)'}",
-        f"- roofline: {meta.get('peak_tflops', common.PEAK_TFLOPS):.0f} TFLOP/s (bf16 matmul), "
-        f"{meta.get('peak_gbps', common.PEAK_GBPS):.0f} GB/s (copy); "
+        f"- roofline: {meta['peak_tflops']:.0f} TFLOP/s (bf16 matmul), {meta['peak_gbps']:.0f} GB/s (copy); "
         "% roofline = max(FLOPs / peak, compulsory bytes / bandwidth) / time",
         "- baseline columns: time (baseline time / our time; > 1 means ours is faster); "
         "`~`: extrapolated from the checked rows",

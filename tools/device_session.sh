@@ -35,6 +35,18 @@ capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   return $rc
 }
 
+bwd_ncu() {  # ncu (full set) of the CuTe-DSL backward at H = 64, its key metrics and warp-state samples by opcode
+  capped 240 ncu_bwd.log ncu --clock-control none -k regex:SparseAttentionBwdSm90 --launch-skip 2 --launch-count 1 \
+    --set full -f -o "$OUT/bwd_h64" python -m tools.profile_bwd 64 4096
+  ncu -i "$OUT/bwd_h64.ncu-rep" --page details > "$OUT/ncu_bwd_h64_details.txt" 2>&1
+  ncu -i "$OUT/bwd_h64.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_bwd_h64_sass.csv" 2>&1
+  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
+    "$OUT/ncu_bwd_h64_details.txt" | head -40
+  python -m tools.ncu_samples "$OUT/ncu_bwd_h64_sass.csv" --top 25 > "$OUT/ncu_bwd_h64_samples.txt" 2>&1
+  head -60 "$OUT/ncu_bwd_h64_samples.txt"
+  gzip -f "$OUT/ncu_bwd_h64_sass.csv"; rm -f "$OUT/bwd_h64.ncu-rep"
+}
+
 pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
 
 case "$phase" in
@@ -72,38 +84,24 @@ topk)      # no staging needed: top-k launch/select settings, then its GPU tests
   capped 240 topk_sweep.log python -m benchmarks.bench_topk --sweep
   capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu
   ;;
-full)      # staged: top-k against cuDNN, the given tests, then every op of the benchmark suite in the time left
+full|suite)  # staged: top-k against cuDNN, the given tests (full only), then every op of the benchmark suite
   capped 90 topk_bench.log python -m benchmarks.bench_topk
-  if [ $# -gt 0 ]; then capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; fi
-  capped 330 bench_full.log python -m benchmarks.run --also-backends triton --rep-ms 100 --max-seconds 270 \
-    --out "$OUT/full"
-  ;;
-suite)     # staged: top-k against cuDNN, then every op of the benchmark suite (about 330 s on the H100)
-  capped 90 topk_bench.log python -m benchmarks.bench_topk
-  capped 470 bench_full.log python -m benchmarks.run --also-backends triton --max-seconds 420 --out "$OUT/full"
+  suite_seconds=420   # the whole suite took 330 s on the H100 and on the H200
+  if [ $# -gt 0 ]; then
+    capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; suite_seconds=270
+  fi
+  capped $((suite_seconds + 50)) bench_full.log python -m benchmarks.run --also-backends triton \
+    --max-seconds "$suite_seconds" --out "$OUT/full"
   ;;
 bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three H), then ncu at H = 64
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 200 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton \
     --ablation none kernel no_dkv_write no_dkv
-  capped 200 ncu_bwd.log ncu -k regex:SparseAttentionBwdSm90 --launch-skip 2 --launch-count 1 --set full \
-    -f -o "$OUT/bwd_h64" python -m tools.profile_bwd 64 4096
-  ncu -i "$OUT/bwd_h64.ncu-rep" --page details > "$OUT/ncu_bwd_h64_details.txt" 2>&1
-  ncu -i "$OUT/bwd_h64.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_bwd_h64_sass.csv" 2>&1
-  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
-    "$OUT/ncu_bwd_h64_details.txt" | head -40
+  bwd_ncu
   if [ $# -gt 0 ]; then capped 150 pytest_subset.log python -m pytest -q -p no:cacheprovider -rfE "$@"; fi
   ;;
-bwdncu)    # staged: ncu (full set) of the CuTe-DSL backward at H = 64, then its warp-state samples by opcode
-  capped 240 ncu_bwd.log ncu --clock-control none -k regex:SparseAttentionBwdSm90 --launch-skip 2 --launch-count 1 \
-    --set full -f -o "$OUT/bwd_h64" python -m tools.profile_bwd 64 4096
-  ncu -i "$OUT/bwd_h64.ncu-rep" --page details > "$OUT/ncu_bwd_h64_details.txt" 2>&1
-  ncu -i "$OUT/bwd_h64.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_bwd_h64_sass.csv" 2>&1
-  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
-    "$OUT/ncu_bwd_h64_details.txt" | head -40
-  python -m tools.ncu_samples "$OUT/ncu_bwd_h64_sass.csv" --top 25 > "$OUT/ncu_bwd_h64_samples.txt" 2>&1
-  head -60 "$OUT/ncu_bwd_h64_samples.txt"
-  gzip -f "$OUT/ncu_bwd_h64_sass.csv"; rm -f "$OUT/bwd_h64.ncu-rep"
+bwdncu)    # staged: ncu of the CuTe-DSL backward at H = 64 (bwd_ncu above)
+  bwd_ncu
   ;;
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
   capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"

@@ -475,6 +475,7 @@ class SparseAttentionBwdSm90:
     @cute.jit
     def write_dkv_block(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64,
                         col0: int, tid: Int32):
+        """One dkv^T block to global memory by the configured path (`BwdConfig.dkv_write`)."""
         if const_expr(self.cfg.dkv_write == "vector"):
             self.write_dkv_vector(KV, key_rows, col0, tid)
         else:

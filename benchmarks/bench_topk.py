@@ -128,6 +128,7 @@ def sweep():
     ties[:, ::5] = -0.0
     ties[:, 1::5] = 0.0
     defaults = {name: getattr(tk, name) for name in KNOBS}
+    device_settings, tk.DEVICE_SETTINGS = tk.DEVICE_SETTINGS, {}   # the knobs below, not a GPU's tuned ones
     sorted_checked = False
     print("| settings | " + " | ".join(f"{r}x{c} ms" for r, c, _ in shapes) + " |")
     print("| --- | " + "--- | " * len(shapes))
@@ -156,6 +157,7 @@ def sweep():
         print(f"| {settings} | " + " | ".join(f"{t:.3f}" for t in times) + " |", flush=True)
     for name, value in defaults.items():
         setattr(tk, name, value)
+    tk.DEVICE_SETTINGS = device_settings
 
 
 def main():

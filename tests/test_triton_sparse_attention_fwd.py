@@ -299,9 +299,10 @@ def test_sparse_attention_decode_public_entry():
 # ------------------------------------------------------------------------------------------------------
 # Score recompute ops
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("num_heads,dim,with_len",
-                         [(1, 80, False), (3, 80, True), (16, 64, True), (3, 576, False)])
-def test_sparse_attn_score(num_heads, dim, with_len):
+@pytest.mark.parametrize("num_heads,dim,with_len,block_h",
+                         [(1, 80, False, None), (3, 80, True, None), (16, 64, True, None), (3, 576, False, None),
+                          (40, 64, True, 16)])  # 40 heads in blocks of 16: three partial rows summed
+def test_sparse_attn_score(num_heads, dim, with_len, block_h):
     dtype = torch.float16
     q, kv, idx, _, length = make_attention_inputs(40 + num_heads, 3, num_heads, dim, 31, 37, dtype, False,
                                                   with_len)
@@ -309,8 +310,15 @@ def test_sparse_attn_score(num_heads, dim, with_len):
     scale = dim ** -0.5
     _, lse = oracle_sparse_attention(q, kv, idx, scale, 16, None, length)
     lse = lse.float()
-    target = fwd.sparse_attn_score(q, kv, lse, idx, scale, length)
+    target = fwd.sparse_attn_score(q, kv, lse, idx, scale, length, block_h=block_h, block_n=16)
     ref = oracle_sparse_attn_score(q, kv, lse, idx, scale, length)
+    # the kernel writes every entry of its partial rows (poisoned with NaN first); they sum to the target
+    blocks = -(-num_heads // (block_h or 64))
+    partial = torch.full((blocks, *idx.shape), float("nan"), device=DEVICE)
+    fwd.head_summed_scores(q, kv, lse, idx, scale, length, partial, block_n=16)
+    raw = partial.sum(0)
+    assert not raw.isnan().any()
+    assert rel_err(raw / raw.sum(-1, keepdim=True).clamp_min(1e-12), ref) <= 2e-3
     assert target.dtype == torch.float32 and target.shape == ref.shape
     assert not torch.isnan(target).any()
     valid = valid_slots(idx, kv.shape[0], length)

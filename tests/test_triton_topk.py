@@ -357,3 +357,14 @@ def test_gpu_deterministic_and_graph_capture():
     graph.replay()
     ref = tk.topk(static, 2048, None, True)
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
+def test_launch_settings_follow_the_gpu(monkeypatch):
+    """GPU launches take DEVICE_SETTINGS' values on a GPU they name (the H200), the module's elsewhere and on CPU."""
+    monkeypatch.setattr(tk, "_device_name", lambda index: "NVIDIA H200")
+    tuned = tk._launch_settings(torch.device("cuda", 0))
+    assert tuned == {"BLOCK": 512, "PROGRAMS_PER_SM": 16, "MAX_REGISTERS": None}
+    module = {"BLOCK": tk.BLOCK, "PROGRAMS_PER_SM": tk.PROGRAMS_PER_SM, "MAX_REGISTERS": tk.MAX_REGISTERS}
+    assert tk._launch_settings(torch.device("cpu")) == module
+    monkeypatch.setattr(tk, "_device_name", lambda index: "NVIDIA H100 80GB HBM3")
+    assert tk._launch_settings(torch.device("cuda", 0)) == module

@@ -25,7 +25,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -110,6 +110,18 @@ bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablatio
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
   if [ -n "${DKV_MICRO:-}" ]; then capped 60 bench_dkv_reduction.log python -m benchmarks.bench_dkv_reduction; fi
+  ;;
+layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits layout experiment vs cuDNN
+  capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu
+  capped 90 topk_bench.log python -m benchmarks.bench_topk
+  capped 60 layouts_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_indexer_layouts.py
+  capped 240 indexer_layouts.log python -m benchmarks.experiments.indexer_layouts
+  ;;
+score)     # staged: sparse_attn_score launch settings vs cuDNN, its GPU tests, the indexer ops at the issue shapes
+  capped 150 score_launch.log python -m benchmarks.experiments.score_launch
+  capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py
+  capped 200 bench_indexer.log python -m benchmarks.run --headline --ops topk,indexer_logits,indexer_topk \
+    --no-overhead --out "$OUT/indexer"
   ;;
 verify)
   capped 120 decode_server.log python -m examples.decode_server --compile

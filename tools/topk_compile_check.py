@@ -69,7 +69,8 @@ def main():
     # The defaults with every flag, then the other settings of benchmarks/bench_topk.py --sweep (plain kernel)
     bufs = [("buf_val_ptr", "*fp32"), ("buf_col_ptr", "*i32")]
     default = (tk.BLOCK, tk.NUM_WARPS, tk.SELECT_BLOCK, tk.SAMPLE, None)
-    settings = [default] + [(256, 1, 256, 1024, 64), (256, 1, 256, 2048, None), (512, 2, 512, 1024, None),
+    settings = [default] + [(256, 1, 256, 1024, 64), (512, 1, 256, 1024, None), (256, 1, 256, 2048, None),
+                            (512, 2, 512, 1024, None),
                             (1024, 4, 1024, 1024, None)]
     for block, warps, sel, sample, maxnreg in settings:
         for sorted_out, cols, lens in flags:

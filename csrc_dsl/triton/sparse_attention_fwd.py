@@ -482,25 +482,50 @@ def _load_kv_tile(kv_ptr, rows, row_ok, DIM: tl.constexpr, D_A: tl.constexpr, BL
 @triton.jit
 def _sparse_attn_score_kernel(
     q_ptr, kv_ptr, lse_ptr, idx_ptr, topk_len_ptr, target_ptr,
-    num_heads, topk, num_kv_rows, num_tiles, qk_scale_log2,
+    num_heads, num_queries, topk, num_kv_rows, num_head_blocks, qk_scale_log2,
     DIM: tl.constexpr, D_A: tl.constexpr, BLOCK_A: tl.constexpr, D_B: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (query, tile of BLOCK_N slots): raw (unnormalised) target of those slots."""
+    """One program per (query, block of BLOCK_H heads), as the forward: its Q block is loaded once and the
+    query's K slots stream past it in gathered tiles. Writes the raw (unnormalised) head-summed target of its
+    heads to row (head block, query) of target_ptr [num_head_blocks, T, K]; every slot, 0 where invalid."""
     pid = tl.program_id(0)
-    t = (pid // num_tiles).to(tl.int64)
-    slots = (pid % num_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    head_block = pid % num_head_blocks
+    t = (pid // num_head_blocks).to(tl.int64)
+    heads = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    q_rows = q_ptr + (t * num_heads + heads)[:, None] * DIM
+    cols_a = tl.arange(0, BLOCK_A)
+    mask_a = head_ok[:, None]
+    if BLOCK_A != D_A:
+        mask_a = mask_a & (cols_a[None, :] < D_A)
+    q_a = tl.load(q_rows + cols_a[None, :], mask=mask_a, other=0.0)
+    if D_B > 0:
+        cols_b = tl.arange(0, BLOCK_B)
+        q_b = tl.load(q_rows + D_A + cols_b[None, :], mask=head_ok[:, None] & (cols_b[None, :] < D_B), other=0.0)
+    # padded heads get lse = +inf, so they add 2^-inf = 0; a row with lse = +inf (no key) adds 0 too
+    lse2 = tl.load(lse_ptr + t * num_heads + heads, mask=head_ok, other=float("inf")).to(tl.float32) \
+        * 1.4426950408889634
+
     k_end = topk
     if HAS_TOPK_LENGTH:
         k_end = tl.minimum(tl.maximum(tl.load(topk_len_ptr + t), 0), topk)
-    in_row = slots < topk
-    ids = tl.load(idx_ptr + t * topk + slots, mask=in_row, other=-1)
-    valid = (slots < k_end) & (ids >= 0) & (ids < num_kv_rows)
-    rows = tl.where(valid, ids, 0).to(tl.int64)
-    kv_a, kv_b = _load_kv_tile(kv_ptr, rows, valid, DIM, D_A, BLOCK_A, D_B, BLOCK_B)
-    total = _head_summed_probs(q_ptr, lse_ptr, t * num_heads, num_heads, kv_a, kv_b, qk_scale_log2,
-                               DIM, D_A, BLOCK_A, D_B, BLOCK_B, BLOCK_H, BLOCK_N, DOT_PRECISION)
-    tl.store(target_ptr + t * topk + slots, tl.where(valid, total, 0.0), mask=in_row)
+    out_row = target_ptr + (head_block * num_queries + t) * topk
+    for start in range(0, k_end, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        ids = tl.load(idx_ptr + t * topk + slots, mask=slots < k_end, other=-1)
+        valid = (slots < k_end) & (ids >= 0) & (ids < num_kv_rows)
+        kv_a, kv_b = _load_kv_tile(kv_ptr, tl.where(valid, ids, 0).to(tl.int64), valid, DIM, D_A, BLOCK_A,
+                                   D_B, BLOCK_B)
+        s = tl.dot(q_a, tl.trans(kv_a), input_precision=DOT_PRECISION)                  # [BLOCK_H, BLOCK_N]
+        if D_B > 0:
+            s = tl.dot(q_b, tl.trans(kv_b), acc=s, input_precision=DOT_PRECISION)
+        total = tl.sum(tl.exp2(s * qk_scale_log2 - lse2[:, None]), 0)
+        tl.store(out_row + slots, tl.where(valid, total, 0.0), mask=slots < topk)
+    # slots at or past topk_length: 0 (the loop above wrote the tile that holds k_end)
+    for start in range(tl.cdiv(k_end, BLOCK_N) * BLOCK_N, topk, BLOCK_N):
+        slots = start + tl.arange(0, BLOCK_N)
+        tl.store(out_row + slots, tl.zeros([BLOCK_N], tl.float32), mask=slots < topk)
 
 
 @triton.jit
@@ -551,26 +576,49 @@ def _score_block_h(num_heads: int) -> int:
     return _block_h_for(num_heads, 64)
 
 
-def sparse_attn_score(q, kv, lse, indices, scale, topk_length=None, *, block_n: int = 32):
+# sparse_attn_score launch: (BLOCK_N, num_warps, num_stages) for a head block of 64 / of 32 or fewer heads.
+# The kv tile [BLOCK_N, D] is staged num_stages deep next to the Q block, so D = 576 takes BLOCK_N = 64, 2 stages.
+SCORE_LAUNCH = {64: (64, 8, 2), 32: (64, 4, 2)}
+
+
+def sparse_attn_score(q, kv, lse, indices, scale, topk_length=None, *, block_h: Optional[int] = None,
+                      block_n: Optional[int] = None):
     """target [T,K] fp32: sum_h exp(scale q[t,h].kv[id] - lse[t,h]) on valid slots, 0 elsewhere, divided by
-    max(row sum, 1e-12). SPEC section 6."""
+    max(row sum, 1e-12). SPEC section 6. With more heads than one block, each head block writes its own partial
+    row and torch sums them in a fixed order (no atomics: the op stays deterministic)."""
     _check_dtype(q)
-    num_q, num_heads, dim = q.shape
-    topk = indices.shape[1]
-    target = torch.empty((num_q, topk), dtype=torch.float32, device=q.device)
-    if target.numel() == 0:
-        return target
-    d_a, block_a, d_b, block_b = _score_dims(dim)
-    num_tiles = triton.cdiv(topk, block_n)
-    _sparse_attn_score_kernel[(num_q * num_tiles,)](
-        q, kv, lse, indices, topk_length if topk_length is not None else indices, target,
-        num_heads, topk, kv.shape[0], num_tiles, float(scale) * LOG2E,
-        DIM=dim, D_A=d_a, BLOCK_A=block_a, D_B=d_b, BLOCK_B=max(block_b, 16),
-        BLOCK_H=_score_block_h(num_heads), BLOCK_N=block_n, HAS_TOPK_LENGTH=topk_length is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=1,
-    )
+    block_h = _score_block_h(q.shape[1]) if block_h is None else block_h
+    if q.dtype == torch.float32:  # 4-byte tiles: Q block and kv tile must share the shared memory
+        block_h = min(block_h, 32)
+    partial = torch.empty((triton.cdiv(q.shape[1], block_h), q.shape[0], indices.shape[1]), dtype=torch.float32,
+                          device=q.device)
+    head_summed_scores(q, kv, lse, indices, scale, topk_length, partial, block_n=block_n)
+    target = partial[0] if partial.shape[0] == 1 else partial.sum(0)
     # normalisation in torch: a fixed-order reduction, so the op stays deterministic
     return target / target.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def head_summed_scores(q, kv, lse, indices, scale, topk_length, partial, *, block_n: Optional[int] = None):
+    """Fills partial [num_head_blocks, T, K] (every entry): row (b, t) = sum over head block b's heads of
+    exp(scale q[t,h].kv[id] - lse[t,h]) per slot, 0 on invalid slots. The head block is H / num_head_blocks
+    rounded up to a power of 2 (>= 16)."""
+    num_q, num_heads, dim = q.shape
+    num_head_blocks, _, topk = partial.shape
+    block_h = max(16, triton.next_power_of_2(triton.cdiv(num_heads, num_head_blocks)))
+    if partial.numel() == 0:
+        return partial
+    d_a, block_a, d_b, block_b = _score_dims(dim)
+    launch_n, num_warps, num_stages = SCORE_LAUNCH[64 if block_h >= 64 else 32]
+    if q.dtype == torch.float32:  # 4-byte tiles: one stage of a narrower tile fits shared memory
+        launch_n, num_stages = 32, 1
+    _sparse_attn_score_kernel[(num_q * num_head_blocks,)](
+        q, kv, lse, indices, topk_length if topk_length is not None else indices, partial,
+        num_heads, num_q, topk, kv.shape[0], num_head_blocks, float(scale) * LOG2E,
+        DIM=dim, D_A=d_a, BLOCK_A=block_a, D_B=d_b, BLOCK_B=max(block_b, 16),
+        BLOCK_H=block_h, BLOCK_N=block_n or launch_n, HAS_TOPK_LENGTH=topk_length is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return partial
 
 
 def dense_attn_score(q, kv, lse, scale, ratio=1, q_start=None, *, block_n: int = 32, block_q: int = 16):

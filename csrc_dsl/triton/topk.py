@@ -91,6 +91,11 @@ SAMPLE_ROUNDS = 2       # radix rounds for the guess: its top 16 bits (~1% of it
 GUESS_SIGMAS = 5.0      # margin of the first-threshold guess, in standard deviations of the sampled rank
 MIN_SEGMENT = 32768     # a row is split only into segments at least this long ...
 SEGMENT_PER_K = 8       # ... and at least this many times k, so a segment's top-k really filters it
+# Settings that measured faster than the defaults above on a given GPU (matched by a word of its name), for
+# launches that do not pass their own. The defaults were tuned on an H100 (32 one-warp programs per SM); the
+# H200 takes fewer, wider ones (`benchmarks/bench_topk.py --sweep`, 2026-12-04: 0.690 against 0.818 ms at
+# 4096 x 65536, 0.312 against 0.338 at 4096 x 8192, k=2048; BENCHMARKS.md).
+DEVICE_SETTINGS = {"H200": {"BLOCK": 512, "PROGRAMS_PER_SM": 16, "MAX_REGISTERS": None}}
 
 # Keys are uint32 whose unsigned order is the float order: flip all bits of negative floats, only the sign bit of
 # the others. -0.0 gets the key of +0.0 (they are equal); NaN gets key 0, below -inf.
@@ -421,6 +426,23 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _device_name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def _launch_settings(device: torch.device) -> dict:
+    """BLOCK, PROGRAMS_PER_SM and MAX_REGISTERS for a launch on `device`: the module's, or DEVICE_SETTINGS'."""
+    settings = {"BLOCK": BLOCK, "PROGRAMS_PER_SM": PROGRAMS_PER_SM, "MAX_REGISTERS": MAX_REGISTERS}
+    if device.type == "cuda":
+        name = _device_name(device.index if device.index is not None else torch.cuda.current_device())
+        for word, tuned in DEVICE_SETTINGS.items():
+            if word in name:
+                settings.update(tuned)
+                break
+    return settings
+
+
 def _programs_available(device: torch.device, per_sm: int | None = None) -> int:
     """Persistent programs for a launch on `device`: SMs x per_sm (default PROGRAMS_PER_SM) on a GPU."""
     if device.type == "cuda":
@@ -441,7 +463,7 @@ def _plan(n_rows: int, n_cols: int, k: int, programs: int, block: int, min_segme
 
 
 def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_stride, seg_len, n_segs, k,
-            sorted_out, block, programs, sample, select_block):
+            sorted_out, block, programs, sample, select_block, max_registers):
     n_tasks = n_rows * n_segs
     k_pow2 = triton.next_power_of_2(max(k, 1))
     # Buffer entries per program: room for what passes a good first threshold (k plus the guess's margin) without
@@ -458,8 +480,8 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
     buf_val = torch.empty(grid * cap, dtype=torch.float32, device=device)
     buf_col = torch.empty(grid * cap, dtype=torch.int32, device=device)
     counter = torch.zeros(1, dtype=torch.int32, device=device)
-    capped = MAX_REGISTERS is not None and device.type == "cuda" and not sorted_out  # the sort needs registers
-    extra = {"maxnreg": MAX_REGISTERS} if capped else {}
+    capped = max_registers is not None and device.type == "cuda" and not sorted_out  # the sort needs registers
+    extra = {"maxnreg": max_registers} if capped else {}
     _stream_topk_kernel[(grid,)](
         src_val, src_col if src_col is not None else src_val, lengths if lengths is not None else src_val,
         out_val, out_col, buf_val, buf_col, counter,
@@ -476,9 +498,10 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
 def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None,
           out=None):
     """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path)."""
+    settings = _launch_settings(scores.device)
     # The select / output step scales with the stream step (tests shrink both).
     select_block = SELECT_BLOCK if block is None else max(16, SELECT_BLOCK * block // BLOCK)
-    block = BLOCK if block is None else block
+    block = settings["BLOCK"] if block is None else block
     sample = SAMPLE if sample is None else sample
     min_segment = MIN_SEGMENT if min_segment is None else min_segment
     lead = scores.shape[:-1]
@@ -499,7 +522,7 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
     src = src.contiguous()
     lens = None if lengths is None else lengths.reshape(n_rows).to(torch.int32).contiguous()
     if programs is None:
-        programs = _programs_available(device)
+        programs = _programs_available(device, settings["PROGRAMS_PER_SM"])
         split_programs = _programs_available(device, SPLIT_PROGRAMS_PER_SM)
     else:
         split_programs = programs
@@ -507,17 +530,17 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
     n_segs, seg_len = _plan(n_rows, n_cols, k, split_programs, block, min_segment)
     if n_segs == 1:
         _launch(src, None, lens, out_val, out_col, n_rows, n_cols, max(n_cols, 1), n_cols, 1, k,
-                sorted, block, programs, sample, select_block)
+                sorted, block, programs, sample, select_block, settings["MAX_REGISTERS"])
         return out_col, out_val
     # Stage 1: each segment's top-k, in column order, padded with (-inf, -1).
     part_val = torch.empty(n_rows, n_segs, k, dtype=torch.float32, device=device)
     part_col = torch.empty(n_rows, n_segs, k, dtype=torch.int32, device=device)
     _launch(src, None, lens, part_val, part_col, n_rows, n_cols, n_cols, seg_len, n_segs, k,
-            False, block, programs, sample, select_block)
+            False, block, programs, sample, select_block, settings["MAX_REGISTERS"])
     # Stage 2: the row's top-k among its segments' survivors.
     width = n_segs * k
     _launch(part_val, part_col, None, out_val, out_col, n_rows, width, width, width, 1, k,
-            sorted, block, programs, sample, select_block)
+            sorted, block, programs, sample, select_block, settings["MAX_REGISTERS"])
     return out_col, out_val
 
 

@@ -353,15 +353,22 @@ def test_dense_attn_score(num_heads, ratio, with_q_start):
 
 
 def test_dense_attn_score_small_blocks():
-    """Several query blocks and key tiles, incl. tiles fully masked for a whole query block."""
+    """Several key tiles per query and heads in several blocks (40 heads in blocks of 16: three partial rows
+    summed), incl. rows that see no key; the kernel writes every entry of its partial rows (poisoned first)."""
     dtype = torch.float16
     gen = torch.Generator().manual_seed(77)
-    q = (torch.randn(1, 9, 3, 80, generator=gen) / 2).to(dtype).to(DEVICE)
-    kv = torch.randn(1, 40, 80, generator=gen).to(dtype).to(DEVICE)
-    ref_scores, ref_l1, lse = oracle_dense_attn_score(q, kv, 0.1, 4, None)
-    scores, l1 = fwd.dense_attn_score(q, kv, lse.float(), 0.1, 4, None, block_n=16, block_q=4)
+    q = (torch.randn(2, 9, 40, 80, generator=gen) / 2).to(dtype).to(DEVICE)
+    kv = torch.randn(2, 40, 80, generator=gen).to(dtype).to(DEVICE)
+    q_start = torch.tensor([-5, 3], dtype=torch.int32)
+    ref_scores, ref_l1, lse = oracle_dense_attn_score(q, kv, 0.1, 4, q_start)
+    q_start = q_start.to(DEVICE)
+    scores, l1 = fwd.dense_attn_score(q, kv, lse.float(), 0.1, 4, q_start, block_h=16, block_n=16)
     assert (scores[ref_scores == 0] == 0).all()
     assert rel_err(scores, ref_scores) <= 2e-3 and rel_err(l1, ref_l1) <= 2e-3
+    partial = torch.full((3, 18, 40), float("nan"), device=DEVICE)
+    fwd.head_summed_scores(q.view(18, 40, 80), kv, lse.float(), None, 0.1, None, partial, block_n=16,
+                           dense=(9, 4, q_start))
+    assert not partial.isnan().any() and rel_err(partial.sum(0).view(2, 9, 40), ref_scores) <= 2e-3
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -117,6 +117,16 @@ layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits l
   capped 60 layouts_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_indexer_layouts.py
   capped 240 indexer_layouts.log python -m benchmarks.experiments.indexer_layouts
   ;;
+score)     # staged: score-op launch settings vs cuDNN, then the Triton forward/score GPU tests
+  capped 240 score_launch.log python -m benchmarks.experiments.score_launch
+  capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py
+  ;;
+layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits layout experiment vs cuDNN
+  capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu
+  capped 90 topk_bench.log python -m benchmarks.bench_topk
+  capped 60 layouts_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_indexer_layouts.py
+  capped 240 indexer_layouts.log python -m benchmarks.experiments.indexer_layouts
+  ;;
 score)     # staged: sparse_attn_score launch settings vs cuDNN, its GPU tests, the indexer ops at the issue shapes
   capped 150 score_launch.log python -m benchmarks.experiments.score_launch
   capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py

@@ -433,37 +433,6 @@ sparse_attention_decode.writes_out = True   # dsa::sparse_attention_decode_out p
 # Score recompute (SPEC section 6): sum over heads of the attention probabilities, without the sink
 # ------------------------------------------------------------------------------------------------------
 @triton.jit
-def _head_summed_probs(q_ptr, lse_ptr, q_row0, num_heads, kv_a, kv_b, qk_scale_log2,
-                       DIM: tl.constexpr, D_A: tl.constexpr, BLOCK_A: tl.constexpr, D_B: tl.constexpr,
-                       BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
-    """sum_h 2^(scale2 * q[h] . kv_j - lse2[h]) for one query (rows q_row0 .. q_row0 + H - 1 of q / lse)."""
-    cols_a = tl.arange(0, BLOCK_A)
-    cols_b = tl.arange(0, BLOCK_B)
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for h0 in range(0, num_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        head_ok = heads < num_heads
-        q_rows = q_ptr + (q_row0 + heads)[:, None] * DIM
-        mask_a = head_ok[:, None]
-        if BLOCK_A != D_A:
-            mask_a = mask_a & (cols_a[None, :] < D_A)
-        s = tl.dot(tl.load(q_rows + cols_a[None, :], mask=mask_a, other=0.0), tl.trans(kv_a),
-                   input_precision=DOT_PRECISION)
-        if D_B > 0:
-            mask_b = head_ok[:, None]
-            if BLOCK_B != D_B:
-                mask_b = mask_b & (cols_b[None, :] < D_B)
-            s = tl.dot(tl.load(q_rows + D_A + cols_b[None, :], mask=mask_b, other=0.0), tl.trans(kv_b),
-                       acc=s, input_precision=DOT_PRECISION)
-        # padded heads get lse = +inf, so they add 2^-inf = 0; a row with lse = +inf (no key) adds 0 too
-        lse2 = tl.load(lse_ptr + q_row0 + heads, mask=head_ok, other=float("inf")).to(tl.float32) \
-            * 1.4426950408889634
-        total += tl.sum(tl.exp2(s * qk_scale_log2 - lse2[:, None]), 0)
-    return total
-
-
-@triton.jit
 def _load_kv_tile(kv_ptr, rows, row_ok, DIM: tl.constexpr, D_A: tl.constexpr, BLOCK_A: tl.constexpr,
                   D_B: tl.constexpr, BLOCK_B: tl.constexpr):
     """kv rows split as columns [0, D_A) and [D_A, DIM); rows not ok read as 0."""
@@ -480,15 +449,20 @@ def _load_kv_tile(kv_ptr, rows, row_ok, DIM: tl.constexpr, D_A: tl.constexpr, BL
 
 
 @triton.jit
-def _sparse_attn_score_kernel(
-    q_ptr, kv_ptr, lse_ptr, idx_ptr, topk_len_ptr, target_ptr,
-    num_heads, num_queries, topk, num_kv_rows, num_head_blocks, qk_scale_log2,
+def _head_summed_scores_kernel(
+    q_ptr, kv_ptr, lse_ptr, idx_ptr, topk_len_ptr, q_start_ptr, target_ptr,
+    num_heads, num_queries, row_len, num_kv_rows, num_head_blocks, qk_scale_log2, seq_q, ratio,
     DIM: tl.constexpr, D_A: tl.constexpr, BLOCK_A: tl.constexpr, D_B: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, DENSE: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
+    HAS_Q_START: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (query, block of BLOCK_H heads), as the forward: its Q block is loaded once and the
-    query's K slots stream past it in gathered tiles. Writes the raw (unnormalised) head-summed target of its
-    heads to row (head block, query) of target_ptr [num_head_blocks, T, K]; every slot, 0 where invalid."""
+    """One program per (query row, block of BLOCK_H heads), as the forward: its Q block is loaded once and the
+    query's keys stream past it in tiles of BLOCK_N rows. It writes sum over its heads of
+    2^(scale2 q[h].kv_j - lse2[h]) for every entry of row (head block, query row) of target_ptr
+    [num_head_blocks, num_queries, row_len], 0 where invalid or masked.
+    Sparse (DENSE=False): entry j is slot j of indices [T, row_len] (row of kv [num_kv_rows, D]).
+    Dense: query rows are (batch, query) pairs of q [B, seq_q, H, D], entry j is key j of kv [B, row_len, D],
+    visible iff j < (q_start[b] + query + 1) // ratio (SPEC section 6)."""
     pid = tl.program_id(0)
     head_block = pid % num_head_blocks
     t = (pid // num_head_blocks).to(tl.int64)
@@ -507,63 +481,39 @@ def _sparse_attn_score_kernel(
     lse2 = tl.load(lse_ptr + t * num_heads + heads, mask=head_ok, other=float("inf")).to(tl.float32) \
         * 1.4426950408889634
 
-    k_end = topk
-    if HAS_TOPK_LENGTH:
-        k_end = tl.minimum(tl.maximum(tl.load(topk_len_ptr + t), 0), topk)
-    out_row = target_ptr + (head_block * num_queries + t) * topk
+    if DENSE:
+        b = t // seq_q
+        if HAS_Q_START:
+            q_start = tl.load(q_start_ptr + b)
+        else:
+            q_start = row_len * ratio - seq_q
+        # floor division of a non-negative count (no key is visible before position 0)
+        k_end = tl.minimum(tl.maximum(q_start + (t % seq_q) + 1, 0) // ratio, row_len)
+        kv_ptr += b * row_len * DIM
+    else:
+        k_end = row_len
+        if HAS_TOPK_LENGTH:
+            k_end = tl.minimum(tl.maximum(tl.load(topk_len_ptr + t), 0), row_len)
+    out_row = target_ptr + (head_block * num_queries + t) * row_len
     for start in range(0, k_end, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        ids = tl.load(idx_ptr + t * topk + slots, mask=slots < k_end, other=-1)
-        valid = (slots < k_end) & (ids >= 0) & (ids < num_kv_rows)
-        kv_a, kv_b = _load_kv_tile(kv_ptr, tl.where(valid, ids, 0).to(tl.int64), valid, DIM, D_A, BLOCK_A,
-                                   D_B, BLOCK_B)
+        if DENSE:
+            valid = slots < k_end
+            rows = slots.to(tl.int64)
+        else:
+            ids = tl.load(idx_ptr + t * row_len + slots, mask=slots < k_end, other=-1)
+            valid = (slots < k_end) & (ids >= 0) & (ids < num_kv_rows)
+            rows = tl.where(valid, ids, 0).to(tl.int64)
+        kv_a, kv_b = _load_kv_tile(kv_ptr, rows, valid, DIM, D_A, BLOCK_A, D_B, BLOCK_B)
         s = tl.dot(q_a, tl.trans(kv_a), input_precision=DOT_PRECISION)                  # [BLOCK_H, BLOCK_N]
         if D_B > 0:
             s = tl.dot(q_b, tl.trans(kv_b), acc=s, input_precision=DOT_PRECISION)
         total = tl.sum(tl.exp2(s * qk_scale_log2 - lse2[:, None]), 0)
-        tl.store(out_row + slots, tl.where(valid, total, 0.0), mask=slots < topk)
-    # slots at or past topk_length: 0 (the loop above wrote the tile that holds k_end)
-    for start in range(tl.cdiv(k_end, BLOCK_N) * BLOCK_N, topk, BLOCK_N):
+        tl.store(out_row + slots, tl.where(valid, total, 0.0), mask=slots < row_len)
+    # entries at or past k_end: 0 (the loop above wrote the tile that holds k_end)
+    for start in range(tl.cdiv(k_end, BLOCK_N) * BLOCK_N, row_len, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        tl.store(out_row + slots, tl.zeros([BLOCK_N], tl.float32), mask=slots < topk)
-
-
-@triton.jit
-def _dense_attn_score_kernel(
-    q_ptr, kv_ptr, lse_ptr, q_start_ptr, scores_ptr,
-    num_heads, seq_q, seq_k, ratio, num_k_tiles, num_q_blocks, qk_scale_log2,
-    DIM: tl.constexpr, D_A: tl.constexpr, BLOCK_A: tl.constexpr, D_B: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, HAS_Q_START: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One program per (batch, block of BLOCK_Q queries, tile of BLOCK_N keys): the KV tile is loaded once
-    and reused by every query of the block; fully masked (query, tile) pairs only write zeros."""
-    pid = tl.program_id(0)
-    k_tile = pid % num_k_tiles
-    q_block = (pid // num_k_tiles) % num_q_blocks
-    b = (pid // (num_k_tiles * num_q_blocks)).to(tl.int64)
-    keys = k_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = keys < seq_k
-    kv_a, kv_b = _load_kv_tile(kv_ptr + b * seq_k * DIM, keys.to(tl.int64), key_ok, DIM, D_A, BLOCK_A,
-                               D_B, BLOCK_B)
-    if HAS_Q_START:
-        q_start = tl.load(q_start_ptr + b)
-    else:
-        q_start = seq_k * ratio - seq_q
-    for i in range(0, BLOCK_Q):
-        qi = q_block * BLOCK_Q + i
-        if qi < seq_q:
-            # key k (covering tokens [k*ratio, (k+1)*ratio)) is visible iff k < (pos + 1) // ratio.
-            # Triton's // truncates toward 0; it differs from floor only for pos + 1 < 0, where no key is
-            # visible either way.
-            limit = tl.minimum((q_start + qi + 1) // ratio, seq_k)
-            row = b * seq_q + qi
-            total = tl.zeros([BLOCK_N], tl.float32)
-            if k_tile * BLOCK_N < limit:
-                total = _head_summed_probs(q_ptr, lse_ptr, row * num_heads, num_heads, kv_a, kv_b,
-                                           qk_scale_log2, DIM, D_A, BLOCK_A, D_B, BLOCK_B, BLOCK_H,
-                                           BLOCK_N, DOT_PRECISION)
-            tl.store(scores_ptr + row * seq_k + keys, tl.where(keys < limit, total, 0.0), mask=key_ok)
+        tl.store(out_row + slots, tl.zeros([BLOCK_N], tl.float32), mask=slots < row_len)
 
 
 def _score_dims(dim: int) -> tuple[int, int, int, int]:
@@ -572,71 +522,76 @@ def _score_dims(dim: int) -> tuple[int, int, int, int]:
     return _dim_split(dim, first)
 
 
-def _score_block_h(num_heads: int) -> int:
-    return _block_h_for(num_heads, 64)
-
-
-# sparse_attn_score launch: (BLOCK_N, num_warps, num_stages) for a head block of 64 / of 32 or fewer heads.
-# The kv tile [BLOCK_N, D] is staged num_stages deep next to the Q block, so D = 576 takes BLOCK_N = 64, 2 stages.
-SCORE_LAUNCH = {64: (64, 8, 2), 32: (64, 4, 2)}
+# sparse_attn_score launch: the widest head block (SCORE_MAX_BLOCK_H) and, per head block, (BLOCK_N, num_warps,
+# num_stages). The kv tile [BLOCK_N, D] is staged num_stages deep next to the Q block in shared memory.
+# benchmarks/experiments/score_launch.py on the H200 (2026-12-04, T=4096, H=128, D=576, K=2048): 64 heads x
+# BLOCK_N 64 x 4 warps x 2 stages 5.62 ms; 8 warps 8.62 ms; BLOCK_N 32: 7.94 ms (4 warps), 11.77 ms (8, 3 stages).
+SCORE_MAX_BLOCK_H = 64
+SCORE_LAUNCH = {128: (32, 8, 2), 64: (64, 4, 2), 32: (64, 4, 2), 16: (64, 4, 2)}
 
 
 def sparse_attn_score(q, kv, lse, indices, scale, topk_length=None, *, block_h: Optional[int] = None,
                       block_n: Optional[int] = None):
     """target [T,K] fp32: sum_h exp(scale q[t,h].kv[id] - lse[t,h]) on valid slots, 0 elsewhere, divided by
-    max(row sum, 1e-12). SPEC section 6. With more heads than one block, each head block writes its own partial
-    row and torch sums them in a fixed order (no atomics: the op stays deterministic)."""
+    max(row sum, 1e-12). SPEC section 6."""
     _check_dtype(q)
-    block_h = _score_block_h(q.shape[1]) if block_h is None else block_h
-    if q.dtype == torch.float32:  # 4-byte tiles: Q block and kv tile must share the shared memory
-        block_h = min(block_h, 32)
-    partial = torch.empty((triton.cdiv(q.shape[1], block_h), q.shape[0], indices.shape[1]), dtype=torch.float32,
-                          device=q.device)
+    partial = _score_partials(q, indices.shape[0], indices.shape[1], block_h)
     head_summed_scores(q, kv, lse, indices, scale, topk_length, partial, block_n=block_n)
-    target = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    target = _sum_partials(partial)
     # normalisation in torch: a fixed-order reduction, so the op stays deterministic
     return target / target.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def head_summed_scores(q, kv, lse, indices, scale, topk_length, partial, *, block_n: Optional[int] = None):
-    """Fills partial [num_head_blocks, T, K] (every entry): row (b, t) = sum over head block b's heads of
-    exp(scale q[t,h].kv[id] - lse[t,h]) per slot, 0 on invalid slots. The head block is H / num_head_blocks
-    rounded up to a power of 2 (>= 16)."""
-    num_q, num_heads, dim = q.shape
-    num_head_blocks, _, topk = partial.shape
+def dense_attn_score(q, kv, lse, scale, ratio=1, q_start=None, *, block_h: Optional[int] = None,
+                     block_n: Optional[int] = None):
+    """(scores [B,Sq,Sk] fp32 with ratio-causally masked entries 0, l1 [B,Sq] = row sums). SPEC section 6."""
+    _check_dtype(q)
+    batch, seq_q, num_heads, dim = q.shape
+    partial = _score_partials(q, batch * seq_q, kv.shape[1], block_h)
+    head_summed_scores(q.view(batch * seq_q, num_heads, dim), kv, lse, None, scale, None, partial,
+                       block_n=block_n, dense=(seq_q, int(ratio), q_start))
+    scores = _sum_partials(partial).view(batch, seq_q, kv.shape[1])
+    return scores, scores.sum(dim=-1)
+
+
+def _score_partials(q, num_rows: int, row_len: int, block_h: Optional[int]) -> torch.Tensor:
+    """Uninitialised [num_head_blocks, num_rows, row_len] fp32 for head_summed_scores."""
+    block_h = _block_h_for(q.shape[-2], SCORE_MAX_BLOCK_H) if block_h is None else block_h
+    if q.dtype == torch.float32:  # 4-byte tiles: Q block and kv tile must share the shared memory
+        block_h = min(block_h, 32)
+    return torch.empty((triton.cdiv(q.shape[-2], block_h), num_rows, row_len), dtype=torch.float32,
+                       device=q.device)
+
+
+def _sum_partials(partial: torch.Tensor) -> torch.Tensor:
+    # With more heads than one block, each head block wrote its own partial row; torch sums them in a fixed
+    # order (no atomics: the ops stay deterministic).
+    return partial[0] if partial.shape[0] == 1 else partial.sum(0)
+
+
+def head_summed_scores(q, kv, lse, indices, scale, topk_length, partial, *, block_n: Optional[int] = None,
+                       dense: Optional[tuple] = None):
+    """Fills partial [num_head_blocks, rows, row_len] (every entry): entry (b, r, j) = sum over head block b's
+    heads of exp(scale q[r,h].kv_j - lse[r,h]), 0 where invalid or masked. The head block is H / num_head_blocks
+    rounded up to a power of 2 (>= 16). Sparse: kv_j = kv[indices[r, j]]. Dense (dense = (seq_q, ratio,
+    q_start or None), q as [B*seq_q, H, D]): kv_j = kv[r // seq_q, j] under the ratio-causal mask."""
+    num_rows, num_heads, dim = q.shape
+    num_head_blocks, _, row_len = partial.shape
     block_h = max(16, triton.next_power_of_2(triton.cdiv(num_heads, num_head_blocks)))
     if partial.numel() == 0:
         return partial
     d_a, block_a, d_b, block_b = _score_dims(dim)
-    launch_n, num_warps, num_stages = SCORE_LAUNCH[64 if block_h >= 64 else 32]
+    launch_n, num_warps, num_stages = SCORE_LAUNCH[block_h]
     if q.dtype == torch.float32:  # 4-byte tiles: one stage of a narrower tile fits shared memory
         launch_n, num_stages = 32, 1
-    _sparse_attn_score_kernel[(num_q * num_head_blocks,)](
-        q, kv, lse, indices, topk_length if topk_length is not None else indices, partial,
-        num_heads, num_q, topk, kv.shape[0], num_head_blocks, float(scale) * LOG2E,
+    seq_q, ratio, q_start = dense if dense is not None else (1, 1, None)
+    _head_summed_scores_kernel[(num_rows * num_head_blocks,)](
+        q, kv, lse, indices if indices is not None else lse, topk_length if topk_length is not None else lse,
+        q_start if q_start is not None else lse, partial,
+        num_heads, num_rows, row_len, kv.shape[-2], num_head_blocks, float(scale) * LOG2E, seq_q, ratio,
         DIM=dim, D_A=d_a, BLOCK_A=block_a, D_B=d_b, BLOCK_B=max(block_b, 16),
-        BLOCK_H=block_h, BLOCK_N=block_n or launch_n, HAS_TOPK_LENGTH=topk_length is not None,
+        BLOCK_H=block_h, BLOCK_N=block_n or launch_n, DENSE=dense is not None,
+        HAS_TOPK_LENGTH=topk_length is not None, HAS_Q_START=q_start is not None,
         DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
     return partial
-
-
-def dense_attn_score(q, kv, lse, scale, ratio=1, q_start=None, *, block_n: int = 32, block_q: int = 16):
-    """(scores [B,Sq,Sk] fp32 with ratio-causally masked entries 0, l1 [B,Sq] = row sums). SPEC section 6."""
-    _check_dtype(q)
-    batch, seq_q, num_heads, dim = q.shape
-    seq_k = kv.shape[1]
-    scores = torch.empty((batch, seq_q, seq_k), dtype=torch.float32, device=q.device)
-    if scores.numel() == 0:
-        return scores, scores.sum(dim=-1)
-    d_a, block_a, d_b, block_b = _score_dims(dim)
-    num_k_tiles = triton.cdiv(seq_k, block_n)
-    num_q_blocks = triton.cdiv(seq_q, block_q)
-    _dense_attn_score_kernel[(batch * num_q_blocks * num_k_tiles,)](
-        q, kv, lse, q_start if q_start is not None else lse, scores,
-        num_heads, seq_q, seq_k, int(ratio), num_k_tiles, num_q_blocks, float(scale) * LOG2E,
-        DIM=dim, D_A=d_a, BLOCK_A=block_a, D_B=d_b, BLOCK_B=max(block_b, 16),
-        BLOCK_H=_score_block_h(num_heads), BLOCK_N=block_n, BLOCK_Q=block_q,
-        HAS_Q_START=q_start is not None, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4, num_stages=1,
-    )
-    return scores, scores.sum(dim=-1)

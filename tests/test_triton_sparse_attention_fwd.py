@@ -301,7 +301,8 @@ def test_sparse_attention_decode_public_entry():
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("num_heads,dim,with_len,block_h",
                          [(1, 80, False, None), (3, 80, True, None), (16, 64, True, None), (3, 576, False, None),
-                          (40, 64, True, 16)])  # 40 heads in blocks of 16: three partial rows summed
+                          (40, 64, True, 16),   # 40 heads in blocks of 16: three partial rows summed
+                          (100, 64, False, None)])  # one 128-head block (the default up to 128 heads)
 def test_sparse_attn_score(num_heads, dim, with_len, block_h):
     dtype = torch.float16
     q, kv, idx, _, length = make_attention_inputs(40 + num_heads, 3, num_heads, dim, 31, 37, dtype, False,

@@ -522,12 +522,14 @@ def _score_dims(dim: int) -> tuple[int, int, int, int]:
     return _dim_split(dim, first)
 
 
-# sparse_attn_score launch: the widest head block (SCORE_MAX_BLOCK_H) and, per head block, (BLOCK_N, num_warps,
-# num_stages). The kv tile [BLOCK_N, D] is staged num_stages deep next to the Q block in shared memory.
-# benchmarks/experiments/score_launch.py on the H200 (2026-12-04, T=4096, H=128, D=576, K=2048): 64 heads x
-# BLOCK_N 64 x 4 warps x 2 stages 5.62 ms; 8 warps 8.62 ms; BLOCK_N 32: 7.94 ms (4 warps), 11.77 ms (8, 3 stages).
-SCORE_MAX_BLOCK_H = 64
-SCORE_LAUNCH = {128: (32, 8, 2), 64: (64, 4, 2), 32: (64, 4, 2), 16: (64, 4, 2)}
+# Score-op launch: the widest head block (SCORE_MAX_BLOCK_H) and, per head block, (BLOCK_N, num_warps, num_stages).
+# The kv tile [BLOCK_N, D] is staged num_stages deep next to the Q block in shared memory.
+# benchmarks/experiments/score_launch.py on the H200 (2026-12-04, V3.2: H=128, D=576; S=4096, K=2048), ms for
+# sparse_attn_score / dense_attn_score: 128 heads x 64 x 8 warps x 1 stage 4.34 / 3.73 (cuDNN 2.95 / 2.61);
+# 128 x 32 x 8 x 2: 5.05 / 4.07; 64 x 64 x 4 x 2: 5.58 / 4.15; 64 x 64 x 8 x 2: 8.58 / 7.11. One program
+# per query then gathers each kv tile once for all 128 heads.
+SCORE_MAX_BLOCK_H = 128
+SCORE_LAUNCH = {128: (64, 8, 1), 64: (64, 4, 2), 32: (64, 4, 2), 16: (64, 4, 2)}
 
 
 def sparse_attn_score(q, kv, lse, indices, scale, topk_length=None, *, block_h: Optional[int] = None,

@@ -25,7 +25,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -116,6 +116,13 @@ layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits l
   capped 90 topk_bench.log python -m benchmarks.bench_topk
   capped 60 layouts_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_indexer_layouts.py
   capped 240 indexer_layouts.log python -m benchmarks.experiments.indexer_layouts
+  ;;
+detcheck)  # staged: the CuTe backward's tests, deterministic modes (fixed point, partial rows, Triton) vs fast, headline
+  capped 280 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
+  capped 120 bwd_det.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --deterministic
+  capped 90 bwd_fast.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton
+  capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
+    --also-backends triton --no-overhead --out "$OUT/bwd"
   ;;
 score)     # staged: score-op launch settings vs cuDNN, then the Triton forward/score GPU tests
   capped 240 score_launch.log python -m benchmarks.experiments.score_launch

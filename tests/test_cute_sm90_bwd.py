@@ -157,49 +157,6 @@ def test_row_terms_grad_lse_match_autograd(with_sink):
     assert rel_err(plain_dq, dq) > 2 * GRAD_REL                    # the shift is what makes dq right
 
 
-@pytest.mark.parametrize("magnitude", [1.0, 1e-6, 1e4])
-def test_fixed_point_dkv_simulated_matches_oracle(magnitude):
-    """The deterministic mode's fixed-point dkv, simulated on the CPU: each CTA's per-slot value (summed over
-    its heads, in fp32 as the kernel holds it) times 2^e from `fixed_point_scale`, truncated to int64, summed
-    exactly (index_add_ on int64), times 2^-e, equals the fp64 oracle's dkv to 1e-6 and never comes near
-    int64 overflow, for gradients of any magnitude (the scale follows dout) and duplicate slots. The exact
-    sum of the same fp32 values is the reference (the values themselves match the oracle's dkv up to the bf16
-    rounding of `out`, which the kernel's Delta sees too)."""
-    torch.manual_seed(7)
-    T, H, D, d_v, S, K, scale = 24, 128, 576, 512, 40, 64, 576 ** -0.5
-    q = torch.randn(T, H, D).to(torch.bfloat16)
-    kv = torch.randn(S, D).to(torch.bfloat16)
-    indices = torch.randint(0, S, (T, K), dtype=torch.int32)
-    indices[:, 5] = -1
-    indices[:, 9] = indices[:, 8]                                       # a duplicate slot
-    dout = (torch.randn(T, H, d_v) * magnitude).to(torch.bfloat16)
-    out, lse, _, ref_dkv, _ = oracle(q, kv, indices, dout, scale, d_v)
-    delta, l2, _ = bwd.row_terms(out.to(torch.bfloat16), dout, lse.float(), None)
-    fix, unscale = bwd.fixed_point_scale(q, kv, dout, delta, K, scale, d_v)
-
-    # the kernel's per-(token, head block, slot) dkv values: sum_h P dO (value columns) + dS' Q
-    valid = indices >= 0
-    keys = kv.double()[indices.long().clamp(min=0)]                    # [T, K, D]
-    p = torch.exp(scale * torch.einsum("thd,tkd->thk", q.double(), keys) - (l2.double() / bwd.LOG2_E)[..., None])
-    p = p * valid[:, None, :]
-    dp = torch.einsum("thd,tkd->thk", dout.double(), keys[..., :d_v])
-    ds = scale * p * (dp - delta.double()[..., None])
-    acc = torch.zeros(S, D, dtype=torch.int64)
-    exact = torch.zeros(S, D, dtype=torch.float64)
-    for head_block in range(0, H, 64):
-        heads = slice(head_block, head_block + 64)
-        value = torch.einsum("thk,thd->tkd", ds[:, heads], q.double()[:, heads])
-        value[..., :d_v] += torch.einsum("thk,thd->tkd", p[:, heads], dout.double()[:, heads])
-        fixed = (value.float() * fix).to(torch.int64)                    # truncation toward 0, as F2I.S64.TRUNC
-        fixed = fixed * valid[..., None]
-        acc.index_add_(0, indices.long().clamp(min=0).view(-1), fixed.view(-1, D))
-        exact.index_add_(0, indices.long().clamp(min=0).view(-1), (value.float().double() * valid[..., None]).view(-1, D))
-        assert acc.abs().max() < 2 ** bwd.FIXED_POINT_BITS
-    got = acc.double() * unscale
-    assert rel_err(got, exact) <= 1e-6, rel_err(got, exact)
-    assert rel_err(got, ref_dkv) <= 2e-3, rel_err(got, ref_dkv)
-
-
 def spec_formulas(q, kv, indices, dout, out, lse, scale, d_v, sink=None, topk_length=None, round_bf16=False,
                   delta=None):
     """SPEC section 5 written out slot by slot (fp64). With `round_bf16`, P and dS are rounded to bf16
@@ -263,8 +220,7 @@ def test_oracle_matches_spec_and_bf16_operands_meet_tolerance(round_bf16):
 # CPU: every shipped variant compiles for sm_90a without spills
 # ======================================================================================================
 def _config_id(config):
-    det = ("-fixed" if config.dkv_fixed_point else "-partials") if config.deterministic else ""
-    return f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}{det}"
+    return f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}"
 
 
 def _expected_hgmma(config):
@@ -302,10 +258,8 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
         assert ops["LDGSTS"] == 4 * (config.head_dim + config.d_v) // 64 + 2 * config.head_dim // 64
         assert ops["LDL"] == 0 and ops["STL"] == 0
         assert ops["USETMAXREG"] >= 2                                  # producer down, consumers up
-        if config.deterministic and not config.dkv_fixed_point:
-            assert ops["REDG"] == 0                                    # plain stores, no atomics
-        elif config.deterministic:
-            assert ops["REDG"] > 0 and "REDG.E.ADD.F32" not in sass    # integer reductions only
+        if config.deterministic:
+            assert ops["REDG"] == 0                                    # plain stores, no float atomics
         else:
             assert ops["REDG"] > 0
 
@@ -314,11 +268,9 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
 @pytest.mark.parametrize("config", [bwd.BwdConfig(576, 512, False, ablation="no_dkv_write"),
                                     bwd.BwdConfig(576, 512, False, dkv_write="scalar"),
                                     bwd.BwdConfig(576, 512, False, dkv_write="vector"),
-                                    bwd.BwdConfig(576, 512, True, dkv_write="vector", dkv_fixed_point=False),
                                     bwd.BwdConfig(576, 512, True, dkv_write="vector"),
                                     bwd.BwdConfig(576, 512, False, overlap_dkv=False)],
-                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det_partials",
-                              "vector_dkv_det_fixed", "serial_dkv"])
+                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det", "serial_dkv"])
 def test_bwd_variants_compile_without_spills(config):
     """The benchmark's variants (dkv products kept but never written; the other dkv write paths) compile
     without spills; addresses computed per tile leave no thread-index reads in the write path, and vector
@@ -337,13 +289,9 @@ def test_bwd_variants_compile_without_spills(config):
             # 16 values per thread and dkv^T block, 4 per instruction (the consumers' code is compiled
             # once each, so every block counts once); the dQ epilogue also stores 16-byte pieces.
             dkv_pieces = 4 * (config.head_dim // 64)
-            if config.deterministic and not config.dkv_fixed_point:
+            if config.deterministic:
                 epilogue_pieces = 2 * 64 * (config.head_dim // 8) // 256
                 assert sass.count("STG.E.128") == dkv_pieces + epilogue_pieces
-            elif config.deterministic:
-                # fixed point: each 16-byte piece becomes 4 conversions and 4 8-byte integer reductions
-                assert sass.count("REDG.E.ADD.64") == 4 * dkv_pieces
-                assert sass.count("F2I.S64") == 4 * dkv_pieces
             else:
                 assert sass.count("REDG.E.ADD.F32x4") == dkv_pieces
 
@@ -387,8 +335,7 @@ def check(q, kv, indices, scale, d_v, sink, lengths, dout, deterministic=False, 
     out, lse, (ref_dq, ref_dkv, ref_dsink) = forward_for(q, kv, indices, dout, scale, d_v, sink, lengths,
                                                          grad_lse)
     poison = [((T, H, D), torch.bfloat16)]
-    if deterministic and os.environ.get(bwd.DET_DKV_ENV) == "partials":
-        # the partial dkv rows the launcher allocates: a row the kernel skips reads NaN
+    if deterministic:  # the partial dkv rows the launcher allocates: a row the kernel skips reads NaN
         head_blocks, K = (H + 63) // 64, indices.shape[1]
         budget = int(os.environ.get(bwd.WORKSPACE_ENV, "2048")) << 20
         chunk = max(1, min(T, budget // (head_blocks * K * D * 4)))
@@ -490,12 +437,9 @@ def test_bwd_all_duplicates(deterministic):
 
 
 @needs_sm90
-@pytest.mark.parametrize("det_dkv", bwd.DET_DKV_MODES)
 @pytest.mark.parametrize("D", [576, 512])
-def test_bwd_deterministic_is_bitwise_stable(D, det_dkv, monkeypatch):
-    """Deterministic mode: 10 runs give the same bits; both head blocks (and several query chunks of the
-    partial rows)."""
-    monkeypatch.setenv(bwd.DET_DKV_ENV, det_dkv)
+def test_bwd_deterministic_is_bitwise_stable(D, monkeypatch):
+    """Deterministic mode: 10 runs give the same bits; several query chunks and both head blocks."""
     monkeypatch.setenv(bwd.WORKSPACE_ENV, "8")       # 8 MiB: several chunks at H = 128
     q, kv, idx, sink, lengths, dout = make_inputs(T=12, H=128, D=D, S=300, K=512, seed=3 + D, sink=True,
                                                   topk_length=True, dup=0.2)
@@ -508,27 +452,6 @@ def test_bwd_deterministic_is_bitwise_stable(D, det_dkv, monkeypatch):
     fast = bwd.sparse_attention_backward(dout, q, kv, out, lse, idx, D ** -0.5, 512, sink, lengths, False)
     assert torch.equal(fast[0], first[0])                      # dq never depends on the dkv mode
     assert rel_err(fast[1], first[1].double()) <= 1e-2
-
-
-@needs_sm90
-def test_bwd_fixed_point_dkv_matches_fp32_sums():
-    """The fixed-point dkv (int64 sums of value * 2^e) against the fp32 partial-row sums, before the bf16 cast:
-    the same numbers up to fp32 rounding, at a realistic size (many uses of each kv row)."""
-    T, H, S, K, D = 256, 64, 1024, 512, 576
-    q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=21, sink=True, topk_length=True)
-    out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, sink, lengths)
-    delta, l2, _ = bwd.row_terms(out, dout, lse, sink)
-    lengths = lengths.contiguous()
-    fix, unscale = bwd.fixed_point_scale(q, kv, dout, delta, K, D ** -0.5, 512)
-    fixed = torch.zeros(S, D, dtype=torch.int64, device="cuda")
-    bwd._launch(bwd.BwdConfig(D, 512, True), q, kv, idx, dout, l2, delta, lengths, torch.empty_like(q), fixed,
-                D ** -0.5, fix)
-    sums = torch.zeros(S, D, device="cuda")
-    bwd._launch(bwd.BwdConfig(D, 512, False), q, kv, idx, dout, l2, delta, lengths, torch.empty_like(q), sums,
-                D ** -0.5)
-    got = fixed.double() * unscale
-    assert rel_err(got, sums.double()) <= 1e-5, rel_err(got, sums.double())
-    assert fixed.abs().max() < 2 ** bwd.FIXED_POINT_BITS
 
 
 @needs_sm90
@@ -546,7 +469,7 @@ def test_bwd_dkv_write_paths_agree(H):
                 "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False}}
     for mode, options in variants.items():
         for deterministic in (True, False):
-            config = bwd.BwdConfig(D, 512, deterministic, dkv_fixed_point=False, **options)
+            config = bwd.BwdConfig(D, 512, deterministic, **options)
             dq = torch.full_like(q, float("nan"))
             # deterministic: per-slot partial rows (skipped slots stay 0); fast: the fp32 [S, D] sums
             target = torch.zeros(head_blocks * T * K if deterministic else S, D, device="cuda")

@@ -117,7 +117,7 @@ layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits l
   capped 60 layouts_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_indexer_layouts.py
   capped 240 indexer_layouts.log python -m benchmarks.experiments.indexer_layouts
   ;;
-detcheck)  # staged: the CuTe backward's tests, deterministic modes (fixed point, partial rows, Triton) vs fast, headline
+detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Triton's vs the fast mode, headline
   capped 280 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
   capped 120 bwd_det.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --deterministic
   capped 90 bwd_fast.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton

@@ -45,6 +45,11 @@ Tried and NOT kept, because none was faster (docs/experiments/*.patch, numbers i
     blocks there per warp pair so that each instruction covers 128 bytes of 4 keys: 9.72 against 9.34 ms at
     H=64; the hand-off alone cost 0.7 ms (consumer 0 must wait until consumer 1's dkv products are done with
     the tile before writing the next P), the wider pieces saved 0.3 ms.
+  - (H200) deterministic mode with int64 fixed-point reductions (`red.global.add.u64` of value * 2^e, 2^e
+    from a bound computed on the GPU; integer sums do not depend on their order, so no partial rows and no
+    ordered reduction): correct (the GPU tests passed, 3e-11 from exact sums in a CPU simulation), but 45.8
+    against 16.8 ms for the partial rows at H=64: four scalar 8-byte integer reductions per 16-byte piece
+    are far slower in L2 than one `red.v4.f32` (docs/experiments/dkv-fixed-point.patch).
 The writes now add about 2.1 ms to the 7.2 ms without them, at 2.1 TB/s on average, half of what L2 takes in
 64-byte pieces in isolation: the cost is in how they are issued (bursts at the end of each dkv block, while the
 warpgroup's tensor work waits), not in L2's rate.
@@ -69,10 +74,6 @@ HEADS_PER_CTA = 64
 # Deterministic mode: budget in MiB for the partial dkv rows (queries are processed in chunks under it).
 WORKSPACE_ENV = "DSA_OPS_CUTE_SPARSE_BWD_WORKSPACE_MB"
 _DEFAULT_WORKSPACE_MB = 2048
-# Deterministic mode's dkv: "fixed" (int64 fixed-point reductions, the default) or "partials" (fp32 partial
-# rows summed in slot order: the earlier way, kept to compare against).
-DET_DKV_ENV = "DSA_OPS_CUTE_SPARSE_BWD_DET_DKV"
-DET_DKV_MODES = ("fixed", "partials")
 _DELTA_CHUNK_ROWS = 1 << 16   # (token, head) rows per fp32 chunk of the Delta reduction
 
 
@@ -81,7 +82,7 @@ class BwdConfig:
     """One compiled variant. Static scalars only: T, H, S, K (and topk_length, always passed) are runtime."""
     head_dim: int               # D (576: V3.2, 512: V4)
     d_v: int
-    deterministic: bool         # dkv: bitwise reproducible (True) or fp32 atomics (False)
+    deterministic: bool         # dkv: per-slot partial rows (True) or fp32 atomics (False)
     dtype: str = "bfloat16"
     block_n: int = 32           # top-k slots (kv rows) per tile
     num_stages: int = 2
@@ -96,9 +97,6 @@ class BwdConfig:
     # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
     # each block is computed, waited for and sent in turn (False).
     overlap_dkv: bool = True
-    # Deterministic mode: int64 fixed-point reductions into [S, D] (True; integer sums do not depend on their
-    # order, see `fixed_point_scale`) or fp32 per-slot partial rows summed in slot order afterwards (False).
-    dkv_fixed_point: bool = True
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
@@ -106,9 +104,8 @@ class BwdConfig:
 
 def shipped_configs() -> list[BwdConfig]:
     """Every variant the op can run; CI compiles all of them (tests/test_cute_sm90_bwd.py)."""
-    return [BwdConfig(head_dim, d_v, deterministic, dkv_fixed_point=fixed)
-            for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV
-            for deterministic, fixed in ((False, True), (True, True), (True, False))]
+    return [BwdConfig(head_dim, d_v, deterministic)
+            for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV for deterministic in (False, True)]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -153,16 +150,10 @@ def supports(dout, q, kv, out, lse, indices, scale=None, d_v=512, attn_sink=None
 
 
 def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v: int = 512, attn_sink=None,
-                              topk_length=None, deterministic: bool = False, grad_lse=None, *,
-                              det_dkv: Optional[str] = None):
+                              topk_length=None, deterministic: bool = False, grad_lse=None):
     """SPEC section 5 on SM90. Inputs are validated and contiguous (the op layer's contract). `grad_lse`
-    (optional [T, H]) only shifts the kernel's Delta (`row_terms`). `det_dkv`: the deterministic mode's dkv
-    path (DET_DKV_MODES; default: $DSA_OPS_CUTE_SPARSE_BWD_DET_DKV or "fixed")."""
+    (optional [T, H]) only shifts the kernel's Delta (`row_terms`)."""
     import torch
-
-    det_dkv = det_dkv or os.environ.get(DET_DKV_ENV, "fixed")
-    if det_dkv not in DET_DKV_MODES:
-        raise ValueError(f"{DET_DKV_ENV}: {det_dkv!r} is not one of {DET_DKV_MODES}")
 
     num_tokens, num_heads, head_dim = q.shape
     num_kv_rows, topk = kv.shape[0], indices.shape[1]
@@ -179,20 +170,12 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
 
     if topk_length is None:
         topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=device)
-    config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic),
-                       dkv_fixed_point=det_dkv == "fixed")
+    config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic))
     if not deterministic:
         _launch(config, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_acc, scale)
         return dq, dkv_acc.to(kv.dtype), d_sink
 
-    if config.dkv_fixed_point:
-        # Deterministic: int64 fixed-point sums, exact and independent of the order of the reductions.
-        fix, unscale = fixed_point_scale(q, kv, dout, delta, topk, scale, d_v)
-        dkv_fixed = torch.zeros(num_kv_rows, head_dim, dtype=torch.int64, device=device)
-        _launch(config, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_fixed, scale, fix)
-        return dq, (dkv_fixed.to(torch.float64) * unscale).to(kv.dtype), d_sink
-
-    # Deterministic, the earlier way: per-slot partial rows for a chunk of queries, then an ordered per-row sum.
+    # Deterministic: per-slot partial rows for a chunk of queries, then an ordered per-row sum.
     from csrc_dsl.triton import sparse_attention_bwd as triton_bwd
 
     head_blocks = (num_heads + HEADS_PER_CTA - 1) // HEADS_PER_CTA
@@ -215,42 +198,6 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
                 part[hb], sorted_slots, bounds, dkv_acc, t_begin * topk, num_kv_rows,
                 D=head_dim, BLOCK_D=reduce_block_d, BLOCK_E=16, num_warps=2)
     return dq, dkv_acc.to(kv.dtype), d_sink
-
-
-FIXED_POINT_BITS = 61   # |sum| <= 2^61 < 2^63: int64 sums of the scaled values never overflow
-FIXED_POINT_MAX_EXP = 100  # 2^e stays a normal fp32 number
-
-
-def fixed_point_scale(q, kv, dout, delta, topk: int, scale: float, d_v: int):
-    """(fix, unscale): fp32 [1] = 2^e and fp64 [1] = 2^-e for the fixed-point dkv of the deterministic mode,
-    computed on the GPU (no host sync: CUDA-graph safe).
-
-    Each CTA (a token and up to 64 heads) adds one value per (slot, latent column) to dkv:
-    sum_h P dO (value columns) + sum_h dS' Q with P <= 1 and |dS'| = |scale| P |dP - Delta|,
-    |dP| <= d_v max|dO| max|V|. So one value is at most
-        c = heads * (max|dO| + |scale| (d_v max|dO| max|V| + max|Delta|) max|Q|),
-    and a kv row gets at most N = T * K * head_blocks of them. With 2^e = 2^61 / (N c) (rounded down to a
-    power of 2) every partial sum of int64(value * 2^e) stays below 2^61 in magnitude, and a value's rounding
-    step 2^-e is N c 2^-61: about 2^-24 of c at T = 4096, K = 2048 -- far below the bf16 rounding of the
-    result. Non-finite inputs give a NaN unscale (the result is NaN, never a silent wrong number)."""
-    import torch
-
-    def max_abs(t):  # no |t| temporary
-        return torch.maximum(t.amax(), -t.amin()).double()
-
-    num_tokens, num_heads = q.shape[0], q.shape[1]
-    heads = min(num_heads, HEADS_PER_CTA)
-    head_blocks = (num_heads + HEADS_PER_CTA - 1) // HEADS_PER_CTA
-    max_do, max_q, max_v = max_abs(dout), max_abs(q), max_abs(kv[:, :d_v])
-    per_value = heads * (max_do + abs(scale) * (d_v * max_do * max_v + max_abs(delta)) * max_q)
-    bound = per_value * float(num_tokens * topk * head_blocks)
-    exponent = torch.floor(FIXED_POINT_BITS - torch.log2(bound))      # +inf when every input is 0
-    clamped = exponent.clamp(-FIXED_POINT_MAX_EXP, FIXED_POINT_MAX_EXP)
-    fix = torch.exp2(clamped).float().reshape(1)
-    # values so large that even 2^-100 cannot hold them, or a NaN / inf input: NaN, loudly
-    ok = torch.isfinite(bound) & (exponent >= -FIXED_POINT_MAX_EXP)
-    unscale = torch.where(ok, torch.exp2(-clamped), torch.full_like(clamped, float("nan"))).reshape(1)
-    return fix, unscale
 
 
 def row_terms(out, dout, lse, attn_sink, grad_lse=None):
@@ -298,11 +245,9 @@ def _delta(out, dout):
     return delta.view(num_tokens, num_heads)
 
 
-def _launch(config: BwdConfig, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_target, scale,
-            fix=None) -> None:
-    """`fix`: fp32 [1] holding 2^e for fixed-point dkv (any fp32 [1] tensor otherwise: never read)."""
+def _launch(config: BwdConfig, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_target, scale) -> None:
     kernel = _CACHE.get(config)
-    kernel(q, kv, indices, dout, l2, delta, topk_length, dq, dkv_target, fix if fix is not None else l2.view(-1)[:1],
+    kernel(q, kv, indices, dout, l2, delta, topk_length, dq, dkv_target,
            float(scale) * LOG2_E, float(scale), current_stream())
 
 
@@ -350,11 +295,9 @@ def fake_arguments(config: BwdConfig) -> list:
     delta = make_fake_compact_tensor(f32, (num_tokens, num_heads), stride_order=(1, 0), assumed_align=4)
     topk_length = make_fake_compact_tensor(cutlass.Int32, (num_tokens,), assumed_align=4)
     dq = make_fake_compact_tensor(bf16, (num_tokens, num_heads, D), stride_order=(2, 1, 0), assumed_align=16)
-    dkv_type = cutlass.Int64 if config.deterministic and config.dkv_fixed_point else f32
-    dkv = make_fake_compact_tensor(dkv_type, (dkv_rows, D), stride_order=(1, 0), assumed_align=16)
-    fix = make_fake_compact_tensor(f32, (1,), assumed_align=4)
-    return [q, kv, indices, dout, l2, delta, topk_length, dq, dkv, fix, cutlass.Float32(1.0),
-            cutlass.Float32(1.0), make_fake_stream()]
+    dkv = make_fake_compact_tensor(f32, (dkv_rows, D), stride_order=(1, 0), assumed_align=16)
+    return [q, kv, indices, dout, l2, delta, topk_length, dq, dkv, cutlass.Float32(1.0), cutlass.Float32(1.0),
+            make_fake_stream()]
 
 
 def unavailable_reason() -> Optional[str]:
@@ -425,10 +368,8 @@ def _benchmark(argv=None) -> None:
         runs = []
         for ablation in args.ablation:
             if ablation == "none":
-                for det_dkv in (DET_DKV_MODES if args.deterministic else ("fixed",)):
-                    runs.append((f"cute_sm90[{det_dkv}]" if args.deterministic else "cute_sm90",
-                                 functools.partial(sparse_attention_backward, dout, q, kv, out, lse, indices, scale,
-                                                   d_v, sink, None, args.deterministic, det_dkv=det_dkv)))
+                runs.append(("cute_sm90", lambda: sparse_attention_backward(
+                    dout, q, kv, out, lse, indices, scale, d_v, sink, None, args.deterministic)))
                 continue
             # the kernel alone, fast mode (no Delta, no dkv zeroing or cast)
             config = BwdConfig(args.D, d_v, False, **_KERNEL_VARIANTS[ablation])

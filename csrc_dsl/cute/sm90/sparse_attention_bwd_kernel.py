@@ -87,8 +87,6 @@ class SparseAttentionBwdSm90:
             raise ValueError(f"unknown ablation {config.ablation!r}")
         if config.dkv_write not in ("scalar", "tiled", "vector"):
             raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
-        if config.deterministic and config.dkv_fixed_point and config.dkv_write != "vector":
-            raise ValueError("fixed-point dkv reductions are written for dkv_write='vector'")
         if config.block_n != 32 or config.num_stages != 2:
             raise ValueError("this kernel is written for block_n = 32 and 2 stages")
         if config.d_v != 512 or config.head_dim not in (512, 576):
@@ -102,9 +100,6 @@ class SparseAttentionBwdSm90:
         self.rope = self.D - self.DV          # 64 or 0: consumer 0's extra dQ block
         self.num_threads = 3 * 128
         self.deterministic = config.deterministic
-        # deterministic mode: int64 fixed-point reductions into [S, D] (True) or per-slot fp32 partial rows
-        self.fixed_point = config.deterministic and config.dkv_fixed_point
-        self.dkv_bytes = 8 if self.fixed_point else 4      # bytes of one dkv value in global memory
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -112,8 +107,7 @@ class SparseAttentionBwdSm90:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mdO: cute.Tensor,
                  mL2: cute.Tensor, mDelta: cute.Tensor, mTopkLen: cute.Tensor, mdQ: cute.Tensor,
-                 mDkv: cute.Tensor, mFix: cute.Tensor, scale_log2: Float32, scale: Float32,
-                 stream: cuda.CUstream):
+                 mDkv: cute.Tensor, scale_log2: Float32, scale: Float32, stream: cuda.CUstream):
         BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
         # K-major swizzled smem tiles (the wgmma canonical layouts): 128-byte rows of 64 bf16 for the
         # wide tiles, 64-byte rows of 32 bf16 for the (heads x keys) tiles P and dS.
@@ -158,7 +152,7 @@ class SparseAttentionBwdSm90:
 
         head_blocks = (mQ.shape[1] + BM - 1) // BM
         grid_x = mQ.shape[0] * head_blocks
-        self.kernel(mQ, mKV, mIdx, mdO, mL2, mDelta, mTopkLen, mdQ, mDkv, mFix, scale_log2, scale,
+        self.kernel(mQ, mKV, mIdx, mdO, mL2, mDelta, mTopkLen, mdQ, mDkv, scale_log2, scale,
                     sQ_layout, sdO_layout, sKV_layout, sP_layout,
                     mma_s, mma_dq, mma_dq_rope, mma_kv).launch(
             grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
@@ -169,7 +163,7 @@ class SparseAttentionBwdSm90:
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mdO: cute.Tensor,
                mL2: cute.Tensor, mDelta: cute.Tensor, mTopkLen: cute.Tensor, mdQ: cute.Tensor,
-               mDkv: cute.Tensor, mFix: cute.Tensor, scale_log2: Float32, scale: Float32,
+               mDkv: cute.Tensor, scale_log2: Float32, scale: Float32,
                sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
                sKV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
                mma_s: cute.TiledMma, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma,
@@ -214,12 +208,12 @@ class SparseAttentionBwdSm90:
                          token, head_block, k_valid, n_tiles, tidx)
         elif wg_idx == 1:
             cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
-            self.consume(mL2, mDelta, mdQ, mDkv, mFix, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
+            self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
                          full_bar, empty_bar, q_bar, mma_s, mma_dq, mma_dq_rope, mma_kv,
                          scale_log2, scale, token, head_block, n_tiles, tidx % 128, 0)
         else:
             cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
-            self.consume(mL2, mDelta, mdQ, mDkv, mFix, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
+            self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
                          full_bar, empty_bar, q_bar, mma_s, mma_dq, mma_dq_rope, mma_kv,
                          scale_log2, scale, token, head_block, n_tiles, tidx % 128, 1)
 
@@ -299,7 +293,7 @@ class SparseAttentionBwdSm90:
     # ---- consumers ----------------------------------------------------------------------------
     @cute.jit
     def consume(self, mL2: cute.Tensor, mDelta: cute.Tensor, mdQ: cute.Tensor, mDkv: cute.Tensor,
-                mFix: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
+                mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
                 sdS: cute.Tensor, sIds: cute.Tensor, sPx: cute.Tensor, full_bar, empty_bar, q_bar,
                 mma_s: cute.TiledMma, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma,
                 mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
@@ -381,9 +375,6 @@ class SparseAttentionBwdSm90:
 
         num_tokens, topk = mL2.shape[0], mIdx.shape[1]
         dkv_base = mDkv.iterator.toint()
-        fix = Float32(1.0)
-        if const_expr(self.fixed_point):
-            fix = mFix[0]                      # 2^e: dkv values go out as round-toward-0(value * 2^e) in int64
 
         cute.arch.mbarrier_wait(q_bar, 0)
         for it in cutlass.range(n_tiles, unroll=1):
@@ -426,12 +417,12 @@ class SparseAttentionBwdSm90:
                 slot_in_tile = key_slot[j]
                 kv_id = sIds[slot_in_tile, stage]
                 target = Int64(kv_id)
-                if const_expr(self.deterministic and not self.fixed_point):
+                if const_expr(self.deterministic):
                     target = (Int64(head_block) * num_tokens + token) * topk + it * BN + slot_in_tile
                     if kv_id < 0:
                         target = Int64(-1)
                 if const_expr(self.cfg.dkv_write != "scalar"):
-                    address = dkv_base + (target * self.D + dkv_col) * self.dkv_bytes
+                    address = dkv_base + (target * self.D + dkv_col) * 4
                     target = address if kv_id >= 0 else Int64(0)
                 key_rows[j] = target
             warpgroup.wait_group(0)
@@ -454,12 +445,12 @@ class SparseAttentionBwdSm90:
                     if const_expr(n > 0):
                         warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
                         self.write_dkv_block(KV[(n - 1) % 2], KV_coord, key_rows, dkv_base,
-                                             blocks[n - 1] * DKV_BLOCK, tid, fix)
+                                             blocks[n - 1] * DKV_BLOCK, tid)
                     if const_expr(n == len(blocks) - 1):
                         warpgroup.wait_group(0)
-                        self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid, fix)
+                        self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
                 else:
-                    self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid, fix)
+                    self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
@@ -483,10 +474,10 @@ class SparseAttentionBwdSm90:
 
     @cute.jit
     def write_dkv_block(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64,
-                        col0: int, tid: Int32, fix: Float32):
+                        col0: int, tid: Int32):
         """One dkv^T block to global memory by the configured path (`BwdConfig.dkv_write`)."""
         if const_expr(self.cfg.dkv_write == "vector"):
-            self.write_dkv_vector(KV, key_rows, col0, tid, fix)
+            self.write_dkv_vector(KV, key_rows, col0, tid)
         else:
             self.write_dkv(KV, KV_coord, key_rows, dkv_base, col0)
 
@@ -525,12 +516,11 @@ class SparseAttentionBwdSm90:
                         cute.arch.red(ptr, KV[i, j], op="add", dtype="f32", sem="relaxed", scope="gpu")
 
     @cute.jit
-    def write_dkv_vector(self, KV: cute.Tensor, key_rows: cute.Tensor, col0: int, tid: Int32, fix: Float32):
+    def write_dkv_vector(self, KV: cute.Tensor, key_rows: cute.Tensor, col0: int, tid: Int32):
         """This thread's values of one dkv^T block as four 16-byte pieces (`red.global.add.v4.f32`, or
-        `st.global.v4` into partial rows in deterministic mode); a warp instruction covers 64 contiguous bytes
-        of each of 8 keys, which L2 takes 1.4x faster than the 32-byte pieces of `write_dkv`
-        (benchmarks/bench_dkv_reduction.py). Fixed-point deterministic mode: the same 4 values per key as
-        four `red.global.add.u64` of int64(value * fix) (integer sums do not depend on their order).
+        `st.global.v4` in deterministic mode); a warp instruction covers 64 contiguous bytes of each of 8
+        keys, which L2 takes 1.4x faster than the 32-byte pieces of `write_dkv`
+        (benchmarks/bench_dkv_reduction.py).
 
         Lane 4g + q of warp w holds KV[r, c + 2j]: latent column 16w + g + 8r, key 8j + 2q + c (g = 4b + i).
         The lanes i = 0..3 (same b, q) swap 4-value blocks, a 4 x 4 block transpose in two butterfly
@@ -557,19 +547,13 @@ class SparseAttentionBwdSm90:
             row = key_rows[v]
             write = row != 0 if const_expr(self.cfg.ablation == "none") else row == 1
             if write:
-                if const_expr(self.fixed_point):
-                    for k in cutlass.range_constexpr(4):
-                        fixed = Int64(blocks[k][v] * fix)       # rounds toward 0 (cvt.rzi.s64.f32)
-                        ptr = cute.make_ptr(Int64, row + (col0 + k) * 8, cute.AddressSpace.gmem, assumed_align=8)
-                        cute.arch.red(ptr, fixed, op="add", dtype="u64", sem="relaxed", scope="gpu")
-                elif const_expr(self.deterministic):
-                    ptr = cute.make_ptr(Float32, row + col0 * 4, cute.AddressSpace.gmem, assumed_align=16)
+                ptr = cute.make_ptr(Float32, row + col0 * 4, cute.AddressSpace.gmem, assumed_align=16)
+                if const_expr(self.deterministic):
                     piece = cute.make_rmem_tensor((4,), Float32)
                     for k in cutlass.range_constexpr(4):
                         piece[k] = blocks[k][v]
                     cute.autovec_copy(piece, cute.make_tensor(ptr, cute.make_layout((4,))))
                 else:
-                    ptr = cute.make_ptr(Float32, row + col0 * 4, cute.AddressSpace.gmem, assumed_align=16)
                     vec = mlir_vector.from_elements(ir.VectorType.get([4], Float32.mlir_type),
                                                     [Float32(blocks[k][v]).ir_value() for k in range(4)])
                     cute.arch.red(ptr, vec, op="add", dtype="f32", sem="relaxed", scope="gpu")

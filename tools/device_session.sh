@@ -11,11 +11,14 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdncu                 # CuTe bwd ncu at H = 64
+#   source .device/s3/stage.sh && bash tools/device_session.sh layouts   # top-k tests, indexer MMA layouts vs cuDNN
+#   source .device/s3/stage.sh && bash tools/device_session.sh score     # score-op launch settings vs cuDNN + tests
+#   source .device/s3/stage.sh && bash tools/device_session.sh detcheck  # CuTe bwd tests, deterministic modes
 # The full suite (`python -m benchmarks.run --also-backends triton`, 169 cases) ran in one call in 332 s (19:35 UTC,
 # 2026-11-25). The GPU is an H200 since 2026-12-04; `bwdcheck` there (197 s) measured BwdConfig.dkv_write
 # "vector" 8-9% faster than "tiled" and made it the default (BENCHMARKS.md). Set DKV_MICRO=1 for the L2
-# reduction microbenchmark too. Next GPU session, first: `git apply docs/experiments/topk-h200-settings.patch`,
-# then `bash tools/device_session.sh topk` (no staging): its GPU tests with the H200 settings, then land it.
+# reduction microbenchmark too. Session 6 (2026-12-04) added `layouts` (top-k tests + the indexer MMA-layout
+# experiment), `score` (score-op launch settings) and `detcheck` (the backward's deterministic modes).
 # The GPU machine drew plots (matplotlib was importable there on 2026-11-25); if it is not, carry wheels for
 # Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
 # manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then

@@ -411,17 +411,62 @@ def test_sparse_attention_deterministic_gpu():
 
 
 @requires_cuda
-def test_score_ops_gpu():
+@pytest.mark.parametrize("num_heads,dim", [(64, 576), (128, 576), (100, 512), (40, 576)])
+def test_score_ops_gpu(num_heads, dim):
+    """Realistic shapes: one 128-head block (H = 100, 128) or one 64-head block (40, 64) by default, and two
+    partial rows written into a NaN-poisoned buffer (every entry must be written)."""
     dtype = torch.bfloat16
-    q, kv, idx, _, length = make_attention_inputs(123, 65, 64, 576, 8193, 2048, dtype, False, True)
-    scale = 576 ** -0.5
+    q, kv, idx, _, length = make_attention_inputs(123, 65, num_heads, dim, 8193, 2048, dtype, False, True)
+    scale = dim ** -0.5
     _, lse = oracle_sparse_attention(q, kv, idx, scale, 16, None, length)
     target = fwd.sparse_attn_score(q, kv, lse.float(), idx, scale, length)
     assert rel_err(target, oracle_sparse_attn_score(q, kv, lse.float(), idx, scale, length)) <= 2e-3
+    partial = torch.full((2, *idx.shape), float("nan"), device="cuda")
+    fwd.head_summed_scores(q, kv, lse.float(), idx, scale, length, partial)
+    assert not partial.isnan().any()
 
     gen = torch.Generator().manual_seed(5)
-    qd = torch.randn(2, 64, 64, 576, generator=gen).to(dtype).cuda()
-    kvd = torch.randn(2, 300, 576, generator=gen).to(dtype).cuda()
+    qd = torch.randn(2, 64, num_heads, dim, generator=gen).to(dtype).cuda()
+    kvd = torch.randn(2, 300, dim, generator=gen).to(dtype).cuda()
     ref_scores, ref_l1, lse_d = oracle_dense_attn_score(qd, kvd, scale, 4, None)
     scores, l1 = fwd.dense_attn_score(qd, kvd, lse_d.float(), scale, 4, None)
     assert rel_err(scores, ref_scores) <= 2e-3 and rel_err(l1, ref_l1) <= 2e-3
+
+
+@requires_cuda
+def test_score_ops_deterministic_and_graph_replay_gpu():
+    """Both score ops through the dispatched ops: bitwise identical over 10 runs, and a CUDA graph replayed on
+    fresh inputs equals eager on them (H = 128: one program per query; H = 80: two partial rows summed)."""
+    import dsa_ops  # noqa: F401  (registers torch.ops.dsa)
+
+    for num_heads in (128, 80):
+        q, kv, idx, _, length = make_attention_inputs(7, 300, num_heads, 576, 4000, 2048, torch.bfloat16, False,
+                                                      True)
+        _, lse = oracle_sparse_attention(q, kv, idx, 576 ** -0.5, 16, None, length)
+        lse = lse.float()
+        qd, kvd = q[None, :256].contiguous(), kv[None, :1024].contiguous()
+        lse_d = torch.rand(1, 256, num_heads, device="cuda") * 4 + 2
+
+        def both():
+            target = torch.ops.dsa.sparse_attn_score(q, kv, lse, idx, 576 ** -0.5, length)
+            scores, l1 = torch.ops.dsa.dense_attn_score(qd, kvd, lse_d, 576 ** -0.5, 2, None)
+            return target, scores, l1
+
+        first = both()
+        for _ in range(9):
+            assert all(torch.equal(a, b) for a, b in zip(first, both()))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            both()                                     # warm-up before capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = both()
+        for t in (q, kv, qd, kvd):
+            t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype))
+        lse_d.copy_(torch.rand_like(lse_d) * 4 + 2)
+        graph.replay()
+        want = both()
+        assert all(torch.equal(c, w) for c, w in zip(captured, want))
+        assert not torch.equal(captured[0], first[0])

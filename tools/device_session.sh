@@ -127,9 +127,10 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
   ;;
-score)     # staged: score-op launch settings vs cuDNN, then the Triton forward/score GPU tests
-  capped 240 score_launch.log python -m benchmarks.experiments.score_launch
-  capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py
+score)     # staged: score-op launch settings vs cuDNN (SWEEP=1), then the Triton forward/score GPU tests + graphs
+  if [ -n "${SWEEP:-}" ]; then capped 240 score_launch.log python -m benchmarks.experiments.score_launch; fi
+  capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py \
+    compile_tests/test_compile.py
   ;;
 layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits layout experiment vs cuDNN
   capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu

@@ -24,6 +24,11 @@ The number of splits depends only on shapes (no host sync, CUDA-graph safe).
 Paged decode is the same kernel with one extra step: token position -> physical row of the cache through
 the block table, done in the kernel.
 
+The score ops (`sparse_attn_score`, `dense_attn_score`, SPEC section 6) are the same walk without the second
+product: one program per (query row, block of up to 128 heads) holds the Q block, streams the query's keys past it
+and writes sum_h exp(s - lse) per key; with more heads than one block, each block writes a partial row and torch
+sums them in a fixed order (`_head_summed_scores_kernel`; launch settings in SCORE_LAUNCH, measured on an H200).
+
 Tuning: `CONFIGS` names a few launch configurations; `DSA_TRITON_SPARSE_FWD_CONFIG` picks one by name
 (e.g. `h64_n64_w8_s2`) or spells one out (`BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3`).
 """

@@ -131,6 +131,7 @@ score)     # staged: score-op launch settings vs cuDNN (SWEEP=1), then the Trito
   if [ -n "${SWEEP:-}" ]; then capped 240 score_launch.log python -m benchmarks.experiments.score_launch; fi
   capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py \
     compile_tests/test_compile.py
+  capped 150 cute_score_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_score.py
   ;;
 layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits layout experiment vs cuDNN
   capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu

@@ -47,6 +47,31 @@ def _cases(model, S, K, device=torch.device("cuda")):
                want, 2 * model.H * model.D * S * (S + 1) // 2)
 
 
+def _time_cute_score(inputs, pick, want, flops, cudnn_ms, S, timed, rel):
+    """The CuTe-DSL kernel's layouts (csrc_dsl/cute/sm90/sparse_attn_score.py, not in the dispatch yet)."""
+    try:
+        from csrc_dsl.cute.sm90 import sparse_attn_score as cute_score
+        if not cute_score.supports(*inputs):
+            print(f"| sparse_attn_score | {S} | cute | | | | | not supported here | | | | |")
+            return
+    except ImportError as e:
+        print(f"| sparse_attn_score | {S} | cute | | | | | unavailable: {e} | | | | |")
+        return
+    for config in cute_score.shipped_configs():
+        if config.head_dim != inputs[0].shape[2]:
+            continue
+        layout = "cute, Q in registers" if config.q_in_registers else "cute, Q in smem"
+        try:
+            err = rel(pick(cute_score.sparse_attn_score(*inputs, config=config)), want)
+            ms = timed(lambda: cute_score.sparse_attn_score(*inputs, config=config))
+            flag = "" if err <= 2e-3 else " WRONG"
+            print(f"| sparse_attn_score | {S} | {layout} | 128 | {config.block_n} | 12 | {config.num_stages} | "
+                  f"{ms:.3f} | {flops / ms / 1e9:.0f} | {cudnn_ms:.3f} | {cudnn_ms / ms:.2f}x | {err:.1e}{flag} |",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001 (reported, the sweep goes on)
+            print(f"| sparse_attn_score | {S} | {layout} | failed: {type(e).__name__}: {str(e)[:120]} | | | | | | | |")
+
+
 def main():
     from benchmarks.run import GPU_MODELS
     from csrc_dsl.triton import sparse_attention_fwd as fwd
@@ -77,6 +102,8 @@ def main():
             except Exception as e:  # noqa: BLE001 (no cuDNN frontend staged)
                 print(f"cuDNN unavailable: {type(e).__name__}: {e}")
                 cudnn_ms = float("nan")
+            if op == "sparse_attn_score":
+                _time_cute_score(inputs, pick, want, flops, cudnn_ms, S, timed, rel)
             for setting in SETTINGS:
                 fwd.SCORE_MAX_BLOCK_H = setting[0]
                 fwd.SCORE_LAUNCH[setting[0]] = setting[1:]

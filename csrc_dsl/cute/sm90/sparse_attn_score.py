@@ -1,0 +1,141 @@
+"""sparse_attn_score (SPEC section 6) for Hopper (SM90), in CuTe-DSL. NOT YET RUN ON A GPU, NOT IN THE DISPATCH.
+
+    sparse_attn_score(q [T,H,D] bf16, kv [S,D] bf16, lse [T,H] fp32, indices [T,K] int32, scale,
+                      topk_length [T] int32 | None) -> target [T,K] fp32 (normalised per row)
+
+Written on 2026-12-04 after the Triton kernel's redesign (one program per query and 128 heads: 0.68x cuDNN on the
+H200): this kernel gathers each token's kv rows once for all its heads and overlaps the gathers with the
+products (warp specialisation), which Triton's 1-stage launch cannot. It compiles for sm_90a without spills (CPU
+test in tests/test_cute_sm90_score.py); its GPU tests are written and wait for a GPU session, and only then may it
+join the SM90 row of the dispatch (dsa_ops/dispatch.py), if it is faster than the Triton kernel.
+
+The kernel is in sparse_attn_score_kernel.py (imported only when a variant is compiled).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from csrc_dsl.cute.common import KernelCache, current_stream, is_sm90, launch_unavailable_reason
+from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
+
+LOG2_E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (512, 576)
+MAX_HEADS = 128
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """One compiled variant. Static scalars only: T, H, S and K are runtime values."""
+    head_dim: int
+    dtype: str = "bfloat16"
+    # Q as the wgmma's register operand, with 3 stages of 64 kv rows (True), or Q in shared memory next to
+    # 2 stages of 32 rows (False); the kernel's docstring says why.
+    q_in_registers: bool = True
+    block_n: int = 64           # top-k slots (kv rows) per tile: 64 with q_in_registers, else 32
+    num_stages: int = 3         # 3 with q_in_registers, else 2
+    producer_regs: int = 40
+    consumer_regs: int = 232
+    arch: str = "sm_90a"
+
+
+def shipped_configs() -> list[ScoreConfig]:
+    """Both layouts for both head dims (the GPU benchmark decides which one a dispatch row would use)."""
+    return [ScoreConfig(head_dim) for head_dim in SUPPORTED_HEAD_DIMS] + [
+        ScoreConfig(head_dim, q_in_registers=False, block_n=32, num_stages=2) for head_dim in SUPPORTED_HEAD_DIMS]
+
+
+def supports(q, kv, lse, indices, scale=None, topk_length=None) -> bool:
+    """Cheap predicate for a dispatch table: the shapes and devices this kernel is built for."""
+    import torch
+
+    if launch_unavailable_reason() is not None:
+        return False
+    if q.device.type != "cuda" or not is_sm90(q.device):
+        return False
+    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16 or indices.dtype != torch.int32:
+        return False
+    if lse.dtype != torch.float32 or q.dim() != 3 or kv.dim() != 2 or indices.dim() != 2:
+        return False
+    num_tokens, num_heads, head_dim = q.shape
+    if head_dim not in SUPPORTED_HEAD_DIMS or kv.shape[1] != head_dim or not 1 <= num_heads <= MAX_HEADS:
+        return False
+    if tuple(lse.shape) != (num_tokens, num_heads) or indices.shape[0] != num_tokens:
+        return False
+    if topk_length is not None and topk_length.dtype != torch.int32:
+        return False
+    if not all(t is None or t.is_contiguous() for t in (q, kv, lse, indices, topk_length)):
+        return False
+    return q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0
+
+
+def sparse_attn_score(q, kv, lse, indices, scale: float, topk_length=None, *, config: Optional[ScoreConfig] = None):
+    """SPEC section 6 on SM90. Inputs are validated and contiguous (the op layer's contract). `config`: a
+    shipped variant (default: ScoreConfig(D), Q in registers)."""
+    import torch
+
+    num_tokens, topk = indices.shape
+    raw = torch.zeros((num_tokens, topk), dtype=torch.float32, device=q.device)   # slots past the tiles: 0
+    if num_tokens > 0 and topk > 0 and kv.shape[0] > 0:
+        if topk_length is None:
+            topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=q.device)
+        l2 = (lse.float() * LOG2_E).contiguous()       # +inf (no valid key) stays +inf: P = 0
+        kernel = _CACHE.get(config or ScoreConfig(head_dim=q.shape[2]))
+        kernel(q, kv, indices, l2, topk_length, raw, float(scale) * LOG2_E, current_stream())
+    return raw / raw.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def compile_kernel(config: ScoreConfig):
+    """Compile one variant with TVM-FFI (the callable takes torch tensors). Needs no GPU."""
+    import cutlass.cute as cute
+
+    return cute.compile(_make_kernel(config), *fake_arguments(config),
+                        options=f"--enable-tvm-ffi --gpu-arch={config.arch}")
+
+
+def compile_for_inspection(config: ScoreConfig) -> tuple[str, bytes, int]:
+    """(ptx, cubin, shared memory bytes per CTA) for `config.arch`, from fake tensors on a machine with no GPU."""
+    from csrc_dsl.cute.common.fake_compile import compile_fake
+
+    kernel = _make_kernel(config)
+    ptx, cubin = compile_fake(kernel, *fake_arguments(config), arch=config.arch)
+    return ptx, cubin, kernel.smem_bytes
+
+
+def fake_arguments(config: ScoreConfig) -> list:
+    """Fake tensors with symbolic T, H, S and K: one compiled kernel serves every size."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_fake_compact_tensor, make_fake_stream
+
+    if config.dtype != "bfloat16":
+        raise ValueError(f"only bfloat16 is implemented, got {config.dtype}")
+    bf16, f32 = cutlass.BFloat16, cutlass.Float32
+    num_tokens, num_heads, num_rows, topk = (cute.sym_int() for _ in range(4))
+    D = config.head_dim
+    q = make_fake_compact_tensor(bf16, (num_tokens, num_heads, D), stride_order=(2, 1, 0), assumed_align=16)
+    kv = make_fake_compact_tensor(bf16, (num_rows, D), stride_order=(1, 0), assumed_align=16)
+    indices = make_fake_compact_tensor(cutlass.Int32, (num_tokens, topk), stride_order=(1, 0), assumed_align=4)
+    l2 = make_fake_compact_tensor(f32, (num_tokens, num_heads), stride_order=(1, 0), assumed_align=4)
+    topk_length = make_fake_compact_tensor(cutlass.Int32, (num_tokens,), assumed_align=4)
+    raw = make_fake_compact_tensor(f32, (num_tokens, topk), stride_order=(1, 0), assumed_align=4)
+    return [q, kv, indices, l2, topk_length, raw, cutlass.Float32(1.0), make_fake_stream()]
+
+
+def unavailable_reason() -> Optional[str]:
+    return _dsl_unavailable_reason()
+
+
+def _make_kernel(config: ScoreConfig):
+    from csrc_dsl.cute.sm90.sparse_attn_score_kernel import SparseAttnScoreSm90
+
+    return SparseAttnScoreSm90(config)
+
+
+_HERE = Path(__file__).resolve().parent
+_CACHE = KernelCache(
+    "sparse_attn_score_sm90", ScoreConfig, compile_kernel,
+    source_files=[_HERE / "sparse_attn_score.py", _HERE / "sparse_attn_score_kernel.py",
+                  _HERE / "sparse_attention_fwd_kernel.py", *sorted((_HERE.parent / "common").glob("*.py"))],
+)

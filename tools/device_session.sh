@@ -19,6 +19,9 @@
 # "vector" 8-9% faster than "tiled" and made it the default (BENCHMARKS.md). Set DKV_MICRO=1 for the L2
 # reduction microbenchmark too. Session 6 (2026-12-04) added `layouts` (top-k tests + the indexer MMA-layout
 # experiment), `score` (score-op launch settings) and `detcheck` (the backward's deterministic modes).
+# Next GPU session, first: `SWEEP=1 bash tools/device_session.sh score` (staged): runs the never-yet-run CuTe-DSL
+# sparse_attn_score tests (tests/test_cute_sm90_score.py) and times both of its layouts next to Triton and cuDNN;
+# if correct and faster, add it to the SM90 row of sparse_attn_score in dsa_ops/dispatch.py.
 # The GPU machine drew plots (matplotlib was importable there on 2026-11-25); if it is not, carry wheels for
 # Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
 # manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then

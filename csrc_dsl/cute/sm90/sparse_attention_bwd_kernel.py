@@ -65,7 +65,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
 
-from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import rows_cols_view, wgmma
+from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import copy_row, rows_cols_view, wgmma
 
 HEADS_PER_CTA = 64   # wgmma M
 DQ_BLOCK = 256       # dQ columns per wgmma (the largest wgmma N)
@@ -238,8 +238,8 @@ class SparseAttentionBwdSm90:
             head = head_block * self.BM + r
             valid = head < H
             row = Int64(token) * H + Int64(head if valid else 0)
-            self.copy_row(copy_16B, q_base + row * (D * 2), sQ[r, None], D, piece, valid)
-            self.copy_row(copy_16B, do_base + row * (DV * 2), sdO[r, None], DV, piece, valid)
+            copy_row(copy_16B, q_base + row * (D * 2), sQ[r, None], D, piece, valid)
+            copy_row(copy_16B, do_base + row * (DV * 2), sdO[r, None], DV, piece, valid)
         cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
 
         # kv tiles: the ids of tile `it` are loaded one tile ahead, before waiting for the buffer.
@@ -257,7 +257,7 @@ class SparseAttentionBwdSm90:
                 kv_id = slot_ids[p]
                 valid = kv_id >= 0 and kv_id < kv_rows
                 src_row = kv_base + Int64(kv_id if valid else 0) * (D * 2)
-                self.copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
+                copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
                 if piece == 0:
                     sIds[r, stage] = kv_id if valid else Int32(-1)
             cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
@@ -274,21 +274,6 @@ class SparseAttentionBwdSm90:
             slot_ids[p] = Int32(-1)
             if slot < k_valid:
                 slot_ids[p] = mIdx[token, slot]
-
-    @cute.jit
-    def copy_row(self, copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor,
-                 num_cols: cutlass.Constexpr[int], piece: Int32, valid: Boolean):
-        """This thread's 16-byte pieces of one row (columns piece*8 + 64j); zero-filled when not valid."""
-        pred = cute.make_rmem_tensor((1,), Boolean)
-        pred[0] = valid
-        for j in cutlass.range_constexpr(num_cols // 64):
-            col = j * 64 + piece * 8
-            src = cute.make_tensor(
-                cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
-                cute.make_layout(((8, 1),)))
-            dst_piece = cute.local_tile(dst_row, (8,), (j * 8 + piece,))
-            dst = cute.make_tensor(dst_piece.iterator, cute.make_layout(((8, 1),)))
-            cute.copy(copy_16B, src, dst, pred=pred)
 
     # ---- consumers ----------------------------------------------------------------------------
     @cute.jit

@@ -96,6 +96,23 @@ def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a: cute.Tensor, frag_
         warpgroup.wait_group(0)
 
 
+@cute.jit
+def copy_row(copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Constexpr[int],
+             piece: Int32, valid: Boolean):
+    """This thread's 16-byte cp.async pieces of one bf16 row of `num_cols` columns (columns piece*8 + 64j, for
+    8 threads per row); zero-filled when not valid. Shared by the SM90 kernels' producers."""
+    pred = cute.make_rmem_tensor((1,), Boolean)
+    pred[0] = valid
+    for j in cutlass.range_constexpr(num_cols // 64):
+        col = j * 64 + piece * 8
+        src = cute.make_tensor(
+            cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
+            cute.make_layout(((8, 1),)))
+        dst_piece = cute.local_tile(dst_row, (8,), (j * 8 + piece,))
+        dst = cute.make_tensor(dst_piece.iterator, cute.make_layout(((8, 1),)))
+        cute.copy(copy_16B, src, dst, pred=pred)
+
+
 class SparseAttentionFwdSm90:
     """One compiled variant: `FwdConfig` fixes D, d_v, the optional inputs and the tiles;
     T, H, S and K are runtime values."""
@@ -253,7 +270,7 @@ class SparseAttentionFwdSm90:
             head = head_block * self.BM + r
             valid = head < H
             src_row = q_base + (Int64(token) * H + Int64(head if valid else 0)) * row_bytes
-            self.copy_row(copy_16B, src_row, sQ[r, None], piece, valid)
+            copy_row(copy_16B, src_row, sQ[r, None], D, piece, valid)
         cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
 
         # kv tiles: indices for tile `it` are loaded one tile ahead, before waiting for the buffer.
@@ -271,7 +288,7 @@ class SparseAttentionFwdSm90:
                 valid = kv_id >= 0 and kv_id < kv_rows
                 src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
                 if const_expr(self.cfg.ablation != "no_gather"):
-                    self.copy_row(copy_16B, src_row, sKV[r, None, stage], piece, valid)
+                    copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
                 if piece == 0:
                     sBias[r, stage] = Float32(0.0) if valid else -Float32.inf
             cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
@@ -288,21 +305,6 @@ class SparseAttentionFwdSm90:
             slot_ids[p] = Int32(-1)
             if slot < k_valid:
                 slot_ids[p] = mIdx[token, slot]
-
-    @cute.jit
-    def copy_row(self, copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor, piece: Int32,
-                 valid: Boolean):
-        """This thread's 16-byte pieces of one row (columns piece*8 + 64j); zero-filled when not valid."""
-        pred = cute.make_rmem_tensor((1,), Boolean)
-        pred[0] = valid
-        for j in cutlass.range_constexpr(self.D // 64):
-            col = j * 64 + piece * 8
-            src = cute.make_tensor(
-                cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
-                cute.make_layout(((8, 1),)))
-            dst_piece = cute.local_tile(dst_row, (8,), (j * 8 + piece,))
-            dst = cute.make_tensor(dst_piece.iterator, cute.make_layout(((8, 1),)))
-            cute.copy(copy_16B, src, dst, pred=pred)
 
     # ---- consumers: wgmma + online softmax --------------------------------------------------------
     @cute.jit

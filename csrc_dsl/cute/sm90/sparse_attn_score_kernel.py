@@ -44,7 +44,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
 
-from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import rows_cols_view, wgmma
+from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import copy_row, rows_cols_view, wgmma
 
 HEADS_PER_CONSUMER = 64   # wgmma M
 CONSUMERS = 2
@@ -178,7 +178,7 @@ class SparseAttnScoreSm90:
             head = row_in_pass + 16 * p
             valid = head < H
             src_row = q_base + (Int64(token) * H + Int64(head if valid else 0)) * row_bytes
-            self.copy_row(copy_16B, src_row, sQ[head, None], piece, valid)
+            copy_row(copy_16B, src_row, sQ[head, None], D, piece, valid)
         cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
 
         kv_rows = mKV.shape[0]
@@ -199,26 +199,11 @@ class SparseAttnScoreSm90:
                     kv_id = mIdx[token, slot]
                 valid = kv_id >= 0 and kv_id < kv_rows
                 src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
-                self.copy_row(copy_16B, src_row, sKV[r, None, stage], piece, valid)
+                copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
                 if piece == 0:
                     sIds[r, stage] = kv_id if valid else Int32(-1)
             cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
             cute.arch.mbarrier_arrive(full_bar + stage)
-
-    @cute.jit
-    def copy_row(self, copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor, piece: Int32,
-                 valid: Boolean):
-        """This thread's 16-byte pieces of one row (columns piece*8 + 64j); zero-filled when not valid."""
-        pred = cute.make_rmem_tensor((1,), Boolean)
-        pred[0] = valid
-        for j in cutlass.range_constexpr(self.D // 64):
-            col = j * 64 + piece * 8
-            src = cute.make_tensor(
-                cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
-                cute.make_layout(((8, 1),)))
-            dst_piece = cute.local_tile(dst_row, (8,), (j * 8 + piece,))
-            dst = cute.make_tensor(dst_piece.iterator, cute.make_layout(((8, 1),)))
-            cute.copy(copy_16B, src, dst, pred=pred)
 
     # ---- consumers: S, P, column sums -------------------------------------------------------------
     @cute.jit

@@ -130,23 +130,11 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
   ;;
-score)     # staged: score-op launch settings vs cuDNN (SWEEP=1), then the Triton forward/score GPU tests + graphs
-  if [ -n "${SWEEP:-}" ]; then capped 240 score_launch.log python -m benchmarks.experiments.score_launch; fi
-  capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py \
-    compile_tests/test_compile.py
+score)     # staged: CuTe score GPU tests, score-op launch settings vs cuDNN (SWEEP=1), Triton forward/score GPU tests + graphs
   capped 150 cute_score_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_score.py
-  ;;
-layouts)   # staged: top-k GPU tests + top-k vs cuDNN, then the indexer-logits layout experiment vs cuDNN
-  capped 240 topk_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k gpu
-  capped 90 topk_bench.log python -m benchmarks.bench_topk
-  capped 60 layouts_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_indexer_layouts.py
-  capped 240 indexer_layouts.log python -m benchmarks.experiments.indexer_layouts
-  ;;
-score)     # staged: sparse_attn_score launch settings vs cuDNN, its GPU tests, the indexer ops at the issue shapes
-  capped 150 score_launch.log python -m benchmarks.experiments.score_launch
-  capped 200 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py
-  capped 200 bench_indexer.log python -m benchmarks.run --headline --ops topk,indexer_logits,indexer_topk \
-    --no-overhead --out "$OUT/indexer"
+  if [ -n "${SWEEP:-}" ]; then capped 240 score_launch.log python -m benchmarks.experiments.score_launch; fi
+  capped 190 fwd_gpu_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py \
+    compile_tests/test_compile.py
   ;;
 verify)
   capped 120 decode_server.log python -m examples.decode_server --compile

@@ -414,7 +414,7 @@ def make_cases(device: torch.device, quick: bool) -> list[Case]:
             for k in m.topks:
                 cases += attention_cases(m, S, k, series_name(m, k), with_scores=True)
         for m in shards:  # tensor-parallel shards of V3.2: the attention kernels at small H
-            cases += attention_cases(m, S, m.topks[0], m.name, with_scores=False)
+            cases += attention_cases(m, S, m.topks[0], m.name, with_scores=True)
         cases += training_cases(v32, S, dense=S <= sc.dense_max_seq)
     for B in sc.decode_batches:
         for m in models:

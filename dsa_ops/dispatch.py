@@ -116,10 +116,11 @@ def triton(module: str, op: str, supports=half_inputs, requires="bf16/fp16 input
     return Impl("triton", f"csrc_dsl.triton.{module}:{op}", supports, requires)
 
 
-def cute_sm90(module: str, op: str, requires: str, faster: Optional[Callable[..., bool]] = None) -> Impl:
-    """A CuTe-DSL kernel; its module's `supports` predicate decides (and, where given, `faster`: the calls on
-    which it measured faster than the next candidate); it is unavailable without the DSL."""
-    supports = f"csrc_dsl.cute.sm90.{module}:supports"
+def cute_sm90(module: str, op: str, requires: str, faster: Optional[Callable[..., bool]] = None,
+              predicate: str = "supports") -> Impl:
+    """A CuTe-DSL kernel; its module's `predicate` decides (and, where given, `faster`: the calls on which it
+    measured faster than the next candidate); it is unavailable without the DSL."""
+    supports = f"csrc_dsl.cute.sm90.{module}:{predicate}"
     if faster is not None:
         supports = functools.partial(_supported_and_faster, supports, faster)
     return Impl("cute-sm90", f"csrc_dsl.cute.sm90.{module}:{op}", supports, requires,
@@ -214,10 +215,13 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
                     ATTENTION_NEEDS)],
         ref("attention", "sparse_attention_decode")),
     "sparse_attn_score": gpu_rows(
-        [], [triton("sparse_attention_fwd", "sparse_attn_score", attention_score_kernel, ATTENTION_NEEDS)],
+        [cute_sm90("sparse_attn_score", "sparse_attn_score", "bf16, D in {512, 576}, H <= 128")],
+        [triton("sparse_attention_fwd", "sparse_attn_score", attention_score_kernel, ATTENTION_NEEDS)],
         ref("attention", "sparse_attn_score")),
     "dense_attn_score": gpu_rows(
-        [], [triton("sparse_attention_fwd", "dense_attn_score", attention_score_kernel, ATTENTION_NEEDS)],
+        [cute_sm90("sparse_attn_score", "dense_attn_score", "bf16, D in {512, 576}, H <= 128",
+                   predicate="supports_dense")],
+        [triton("sparse_attention_fwd", "dense_attn_score", attention_score_kernel, ATTENTION_NEEDS)],
         ref("attention", "dense_attn_score")),
     # indexer training loss
     "indexer_loss": gpu_rows(

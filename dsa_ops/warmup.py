@@ -42,9 +42,11 @@ def warmup(device: Optional[torch.device | str] = None, dtype: torch.dtype = tor
     if cute and device.type == "cuda":
         from csrc_dsl.cute.common import is_available
         if is_available():
-            from csrc_dsl.cute.sm90 import sparse_attention_fwd
+            from csrc_dsl.cute.sm90 import sparse_attention_fwd, sparse_attn_score
             sparse_attention_fwd.warmup()
             done.append("cute-sm90:sparse_attention")
+            sparse_attn_score.warmup()
+            done.append("cute-sm90:sparse_attn_score")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return done

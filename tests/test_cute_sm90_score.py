@@ -1,9 +1,11 @@
-"""CuTe-DSL SM90 sparse_attn_score (csrc_dsl/cute/sm90/sparse_attn_score*.py), not yet in the dispatch.
+"""CuTe-DSL SM90 sparse_attn_score and dense_attn_score (csrc_dsl/cute/sm90/sparse_attn_score*.py), the SM90 rows
+of both ops in the dispatch.
 
 On any machine with nvidia-cutlass-dsl (no GPU needed): every shipped variant compiles for sm_90a from fake tensors,
 fits shared memory, has no register spills, and its SASS has the expected wgmma, cp.async, shuffle and store counts.
 On an SM90 GPU: against the fp32 reference (SPEC section 6, tolerance of section 9) with odd sizes, invalid and
-duplicate ids, topk_length and lonely rows; bitwise identical over 10 runs; CUDA-graph replay equal to eager.
+duplicate ids, topk_length and lonely rows (dense: several batches, ratio 1 and 4, q_start, rows that see no key);
+bitwise identical over 10 runs; CUDA-graph replay equal to eager; the ops dispatch to it.
 """
 import pytest
 import torch
@@ -27,7 +29,8 @@ def test_supports_is_false_off_gpu():
 
 
 def _config_id(config):
-    return f"D{config.head_dim}-{'qreg' if config.q_in_registers else 'qsmem'}"
+    return (f"D{config.head_dim}-{'qreg' if config.q_in_registers else 'qsmem'}"
+            f"{'-alt' if config.alternate_tiles else ''}{'-dense' if config.dense else ''}")
 
 
 @needs_dsl
@@ -51,7 +54,7 @@ def test_score_compiles_for_sm90a_without_spills(config):
         columns = config.block_n // 4                                    # S columns per thread
         assert ops["SHFL"] == 2 * 3 * columns                            # 3 butterfly steps per column
         assert ops["MUFU"] == 2 * 2 * columns                            # exp2 of 2 rows x columns per thread
-        assert ops["STG"] == 1                                           # one store per key and tile
+        assert ops["STG"] == (2 if config.alternate_tiles else 1)        # per key and tile (alternate: per consumer)
         assert ops["LDL"] == 0 and ops["STL"] == 0
         if config.q_in_registers:                                        # A from registers: R.., not gdesc
             assert all("gdesc" not in line.split("BF16")[1].split(",")[1]
@@ -83,12 +86,14 @@ def rel_err(x, ref):
 
 
 @needs_sm90
-@pytest.mark.parametrize("q_in_registers", [True, False])
+@pytest.mark.parametrize("layout", ["qreg", "qsmem", "qreg-alt"])
 @pytest.mark.parametrize("D", [576, 512])
 @pytest.mark.parametrize("H,K", [(1, 2000), (16, 128), (64, 2048), (100, 2000), (128, 2048), (128, 37)])
-def test_score_matches_reference(H, K, D, q_in_registers):
+def test_score_matches_reference(H, K, D, layout):
+    if layout == "qreg-alt" and H > 64:
+        pytest.skip("alternate tiles hold at most 64 heads")
     q, kv, lse, idx, scale, lengths = make_inputs(T=67, H=H, D=D, S=4099, K=K, seed=H * K + D)
-    config = next(c for c in score.shipped_configs() if c.head_dim == D and c.q_in_registers == q_in_registers)
+    config = next(c for c in score.shipped_configs() if _config_id(c) == f"D{D}-{layout}")
     got = score.sparse_attn_score(q, kv, lse, idx, scale, lengths, config=config)
     want = ref_attention.sparse_attn_score(q.float(), kv.float(), lse, idx, scale, lengths)
     assert got.shape == want.shape and got.dtype == torch.float32 and not got.isnan().any()
@@ -116,3 +121,66 @@ def test_score_deterministic_and_graph_replay():
     graph.replay()
     assert torch.equal(captured, score.sparse_attn_score(q, kv, lse, idx, scale, lengths))
     assert not torch.equal(captured, first)
+
+
+@needs_sm90
+@pytest.mark.parametrize("D", [576, 512])
+@pytest.mark.parametrize("B,Sq,Sk,H,ratio,with_start", [(2, 67, 67, 128, 1, False), (3, 45, 130, 16, 1, True),
+                                                       (2, 70, 33, 100, 4, True), (1, 200, 61, 1, 4, False),
+                                                       (2, 50, 200, 64, 1, True)])
+def test_dense_score_matches_reference(B, Sq, Sk, H, ratio, with_start, D):
+    g = torch.Generator(device="cuda").manual_seed(B * Sq + Sk + D)
+    q = torch.randn(B, Sq, H, D, generator=g, device="cuda").to(torch.bfloat16)
+    kv = torch.randn(B, Sk, D, generator=g, device="cuda").to(torch.bfloat16)
+    # q_start: one batch whose first rows see no key (position + 1 < ratio), one past the keys
+    q_start = torch.tensor([-3, Sk * ratio - Sq, 5][:B], device="cuda") if with_start else None
+    assert score.launch_config(D, H, dense=True).alternate_tiles == (H <= 64)
+    scale = D ** -0.5
+    # a consistent lse: the dense forward's log-sum-exp over visible keys (+inf where none is visible)
+    mask = ref_attention.visible_mask(Sq, Sk, ratio, q_start, device="cuda")
+    logits = scale * torch.einsum("bqhd,bkd->bqhk", q.float(), kv.float())
+    lse = logits.masked_fill(~mask[:, :, None, :], float("-inf")).logsumexp(-1)
+    lse = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).contiguous()
+    assert score.supports_dense(q, kv, lse, scale, ratio, q_start)
+    got, l1 = score.dense_attn_score(q, kv, lse, scale, ratio, q_start)
+    want, want_l1 = ref_attention.dense_attn_score(q.float(), kv.float(), lse, scale, ratio, q_start)
+    assert got.shape == want.shape and not got.isnan().any() and not l1.isnan().any()
+    assert rel_err(got, want) <= 2e-3 and rel_err(l1, want_l1) <= 2e-3, (rel_err(got, want), rel_err(l1, want_l1))
+    assert (got[~mask.expand_as(got)] == 0).all()
+
+
+@needs_sm90
+def test_ops_dispatch_to_the_cute_kernel():
+    from dsa_ops import dispatch
+
+    q, kv, lse, idx, scale, lengths = make_inputs(T=5, H=128, D=576, S=300, K=64, seed=3)
+    impl, _ = dispatch.choose("sparse_attn_score", (q, kv, lse, idx, scale, lengths))
+    assert impl.backend == "cute-sm90"
+    dense_args = (q[None], kv[None, :5], lse[None], scale, 1, None)
+    impl, _ = dispatch.choose("dense_attn_score", dense_args)
+    assert impl.backend == "cute-sm90"
+
+
+@needs_sm90
+@pytest.mark.parametrize("op", ["sparse_attn_score", "dense_attn_score"])
+def test_ops_on_the_cute_kernel_pass_opcheck_and_graph_replay(op):
+    """The torch.ops.dsa entry points while they dispatch to this kernel: opcheck (schema, fake vs real, AOT
+    dispatch) and a CUDA graph replayed on new inputs equal to eager."""
+    from dsa_ops import dispatch
+    from dsa_ops.testing import Shape, sample_args
+
+    shape = Shape(B=2, Sq=37, Sk=70, H=20, D=576, K=48, ratio=4 if op == "dense_attn_score" else 1)
+    args = sample_args(op, device="cuda", dtype=torch.bfloat16, shape=shape)
+    assert dispatch.choose(op, args)[0].backend == "cute-sm90"
+    fn = getattr(torch.ops.dsa, op)
+    torch.library.opcheck(fn.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    eager = fn(*args)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fn(*args)
+    q = args[0]
+    q.copy_(torch.randn_like(q, dtype=torch.float32).to(q.dtype))
+    graph.replay()
+    want = fn(*args)
+    for c, w, e in zip(*(t if isinstance(t, tuple) else (t,) for t in (captured, want, eager))):
+        assert torch.equal(c, w) and not torch.equal(c, e)

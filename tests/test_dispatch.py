@@ -95,6 +95,16 @@ def test_sm90_row_falls_back_cleanly_without_a_gpu(monkeypatch):
         dispatch.choose("sparse_attention", sample_args("sparse_attention"))
 
 
+def test_score_ops_try_the_cute_kernel_first_on_sm90():
+    """Both score ops run the CuTe-DSL kernel on SM90 (faster than cuDNN and Triton at every measured H,
+    BENCHMARKS.md), Triton elsewhere on CUDA."""
+    for op, predicate in [("sparse_attn_score", "supports"), ("dense_attn_score", "supports_dense")]:
+        rows = dispatch.TABLE[op]
+        assert [i.backend for i in rows["sm90"]] == ["cute-sm90", "triton", "reference"], op
+        assert rows["sm90"][0].supports == f"csrc_dsl.cute.sm90.sparse_attn_score:{predicate}"
+        assert [i.backend for i in rows["sm100"]] == ["triton", "reference"], op
+
+
 def test_cute_rows_defer_to_triton_where_it_measured_faster(monkeypatch):
     """The CuTe-DSL attention rows apply both the kernel's `supports` and the measured preference: at H <= 16
     (forward and backward) and for the deterministic backward at H > 64, Triton was faster (BENCHMARKS.md)."""

@@ -19,9 +19,8 @@
 # "vector" 8-9% faster than "tiled" and made it the default (BENCHMARKS.md). Set DKV_MICRO=1 for the L2
 # reduction microbenchmark too. Session 6 (2026-12-04) added `layouts` (top-k tests + the indexer MMA-layout
 # experiment), `score` (score-op launch settings) and `detcheck` (the backward's deterministic modes).
-# Next GPU session, first: `SWEEP=1 bash tools/device_session.sh score` (staged): runs the never-yet-run CuTe-DSL
-# sparse_attn_score tests (tests/test_cute_sm90_score.py) and times both of its layouts next to Triton and cuDNN;
-# if correct and faster, add it to the SM90 row of sparse_attn_score in dsa_ops/dispatch.py.
+# Session 8 (2026-12-05, H100) ran the CuTe-DSL score kernel for the first time (`score`, then `scoreops`): it is
+# now the SM90 row of sparse_attn_score and dense_attn_score (BENCHMARKS.md).
 # The GPU machine drew plots (matplotlib was importable there on 2026-11-25); if it is not, carry wheels for
 # Python 3.12 with s3: `pip download matplotlib --python-version 3.12 --only-binary=:all: --platform
 # manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d .device/mpl` (drop the numpy wheel, it is there), then
@@ -31,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -129,6 +128,16 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
   capped 90 bwd_fast.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
+  ;;
+scoreops)  # staged: the CuTe score kernel in the dispatch (sparse and dense): its tests, both ops vs cuDNN and
+           # Triton at every suite shape (S = 4K/8K), then opcheck/compile/graph tests through the dispatch
+  capped 170 cute_score_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_score.py \
+    tests/test_dispatch.py
+  capped 100 score_heads.log python -m benchmarks.experiments.score_heads
+  capped 280 bench_score.log python -m benchmarks.run --quick --ops sparse_attn_score,dense_attn_score \
+    --also-backends triton --no-overhead --out "$OUT/score"
+  capped 150 compile_pytest.log python -m pytest -q -p no:cacheprovider -rfE compile_tests/test_opcheck.py \
+    compile_tests/test_compile.py -k "cuda or graph or dense" "$@"
   ;;
 score)     # staged: CuTe score GPU tests, score-op launch settings vs cuDNN (SWEEP=1), Triton forward/score GPU tests + graphs
   capped 150 cute_score_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_score.py

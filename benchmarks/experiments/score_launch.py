@@ -48,7 +48,7 @@ def _cases(model, S, K, device=torch.device("cuda")):
 
 
 def _time_cute_score(inputs, pick, want, flops, cudnn_ms, S, timed, rel):
-    """The CuTe-DSL kernel's layouts (csrc_dsl/cute/sm90/sparse_attn_score.py, not in the dispatch yet)."""
+    """The CuTe-DSL kernel's layouts (csrc_dsl/cute/sm90/sparse_attn_score.py; the dispatch launches Q in registers)."""
     try:
         from csrc_dsl.cute.sm90 import sparse_attn_score as cute_score
         if not cute_score.supports(*inputs):
@@ -58,7 +58,7 @@ def _time_cute_score(inputs, pick, want, flops, cudnn_ms, S, timed, rel):
         print(f"| sparse_attn_score | {S} | cute | | | | | unavailable: {e} | | | | |")
         return
     for config in cute_score.shipped_configs():
-        if config.head_dim != inputs[0].shape[2]:
+        if config.head_dim != inputs[0].shape[2] or config.dense:
             continue
         layout = "cute, Q in registers" if config.q_in_registers else "cute, Q in smem"
         try:

@@ -1,13 +1,15 @@
-"""sparse_attn_score (SPEC section 6) for Hopper (SM90), in CuTe-DSL. NOT YET RUN ON A GPU, NOT IN THE DISPATCH.
+"""sparse_attn_score and dense_attn_score (SPEC section 6) for Hopper (SM90), in CuTe-DSL.
 
     sparse_attn_score(q [T,H,D] bf16, kv [S,D] bf16, lse [T,H] fp32, indices [T,K] int32, scale,
                       topk_length [T] int32 | None) -> target [T,K] fp32 (normalised per row)
+    dense_attn_score(q [B,Sq,H,D] bf16, kv [B,Sk,D] bf16, lse [B,Sq,H] fp32, scale, ratio, q_start [B] | None)
+                      -> (scores [B,Sq,Sk] fp32, ratio-causally masked entries 0; l1 [B,Sq] row sums)
 
 Written on 2026-12-04 after the Triton kernel's redesign (one program per query and 128 heads: 0.68x cuDNN on the
 H200): this kernel gathers each token's kv rows once for all its heads and overlaps the gathers with the
-products (warp specialisation), which Triton's 1-stage launch cannot. It compiles for sm_90a without spills (CPU
-test in tests/test_cute_sm90_score.py); its GPU tests are written and wait for a GPU session, and only then may it
-join the SM90 row of the dispatch (dsa_ops/dispatch.py), if it is faster than the Triton kernel.
+products (warp specialisation), which Triton's 1-stage launch cannot. First run on 2026-12-05 (H100, V3.2
+S=4096: 2.40 ms against cuDNN's 3.09 and Triton's 4.27; BENCHMARKS.md), then put in the SM90 row of the dispatch.
+The dense op is the same kernel with kv row = the batch's first row + slot (ScoreConfig.dense).
 
 The kernel is in sparse_attn_score_kernel.py (imported only when a variant is compiled).
 """
@@ -23,6 +25,7 @@ from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
 LOG2_E = 1.4426950408889634
 SUPPORTED_HEAD_DIMS = (512, 576)
 MAX_HEADS = 128
+HEADS_PER_CONSUMER = 64       # the wgmma M of one consumer warpgroup
 
 
 @dataclass(frozen=True)
@@ -37,13 +40,27 @@ class ScoreConfig:
     num_stages: int = 3         # 3 with q_in_registers, else 2
     producer_regs: int = 40
     consumer_regs: int = 232
+    dense: bool = False         # dense_attn_score: `indices` is [T, 1], the first kv row of the token's batch
+    alternate_tiles: bool = False   # H <= 64: both consumers take heads [0, 64), each every other tile
     arch: str = "sm_90a"
 
 
+def launch_config(head_dim: int, num_heads: int, dense: bool = False) -> ScoreConfig:
+    """The variant the ops launch: Q in registers (measured faster than Q in shared memory), with alternate
+    tiles where all heads fit one consumer."""
+    return ScoreConfig(head_dim, dense=dense, alternate_tiles=num_heads <= HEADS_PER_CONSUMER)
+
+
+def dispatched_configs() -> list[ScoreConfig]:
+    """What the ops launch (compiled by `warmup`)."""
+    return [launch_config(d, h, dense) for dense in (False, True) for d in SUPPORTED_HEAD_DIMS
+            for h in (MAX_HEADS, HEADS_PER_CONSUMER)]
+
+
 def shipped_configs() -> list[ScoreConfig]:
-    """Both layouts for both head dims (the GPU benchmark decides which one a dispatch row would use)."""
-    return [ScoreConfig(head_dim) for head_dim in SUPPORTED_HEAD_DIMS] + [
-        ScoreConfig(head_dim, q_in_registers=False, block_n=32, num_stages=2) for head_dim in SUPPORTED_HEAD_DIMS]
+    """What the ops launch, and the Q-in-shared-memory layout (kept for the GPU comparison)."""
+    return dispatched_configs() + [ScoreConfig(d, q_in_registers=False, block_n=32, num_stages=2)
+                                   for d in SUPPORTED_HEAD_DIMS]
 
 
 def supports(q, kv, lse, indices, scale=None, topk_length=None) -> bool:
@@ -70,9 +87,54 @@ def supports(q, kv, lse, indices, scale=None, topk_length=None) -> bool:
     return q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0
 
 
+def supports_dense(q, kv, lse, scale=None, ratio=1, q_start=None) -> bool:
+    """`supports` for dense_attn_score (q [B,Sq,H,D], kv [B,Sk,D], lse [B,Sq,H]): the sparse kernel's conditions
+    on the flattened tensors."""
+    import torch
+
+    if q.dim() != 4 or kv.dim() != 3 or lse.dim() != 3:
+        return False
+    batch, seq_q, num_heads, head_dim = q.shape
+    if (kv.shape[0], kv.shape[2]) != (batch, head_dim) or tuple(lse.shape) != (batch, seq_q, num_heads):
+        return False
+    if batch * kv.shape[1] >= 2 ** 31 or not (q.is_contiguous() and kv.is_contiguous() and lse.is_contiguous()):
+        return False
+    row_base = torch.empty((batch * seq_q, 1), dtype=torch.int32, device="meta")
+    return supports(q.view(batch * seq_q, num_heads, head_dim), kv.view(-1, head_dim),
+                    lse.view(batch * seq_q, num_heads), row_base)
+
+
+def dense_attn_score(q, kv, lse, scale: float, ratio: int = 1, q_start=None, *, config: Optional[ScoreConfig] = None):
+    """SPEC section 6, dense form, on SM90: every ratio-causally visible key of the query's batch. Inputs are
+    validated and contiguous (the op layer's contract). Returns (scores [B,Sq,Sk], l1 [B,Sq]), fp32. `config`: a
+    shipped dense variant (default: `launch_config`)."""
+    import torch
+
+    batch, seq_q, num_heads, head_dim = q.shape
+    seq_k = kv.shape[1]
+    num_tokens = batch * seq_q
+    raw = torch.zeros((num_tokens, seq_k), dtype=torch.float32, device=q.device)   # masked keys stay 0
+    if num_tokens > 0 and seq_k > 0:
+        # query i of batch b sits at position q_start[b] + i and sees keys k < (position + 1) // ratio
+        if q_start is None:
+            starts = torch.full((batch, 1), seq_k * ratio - seq_q, dtype=torch.int64, device=q.device)
+        else:
+            starts = q_start.to(device=q.device, dtype=torch.int64).view(batch, 1)
+        position = starts + torch.arange(seq_q, device=q.device)
+        visible = torch.div(position + 1, ratio, rounding_mode="floor").clamp(0, seq_k)
+        visible = visible.to(torch.int32).view(num_tokens)
+        row_base = (torch.arange(batch, device=q.device, dtype=torch.int32) * seq_k).repeat_interleave(seq_q)
+        l2 = (lse.float() * LOG2_E).reshape(num_tokens, num_heads).contiguous()
+        kernel = _CACHE.get(config or launch_config(head_dim, num_heads, dense=True))
+        kernel(q.view(num_tokens, num_heads, head_dim), kv.view(batch * seq_k, head_dim),
+               row_base.view(num_tokens, 1), l2, visible, raw, float(scale) * LOG2_E, current_stream())
+    scores = raw.view(batch, seq_q, seq_k)
+    return scores, scores.sum(dim=-1)
+
+
 def sparse_attn_score(q, kv, lse, indices, scale: float, topk_length=None, *, config: Optional[ScoreConfig] = None):
     """SPEC section 6 on SM90. Inputs are validated and contiguous (the op layer's contract). `config`: a
-    shipped variant (default: ScoreConfig(D), Q in registers)."""
+    shipped variant (default: `launch_config`)."""
     import torch
 
     num_tokens, topk = indices.shape
@@ -81,9 +143,16 @@ def sparse_attn_score(q, kv, lse, indices, scale: float, topk_length=None, *, co
         if topk_length is None:
             topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=q.device)
         l2 = (lse.float() * LOG2_E).contiguous()       # +inf (no valid key) stays +inf: P = 0
-        kernel = _CACHE.get(config or ScoreConfig(head_dim=q.shape[2]))
+        kernel = _CACHE.get(config or launch_config(q.shape[2], q.shape[1]))
         kernel(q, kv, indices, l2, topk_length, raw, float(scale) * LOG2_E, current_stream())
     return raw / raw.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def warmup(configs=None) -> int:
+    """Compile ahead of time (before CUDA-graph capture); default: the variants the dispatch launches."""
+    from csrc_dsl.cute.common import warmup as _warmup
+
+    return _warmup(dispatched_configs() if configs is None else configs)
 
 
 def compile_kernel(config: ScoreConfig):
@@ -116,7 +185,9 @@ def fake_arguments(config: ScoreConfig) -> list:
     D = config.head_dim
     q = make_fake_compact_tensor(bf16, (num_tokens, num_heads, D), stride_order=(2, 1, 0), assumed_align=16)
     kv = make_fake_compact_tensor(bf16, (num_rows, D), stride_order=(1, 0), assumed_align=16)
-    indices = make_fake_compact_tensor(cutlass.Int32, (num_tokens, topk), stride_order=(1, 0), assumed_align=4)
+    # dense: [T, 1], the first kv row of each token's batch (the output is [T, S_k])
+    indices = make_fake_compact_tensor(cutlass.Int32, (num_tokens, 1 if config.dense else topk), stride_order=(1, 0),
+                                       assumed_align=4)
     l2 = make_fake_compact_tensor(f32, (num_tokens, num_heads), stride_order=(1, 0), assumed_align=4)
     topk_length = make_fake_compact_tensor(cutlass.Int32, (num_tokens,), assumed_align=4)
     raw = make_fake_compact_tensor(f32, (num_tokens, topk), stride_order=(1, 0), assumed_align=4)

@@ -1,4 +1,4 @@
-"""The CuTe-DSL kernel behind `sparse_attn_score.sparse_attn_score` (SM90, bf16). NOT YET RUN ON A GPU.
+"""The CuTe-DSL kernel behind `sparse_attn_score.sparse_attn_score` and `.dense_attn_score` (SM90, bf16).
 
     raw[t, j] = sum_h exp2(scale_log2 * q[t,h] . kv[indices[t,j]] - L2[t,h])     (0 on invalid slots)
 
@@ -20,6 +20,13 @@ Three warpgroups of 128 threads:
        lanes that hold the same columns (shuffles), then across the 4 warps and the 2 consumers through a small
        shared buffer; consumer 0 adds the 8 partial sums of each key and stores them.
 The kv stage is released as soon as both consumers' S wgmma has completed (it is their only reader).
+
+Alternate tiles (ScoreConfig.alternate_tiles, for H <= 64): both consumers hold heads [0, 64) and take every
+other tile, so one's exponentials overlap the other's products; each sums its own 4 warps' partials. Without it,
+a consumer whose 64 heads are all padding skips its products and exponentials.
+
+Dense mode (ScoreConfig.dense, for dense_attn_score): `indices` is [T, 1], the first kv row of the token's
+batch; slot j names kv row base + j, and topk_length is the token's count of ratio-causally visible keys.
 
 Two layouts (ScoreConfig.q_in_registers):
   - False: BN = 32, two kv stages (72 KB at D = 576) next to Q in shared memory (144 KB). The S wgmma reads
@@ -48,7 +55,7 @@ from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import copy_row, rows_cols_v
 
 HEADS_PER_CONSUMER = 64   # wgmma M
 CONSUMERS = 2
-BAR_SUMS_READY = 1        # named barrier between the two consumer warpgroups
+BAR_SUMS_READY = 1        # named barrier between the two consumer warpgroups (alternate tiles: 1 + consumer)
 
 
 class SparseAttnScoreSm90:
@@ -67,6 +74,8 @@ class SparseAttnScoreSm90:
         self.stages = config.num_stages
         self.num_threads = (1 + CONSUMERS) * 128
         self.q_in_registers = config.q_in_registers
+        self.dense = config.dense
+        self.alternate = config.alternate_tiles
 
     # -------------------------------------------------------------------------------------------
     # Host side
@@ -127,7 +136,8 @@ class SparseAttnScoreSm90:
             with cute.arch.elect_one():
                 for s in cutlass.range_constexpr(self.stages):
                     cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 id-write arrivals
-                    cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
+                    # every thread of the consumer(s) that read the stage
+                    cute.arch.mbarrier_init(empty_bar + s, 128 if const_expr(self.alternate) else 256)
                 cute.arch.mbarrier_init(q_bar, 128)
                 cute.arch.mbarrier_init(q_free_bar, 256)          # every consumer thread, once
         cute.arch.mbarrier_init_fence()
@@ -144,7 +154,7 @@ class SparseAttnScoreSm90:
         sIds = storage.ids.get_tensor(cute.make_layout((self.BN, self.stages)))
         sSums = storage.sums.get_tensor(cute.make_layout((CONSUMERS * 4, self.BN, 2)))
 
-        k_valid = cutlass.min(mIdx.shape[1], cutlass.max(mTopkLen[token], 0))
+        k_valid = cutlass.min(mRaw.shape[1], cutlass.max(mTopkLen[token], 0))
         n_tiles = (k_valid + self.BN - 1) // self.BN
 
         if wg_idx == 0:
@@ -196,7 +206,10 @@ class SparseAttnScoreSm90:
                 slot = it * self.BN + r
                 kv_id = Int32(-1)
                 if slot < k_valid:
-                    kv_id = mIdx[token, slot]
+                    if const_expr(self.dense):
+                        kv_id = mIdx[token, 0] + slot          # the token's batch row base, then key `slot`
+                    else:
+                        kv_id = mIdx[token, slot]
                 valid = kv_id >= 0 and kv_id < kv_rows
                 src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
                 copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
@@ -212,7 +225,8 @@ class SparseAttnScoreSm90:
                 scale_log2: Float32, token: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
         BN, H = self.BN, mL2.shape[1]
         thr = mma_qk.get_slice(tid)
-        sQ_c = cute.flat_divide(sQ, (HEADS_PER_CONSUMER, self.D))[None, None, c, 0]   # (64, D)
+        # heads [64c, 64c + 64), or (alternate tiles) heads [0, 64) for both consumers
+        sQ_c = cute.flat_divide(sQ, (HEADS_PER_CONSUMER, self.D))[None, None, 0 if self.alternate else c, 0]
         tSsQ = thr.partition_A(sQ_c)
         tSrQ = thr.make_fragment_A(tSsQ)      # registers (q_in_registers) or smem descriptors
         tSrK = thr.make_fragment_B(thr.partition_B(sKV))                             # (32, D, stage)
@@ -225,7 +239,7 @@ class SparseAttnScoreSm90:
         # L2 of this thread's heads (padding heads: +inf, so their P is 0).
         row_l2 = cute.make_rmem_tensor((n_rows,), Float32)
         for i in cutlass.range_constexpr(n_rows):
-            head = c * HEADS_PER_CONSUMER + S_coord[i, 0][0]
+            head = (0 if self.alternate else c * HEADS_PER_CONSUMER) + S_coord[i, 0][0]
             value = Float32.inf
             if head < H:
                 value = mL2[token, head]
@@ -238,20 +252,29 @@ class SparseAttnScoreSm90:
         if const_expr(self.q_in_registers):
             cute.autovec_copy(tSsQ, tSrQ)             # Q_c into the wgmma A fragment, once
             cute.arch.mbarrier_arrive(q_free_bar)     # its shared memory may now take kv rows
-        for it in cutlass.range(n_tiles, unroll=1):
+        # A consumer whose 64 heads are all padding (H <= 64: consumer 1) skips its products and exponentials,
+        # leaving the SM's tensor cores and MUFU to the other one; it still keeps the barriers' counts.
+        has_heads = (0 if self.alternate else c * HEADS_PER_CONSUMER) < H
+        # Alternate tiles: consumer c takes tiles c, c + 2, ...; else both take every tile.
+        first, step = (c, 2) if self.alternate else (0, 1)
+        for n in cutlass.range((n_tiles - first + step - 1) // step, unroll=1):
+            it = first + step * n
             stage = it % self.stages
             phase = (it // self.stages) % 2
             cute.arch.mbarrier_wait(full_bar + stage, phase)
-            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
-            wgmma(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True)
-            # S is in registers; the stage is released after this thread has read its ids below.
             for j in cutlass.range_constexpr(n_cols):
-                key_ok = sIds[S_coord[0, j][1], stage] >= 0
-                total = Float32(0.0)
-                for i in cutlass.range_constexpr(n_rows):
-                    p = cute.math.exp2(S[i, j] * scale_log2 - row_l2[i], fastmath=True)
-                    total = total + p
-                col_sums[j] = total if key_ok else Float32(0.0)
+                col_sums[j] = Float32(0.0)
+            if has_heads:
+                cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
+                wgmma(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True)
+                # S is in registers; the stage is released after this thread has read its ids below.
+                for j in cutlass.range_constexpr(n_cols):
+                    key_ok = sIds[S_coord[0, j][1], stage] >= 0
+                    total = Float32(0.0)
+                    for i in cutlass.range_constexpr(n_rows):
+                        p = cute.math.exp2(S[i, j] * scale_log2 - row_l2[i], fastmath=True)
+                        total = total + p
+                    col_sums[j] = total if key_ok else Float32(0.0)
             cute.arch.mbarrier_arrive(empty_bar + stage)
             # lanes 4g + q (g = 0..7) hold the same columns: sum over g
             for j in cutlass.range_constexpr(n_cols):
@@ -260,16 +283,19 @@ class SparseAttnScoreSm90:
                 v = v + cute.arch.shuffle_sync_bfly(v, offset=8)
                 v = v + cute.arch.shuffle_sync_bfly(v, offset=16)
                 col_sums[j] = v
-            buf = it % 2
+            buf = n % 2
             if lane < 4:
                 for j in cutlass.range_constexpr(n_cols):
                     sSums[c * 4 + warp, S_coord[0, j][1], buf] = col_sums[j]
-            cute.arch.barrier(barrier_id=BAR_SUMS_READY, number_of_threads=256)
-            if const_expr(c == 0):
+            if const_expr(self.alternate):          # this consumer's 4 warps hold the whole tile
+                cute.arch.barrier(barrier_id=BAR_SUMS_READY + c, number_of_threads=128)
+            else:
+                cute.arch.barrier(barrier_id=BAR_SUMS_READY, number_of_threads=256)
+            if const_expr(c == 0 or self.alternate):
                 if tid < BN:                          # one thread per key of the tile
                     slot = it * BN + tid
                     total = Float32(0.0)
-                    for w in cutlass.range_constexpr(CONSUMERS * 4):
-                        total = total + sSums[w, tid, buf]
+                    for w in cutlass.range_constexpr(4 if self.alternate else CONSUMERS * 4):
+                        total = total + sSums[(c * 4 if self.alternate else 0) + w, tid, buf]
                     if slot < mRaw.shape[1]:
                         mRaw[token, slot] = total

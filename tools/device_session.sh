@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -128,6 +128,11 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
   capped 90 bwd_fast.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
+  ;;
+headline)  # staged: every issue-target shape (top-k, indexer, forward, backward) against cuDNN, Triton as well
+  capped 90 topk_bench.log python -m benchmarks.bench_topk
+  capped 330 bench_headline.log python -m benchmarks.run --headline --also-backends triton --no-overhead \
+    --out "$OUT/headline" "$@"
   ;;
 scoreops)  # staged: the CuTe score kernel in the dispatch (sparse and dense): its tests, both ops vs cuDNN and
            # Triton at every suite shape (S = 4K/8K), then opcheck/compile/graph tests through the dispatch

@@ -63,45 +63,46 @@ def shipped_configs() -> list[ScoreConfig]:
                                    for d in SUPPORTED_HEAD_DIMS]
 
 
-def supports(q, kv, lse, indices, scale=None, topk_length=None) -> bool:
-    """Cheap predicate for a dispatch table: the shapes and devices this kernel is built for."""
+def _kernel_takes(q, kv, lse, head_dim: int, num_heads: int) -> bool:
+    """What both ops need: an SM90 GPU with the DSL, bf16 q/kv and fp32 lse, contiguous and 16-byte aligned,
+    a supported head dim and 1..128 heads."""
     import torch
 
     if launch_unavailable_reason() is not None:
         return False
     if q.device.type != "cuda" or not is_sm90(q.device):
         return False
-    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16 or indices.dtype != torch.int32:
+    if q.dtype != torch.bfloat16 or kv.dtype != torch.bfloat16 or lse.dtype != torch.float32:
         return False
-    if lse.dtype != torch.float32 or q.dim() != 3 or kv.dim() != 2 or indices.dim() != 2:
+    if head_dim not in SUPPORTED_HEAD_DIMS or kv.shape[-1] != head_dim or not 1 <= num_heads <= MAX_HEADS:
         return False
-    num_tokens, num_heads, head_dim = q.shape
-    if head_dim not in SUPPORTED_HEAD_DIMS or kv.shape[1] != head_dim or not 1 <= num_heads <= MAX_HEADS:
-        return False
-    if tuple(lse.shape) != (num_tokens, num_heads) or indices.shape[0] != num_tokens:
-        return False
-    if topk_length is not None and topk_length.dtype != torch.int32:
-        return False
-    if not all(t is None or t.is_contiguous() for t in (q, kv, lse, indices, topk_length)):
+    if not (q.is_contiguous() and kv.is_contiguous() and lse.is_contiguous()):
         return False
     return q.data_ptr() % 16 == 0 and kv.data_ptr() % 16 == 0
 
 
-def supports_dense(q, kv, lse, scale=None, ratio=1, q_start=None) -> bool:
-    """`supports` for dense_attn_score (q [B,Sq,H,D], kv [B,Sk,D], lse [B,Sq,H]): the sparse kernel's conditions
-    on the flattened tensors."""
+def supports(q, kv, lse, indices, scale=None, topk_length=None) -> bool:
+    """Cheap predicate for a dispatch table: the shapes and devices this kernel is built for."""
     import torch
 
+    if q.dim() != 3 or kv.dim() != 2 or indices.dim() != 2 or indices.dtype != torch.int32:
+        return False
+    num_tokens, num_heads, head_dim = q.shape
+    if tuple(lse.shape) != (num_tokens, num_heads) or indices.shape[0] != num_tokens:
+        return False
+    if topk_length is not None and (topk_length.dtype != torch.int32 or not topk_length.is_contiguous()):
+        return False
+    return indices.is_contiguous() and _kernel_takes(q, kv, lse, head_dim, num_heads)
+
+
+def supports_dense(q, kv, lse, scale=None, ratio=1, q_start=None) -> bool:
+    """`supports` for dense_attn_score (q [B,Sq,H,D], kv [B,Sk,D], lse [B,Sq,H])."""
     if q.dim() != 4 or kv.dim() != 3 or lse.dim() != 3:
         return False
     batch, seq_q, num_heads, head_dim = q.shape
-    if (kv.shape[0], kv.shape[2]) != (batch, head_dim) or tuple(lse.shape) != (batch, seq_q, num_heads):
+    if kv.shape[0] != batch or tuple(lse.shape) != (batch, seq_q, num_heads) or batch * kv.shape[1] >= 2 ** 31:
         return False
-    if batch * kv.shape[1] >= 2 ** 31 or not (q.is_contiguous() and kv.is_contiguous() and lse.is_contiguous()):
-        return False
-    row_base = torch.empty((batch * seq_q, 1), dtype=torch.int32, device="meta")
-    return supports(q.view(batch * seq_q, num_heads, head_dim), kv.view(-1, head_dim),
-                    lse.view(batch * seq_q, num_heads), row_base)
+    return _kernel_takes(q, kv, lse, head_dim, num_heads)
 
 
 def dense_attn_score(q, kv, lse, scale: float, ratio: int = 1, q_start=None, *, config: Optional[ScoreConfig] = None):

@@ -91,7 +91,7 @@ def bench_shape(rows, cols, k, do_sorted, cudnn_fn):
 
 
 KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SELECT_BLOCK", "SAMPLE", "GUESS_SIGMAS", "RADIX_BITS",
-         "MAX_REGISTERS")
+         "MAX_REGISTERS", "PREFETCH")
 # {knob: value} per configuration (module attributes of csrc_dsl/triton/topk.py); knobs not named keep the defaults.
 SWEEP_CONFIGS = [
     dict(),                                                       # the defaults
@@ -107,10 +107,15 @@ SWEEP_CONFIGS = [
     dict(BLOCK=128),
     dict(NUM_WARPS=2, PROGRAMS_PER_SM=16),
     dict(GUESS_SIGMAS=3.0),
+    # added 2026-12-05 (H100): two steps' loads in flight instead of one
+    dict(PREFETCH=2),
+    dict(PREFETCH=2, PROGRAMS_PER_SM=24, MAX_REGISTERS=80),
+    dict(PREFETCH=2, BLOCK=512, PROGRAMS_PER_SM=16, MAX_REGISTERS=None),
+    dict(PREFETCH=2, BLOCK=128),
 ]
 
 
-def sweep():
+def sweep(pick=None):
     """Time launch configurations on the two target shapes (tuning aid). Each configuration is checked first
     (check() on the timed random matrices, plus a matrix with heavy ties and -0.0/+0.0)."""
     import triton.testing
@@ -132,7 +137,7 @@ def sweep():
     sorted_checked = False
     print("| settings | " + " | ".join(f"{r}x{c} ms" for r, c, _ in shapes) + " |")
     print("| --- | " + "--- | " * len(shapes))
-    for knobs in SWEEP_CONFIGS:
+    for knobs in (SWEEP_CONFIGS if pick is None else [SWEEP_CONFIGS[i] for i in pick]):
         for name, value in defaults.items():
             setattr(tk, name, value)
         for name, value in knobs.items():
@@ -164,12 +169,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--all", action="store_true", help="more shapes and the sorted=True variant")
     parser.add_argument("--sweep", action="store_true", help="time launch configurations instead")
+    parser.add_argument("--pick", type=lambda t: [int(i) for i in t.split(",")], default=None,
+                        help="--sweep: only these SWEEP_CONFIGS entries (comma-separated indices)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_topk: needs a CUDA GPU")
         return
     if args.sweep:
-        sweep()
+        sweep(args.pick)
         return
     device_name = torch.cuda.get_device_name()
     print(f"device: {device_name}")

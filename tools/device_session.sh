@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: opening | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -128,6 +128,13 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
   capped 90 bwd_fast.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 64 128 --no-triton
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
+  ;;
+opening)   # staged: the cuDNN cross-test and the score dispatch tests (never run on a GPU yet), the row-stream
+           # experiment (the top-k's access pattern alone), the top-k sweep's defaults, H200 and PREFETCH=2 rows
+  capped 200 against_cudnn_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_against_cudnn.py \
+    tests/test_cute_sm90_score.py -k "cudnn or dispatch or dense"
+  capped 110 row_stream.log python -m benchmarks.experiments.row_stream
+  capped 200 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15
   ;;
 headline)  # staged: every issue-target shape (top-k, indexer, forward, backward) against cuDNN, Triton as well
   capped 90 topk_bench.log python -m benchmarks.bench_topk

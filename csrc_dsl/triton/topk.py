@@ -80,6 +80,7 @@ PROGRAMS_PER_SM = 32    # persistent programs per SM, for NUM_WARPS warps each: 
 SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this
 MAX_REGISTERS = 64      # unsorted launches on a GPU: 32 one-warp programs per SM fit (a few values spill to the
                         # stack); measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
+PREFETCH = 1            # stream steps whose loads are in flight ahead of the one being processed (1 or 2)
 SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
 RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
                         # registers and 469 SASS instructions per pass step, against 128 and 765 at 8 bits)
@@ -271,7 +272,7 @@ def _store_where(ptr, value, mask, ASM: tl.constexpr):
 def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
             COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
             SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr,
-            ASM_STORE: tl.constexpr):
+            ASM_STORE: tl.constexpr, PREFETCH: tl.constexpr):
     """Append every column in [col_lo, col_hi) whose key is > thr to the (empty) buffer, compacting to the k
     best and raising thr whenever a step would overflow it. Returns (entries buffered, threshold (every buffered
     key is >= it)).
@@ -285,15 +286,22 @@ def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
     start = col_lo
     while start < col_hi:
         thr_f = _floor_value(thr)
-        # Prefetch one step ahead so the next load is in flight while this step is processed.
+        # Prefetch PREFETCH steps ahead so the next loads are in flight while this step is processed.
         nxt = start + lane
         v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
+        nxt += BLOCK
+        v_after = tl.load(row_val + nxt, mask=(nxt < load_hi) & (PREFETCH > 1), other=float("-inf"))
         full = tl.zeros([], dtype=tl.int32)
         while (start < col_hi) & (full == 0):
             cols = start + lane
             v = v_next
-            nxt = cols + BLOCK
-            v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
+            if PREFETCH > 1:
+                v_next = v_after
+                nxt = cols + 2 * BLOCK
+                v_after = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
+            else:
+                nxt = cols + BLOCK
+                v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
             if MASK_TAIL:
                 v = tl.where(cols < col_hi, v, float("-inf"))
             admit = v > thr_f
@@ -343,6 +351,7 @@ def _stream_topk_kernel(
     RADIX_BITS: tl.constexpr,
     GUESS_SIGMAS: tl.constexpr,
     ASM_STORE: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     buf_val = buf_val_ptr + pid * CAP
@@ -380,7 +389,8 @@ def _stream_topk_kernel(
         attempts = 0
         while attempts < 1 + guessed.to(tl.int32):
             cnt, lo = _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
-                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE)
+                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE,
+                              PREFETCH)
             # Enough got in (always true after a compaction): done. Else the guess was too high: again from -inf.
             attempts = tl.where(cnt >= k, 2, attempts + 1)
             thr = tl.full([], _KEY_NEG_INF, tl.uint32)
@@ -489,7 +499,7 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
         HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
         BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample),
         SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=RADIX_BITS,
-        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda",
+        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda", PREFETCH=PREFETCH,
         num_warps=warps,
         **extra,
     )

@@ -75,7 +75,7 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 
 # Small steps and samples on the interpreter, so rows of a few thousand columns guess a first threshold and
 # compact their buffer several times.
-TINY = dict(block=64, programs=3, sample=64)
+TINY = dict(block=64, programs=3, sample=64, kernel="stream")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -143,6 +143,60 @@ def test_two_steps_prefetched(monkeypatch):
     check(ties, 100, lengths, sorted_out=True, **TINY)
 
 
+def _resident_cases():
+    """(scores, k, lengths) for the register-resident kernel: random rows, tie groups at the k-th position, a
+    constant row, the ReLU plateau with -0.0, NaN / +-inf / +-FLT_MAX, short rows and k above the row."""
+    g = gen(21)
+    big = torch.finfo(torch.float32).max
+    levels = torch.tensor([-1.5, -0.0, 0.0, 0.0, 0.25, 1.0, 3.0])
+    ties = levels[torch.randint(0, len(levels), (6, 1500), generator=g)]
+    ties[0] = 0.0
+    ties[1, ::2] = -0.0
+    odd = torch.randn(7, 900, generator=g)
+    odd[0] = float("-inf")
+    odd[1, 10:] = float("-inf")
+    odd[2, ::3] = float("nan")
+    odd[3] = float("nan")
+    odd[4, 5] = float("inf")
+    odd[5, 100:200] = big
+    odd[6, :450] = -big
+    lengths = torch.tensor([0, 1, 900, 450, 899, 5000, 33], dtype=torch.int32)
+    return [
+        (torch.randn(1, 1, generator=g), 1, None),
+        (torch.randn(3, 100, generator=g), 7, None),
+        (torch.randn(5, 777, generator=g), 64, None),
+        (torch.randn(2, 3000, generator=g), 300, None),
+        (torch.randn(3, 513, generator=g), 513, None),
+        (torch.randn(2, 40, generator=g), 64, None),
+        (ties, 1, None), (ties, 37, None), (ties, 200, None), (ties, 1499, None),
+        (odd, 50, None), (odd, 50, lengths), (odd, 2, lengths),
+        (torch.sort(torch.randn(3, 2500, generator=g), dim=-1).values, 100, None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(14))
+def test_resident_kernel(case):
+    x, k, lengths = _resident_cases()[case]
+    x = x.to(DEV)
+    lengths = None if lengths is None else lengths.to(DEV)
+    idx, _ = check(x, k, lengths, kernel="resident")
+    if x.shape[-1] == 1500 and k < 1500:  # the constant row: the first k columns win
+        assert torch.equal(idx[0].sort().values, torch.arange(k))
+
+
+def test_resident_kernel_is_the_default_for_short_unsorted_rows(monkeypatch):
+    calls = []
+    real = tk._resident_topk_kernel
+    monkeypatch.setattr(tk, "_resident_topk_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (calls.append(grid), real[grid])[1]})())
+    x = torch.randn(3, 700, generator=gen(22)).to(DEV)
+    check(x, 50)
+    assert len(calls) == 1
+    check(x, 50, sorted_out=True)  # sorted output streams
+    check(torch.randn(2, tk.RESIDENT_MAX_COLS + 1, generator=gen(23)).to(DEV), 4, block=64, sample=64)
+    assert len(calls) == 1
+
+
 def test_lengths_and_k_above_cols():
     g = gen(4)
     x = torch.randn(2, 3, 700, generator=g).to(DEV)
@@ -159,7 +213,7 @@ def test_split_rows_match_unsplit():
     x[1, 1000:2000] = 7.0
     x = x.to(DEV)
     lengths = torch.tensor([2900, 1700], dtype=torch.int32).to(DEV)
-    knobs = dict(block=64, programs=16, min_segment=256, sample=32)
+    knobs = dict(block=64, programs=16, min_segment=256, sample=32, kernel="stream")
     assert tk._plan(2, 2900, 40, 16, 64, 256)[0] > 1  # really split
     for sorted_out in (False, True):
         check(x, 40, sorted_out=sorted_out, **knobs)
@@ -245,7 +299,8 @@ def test_deterministic():
     g = gen(7)
     x = torch.randint(0, 5, (4, 1000), generator=g).float().to(DEV)
     first = tk._topk(x, 123, None, False, **TINY)
-    again = tk._topk(x, 123, None, False, block=64, programs=1, sample=64)  # other program count, same bits
+    again = tk._topk(x, 123, None, False, block=64, programs=1, sample=64,
+                     kernel="stream")  # other program count, same bits
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 

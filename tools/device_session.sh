@@ -129,14 +129,16 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
   capped 200 bench_bwd.log python -m benchmarks.run --headline --ops sparse_attention_backward \
     --also-backends triton --no-overhead --out "$OUT/bwd"
   ;;
-opening)   # staged: the cuDNN cross-test and the score dispatch tests (never run on a GPU yet), the row-stream
-           # experiment (the top-k's access pattern alone), the top-k sweep's defaults, H200 and PREFETCH=2 rows
-  capped 200 against_cudnn_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_against_cudnn.py \
+opening)   # staged: the cuDNN cross-test and the score dispatch tests (never run on a GPU yet), the top-k GPU tests
+           # (the register-resident kernel is new), the top-k sweep's defaults, H200, PREFETCH=2 and resident rows
+  capped 150 against_cudnn_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_against_cudnn.py \
     tests/test_cute_sm90_score.py -k "cudnn or dispatch or dense"
-  capped 110 row_stream.log python -m benchmarks.experiments.row_stream
-  capped 200 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15
+  capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
+  capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16,17,18,19,20
   ;;
-headline)  # staged: every issue-target shape (top-k, indexer, forward, backward) against cuDNN, Triton as well
+headline)  # staged: every issue-target shape (top-k, indexer, forward, backward) against cuDNN, Triton as well;
+           # first the row-stream experiment (the top-k's access pattern alone)
+  capped 100 row_stream.log python -m benchmarks.experiments.row_stream
   capped 90 topk_bench.log python -m benchmarks.bench_topk
   capped 330 bench_headline.log python -m benchmarks.run --headline --also-backends triton --no-overhead \
     --out "$OUT/headline" "$@"

@@ -80,6 +80,10 @@ PROGRAMS_PER_SM = 32    # persistent programs per SM, for NUM_WARPS warps each: 
 SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this
 MAX_REGISTERS = 64      # unsorted launches on a GPU: 32 one-warp programs per SM fit (a few values spill to the
                         # stack); measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
+RESIDENT_MAX_COLS = 16384  # unsorted rows up to this long: one program per row, the row in registers (a bisection
+                           # select, _resident_topk_kernel); longer rows (or sorted output) stream
+RESIDENT_PER_THREAD = 16   # ... with this many of the row's values per thread (16 warps for 8192 columns) ...
+RESIDENT_MAX_REGISTERS = 64  # ... under this register cap (None: none), so two 16-warp programs fit an SM
 PREFETCH = 1            # stream steps whose loads are in flight ahead of the one being processed (1 or 2)
 SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
 RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
@@ -436,6 +440,73 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@triton.jit
+def _resident_topk_kernel(
+    src_ptr,          # fp32 [n_rows, row_stride]
+    lengths_ptr,      # int32 [n_rows] (HAS_LENGTHS), else unused
+    out_val_ptr,      # fp32 [n_rows, k]
+    out_col_ptr,      # int32 [n_rows, k]
+    n_cols, row_stride, k,
+    HAS_LENGTHS: tl.constexpr,
+    ROW: tl.constexpr,       # power of two >= n_cols: the whole row is one register tile
+    K_POW2: tl.constexpr,    # power of two >= k (the padding store)
+    ASM_STORE: tl.constexpr = False,
+):
+    """Top-k of one short row per program, the row held in registers (rows of at most RESIDENT_MAX_COLS).
+
+    T, the k-th largest key, comes from a bisection on the key: each round is one compare and one block sum
+    over the registers, with no buffer, histogram or second read of the row. The bracket starts at [smallest
+    valid key, largest key] and the search stops as soon as exactly k keys are >= the midpoint. Then keys > T
+    stay, and of the keys == T the first (k - #greater) in column order (one prefix scan), as in _compact."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, ROW)
+    # Loads masked by n_cols only, so they stay 16-byte vectors; a row's length applies after the load.
+    v = tl.load(src_ptr + row.to(tl.int64) * row_stride + cols, mask=cols < n_cols, other=float("-inf"))
+    key = _order_key(v)
+    if HAS_LENGTHS:
+        key = tl.where(cols < tl.load(lengths_ptr + row), key, 0)
+    # -inf, NaN and the columns past the row's length have keys <= key(-inf): never selected. Only `key` stays
+    # live through the search (everything after it is recomputed from it).
+    n_valid = tl.sum((key > _KEY_NEG_INF).to(tl.int32), 0)
+    # Bracket: count(key >= lo) >= k > count(key > hi) once lo <= T <= hi.
+    lo = tl.min(tl.where(key > _KEY_NEG_INF, key, tl.full([ROW], 0xFFFFFFFF, tl.uint32)), 0)
+    hi = tl.max(key, 0)
+    if n_valid <= k:  # every valid key is kept
+        lo = tl.full([], _KEY_NEG_INF + 1, tl.uint32)
+        hi = lo
+    while lo < hi:
+        mid = lo + ((hi - lo + 1) >> 1)  # upper midpoint: lo < mid <= hi (hi - lo < 2^32 - 1: no overflow)
+        at_or_above = tl.sum((key >= mid).to(tl.int32), 0)
+        if at_or_above == k:
+            lo = mid  # exactly k keys >= mid: T can be taken as mid
+            hi = mid
+        elif at_or_above > k:
+            lo = mid
+        else:
+            hi = mid - 1
+    thr = lo  # >= key(-inf) + 1: only valid keys compare >= it
+    # One scan counts both kinds: greater in the low 16 bits, equal in the high 16 (ROW <= 32768).
+    is_gt = key > thr
+    is_eq = key == thr
+    n_greater = tl.sum(is_gt.to(tl.int32), 0)
+    need_equal = tl.minimum(k, n_valid) - n_greater
+    both = is_gt.to(tl.int32) + (is_eq.to(tl.int32) << 16)
+    before = tl.cumsum(both, 0) - both
+    eq_before = before >> 16
+    keep = is_gt | (is_eq & (eq_before < need_equal))
+    pos = (before & 0xFFFF) + tl.minimum(eq_before, need_equal)
+    out_val_row = out_val_ptr + row.to(tl.int64) * k
+    out_col_row = out_col_ptr + row.to(tl.int64) * k
+    # Kept entries in column order (+0.0 for a kept -0.0, as the streaming kernel reports), then the padding.
+    _store_where(out_val_row + pos, _key_to_value(key), keep, ASM_STORE)
+    _store_where(out_col_row + pos, tl.arange(0, ROW), keep, ASM_STORE)
+    n_kept = n_greater + need_equal
+    pad = tl.arange(0, K_POW2)
+    pad_here = (pad >= n_kept) & (pad < k)
+    tl.store(out_val_row + pad, tl.full([K_POW2], float("-inf"), tl.float32), mask=pad_here)
+    tl.store(out_col_row + pad, tl.full([K_POW2], -1, tl.int32), mask=pad_here)
+
+
 @functools.lru_cache(maxsize=None)
 def _device_name(device_index: int) -> str:
     return torch.cuda.get_device_name(device_index)
@@ -506,8 +577,10 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
 
 
 def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, min_segment=None, sample=None,
-          out=None):
-    """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path)."""
+          out=None, kernel=None):
+    """topk with launch knobs exposed (tests use a tiny BLOCK / segment / sample size to reach every path).
+    kernel: "stream" or "resident" (_resident_topk_kernel; unsorted only), None: resident for unsorted rows of at
+    most RESIDENT_MAX_COLS columns."""
     settings = _launch_settings(scores.device)
     # The select / output step scales with the stream step (tests shrink both).
     select_block = SELECT_BLOCK if block is None else max(16, SELECT_BLOCK * block // BLOCK)
@@ -531,6 +604,18 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
         src = src.float()  # bf16/fp16 are exact in fp32
     src = src.contiguous()
     lens = None if lengths is None else lengths.reshape(n_rows).to(torch.int32).contiguous()
+    if kernel is None:
+        kernel = "resident" if not sorted and n_cols <= RESIDENT_MAX_COLS else "stream"
+    if kernel == "resident":
+        if sorted:
+            raise ValueError("the resident top-k kernel writes column order only (sorted=False)")
+        row_pow2 = triton.next_power_of_2(n_cols)
+        _resident_topk_kernel[(n_rows,)](
+            src, lens if lens is not None else src, out_val, out_col, n_cols, max(n_cols, 1), k,
+            HAS_LENGTHS=lens is not None, ROW=row_pow2, K_POW2=triton.next_power_of_2(k),
+            ASM_STORE=device.type == "cuda", num_warps=min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD))),
+            **({"maxnreg": RESIDENT_MAX_REGISTERS} if RESIDENT_MAX_REGISTERS and device.type == "cuda" else {}))
+        return out_col, out_val
     if programs is None:
         programs = _programs_available(device, settings["PROGRAMS_PER_SM"])
         split_programs = _programs_available(device, SPLIT_PROGRAMS_PER_SM)

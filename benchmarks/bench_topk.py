@@ -91,7 +91,8 @@ def bench_shape(rows, cols, k, do_sorted, cudnn_fn):
 
 
 KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SELECT_BLOCK", "SAMPLE", "GUESS_SIGMAS", "RADIX_BITS",
-         "MAX_REGISTERS", "PREFETCH", "RESIDENT_MAX_COLS", "RESIDENT_PER_THREAD", "RESIDENT_MAX_REGISTERS")
+         "MAX_REGISTERS", "PREFETCH", "RESIDENT_MAX_COLS", "RESIDENT_PER_THREAD", "RESIDENT_MAX_REGISTERS",
+         "RESIDENT_INTERPOLATE")
 # {knob: value} per configuration (module attributes of csrc_dsl/triton/topk.py); knobs not named keep the defaults.
 SWEEP_CONFIGS = [
     dict(),                                                       # the defaults
@@ -118,6 +119,9 @@ SWEEP_CONFIGS = [
     dict(RESIDENT_PER_THREAD=16, RESIDENT_MAX_REGISTERS=None),
     dict(RESIDENT_PER_THREAD=8, RESIDENT_MAX_REGISTERS=None),
     dict(RESIDENT_PER_THREAD=8, RESIDENT_MAX_REGISTERS=64),
+    dict(RESIDENT_INTERPOLATE=False),
+    dict(RESIDENT_PER_THREAD=32, RESIDENT_MAX_REGISTERS=80),
+    dict(RESIDENT_PER_THREAD=16, RESIDENT_MAX_REGISTERS=48),
 ]
 
 

@@ -184,6 +184,12 @@ def test_resident_kernel(case):
         assert torch.equal(idx[0].sort().values, torch.arange(k))
 
 
+@pytest.mark.parametrize("case", [1, 7, 11, 13])
+def test_resident_kernel_bisection_only(case, monkeypatch):
+    monkeypatch.setattr(tk, "RESIDENT_INTERPOLATE", False)
+    test_resident_kernel(case)
+
+
 def test_resident_kernel_is_the_default_for_short_unsorted_rows(monkeypatch):
     calls = []
     real = tk._resident_topk_kernel

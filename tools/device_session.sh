@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: opening | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -135,6 +135,13 @@ opening)   # staged: the cuDNN cross-test and the score dispatch tests (never ru
     tests/test_cute_sm90_score.py -k "cudnn or dispatch or dense"
   capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
   capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16,17,18,19,20
+  ;;
+topk2)     # staged: top-k GPU tests, the resident kernel's settings, top-k vs cuDNN, the indexer ops vs cuDNN
+  capped 170 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
+  capped 150 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,16,21,22,23
+  capped 60 topk_bench.log python -m benchmarks.bench_topk
+  capped 150 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
+    --out "$OUT/indexer"
   ;;
 headline)  # staged: every issue-target shape (top-k, indexer, forward, backward) against cuDNN, Triton as well;
            # first the row-stream experiment (the top-k's access pattern alone)

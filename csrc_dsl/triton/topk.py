@@ -73,16 +73,17 @@ import triton.language as tl
 #     and a fixed 4-round select of 8-bit digits) took 0.49 / 1.34 ms on an H100 at 4096 x 8192 / 65536
 #     (k=2048), against 0.34 / 0.86 ms for this one (BENCHMARKS.md).
 # ----------------------------------------------------------------------------------------------------------
-BLOCK = 256             # columns per streaming step (8 per thread of one warp)
+BLOCK = 512             # columns per streaming step (16 per thread of one warp)
 NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 // 1024 for its register sort)
-PROGRAMS_PER_SM = 32    # persistent programs per SM, for NUM_WARPS warps each: all resident at once under
+PROGRAMS_PER_SM = 16    # persistent programs per SM, for NUM_WARPS warps each: all resident at once under
                         # MAX_REGISTERS (each costs CAP x 8 bytes of scratch); extra ones just find no work left
 SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this
-MAX_REGISTERS = 64      # unsorted launches on a GPU: 32 one-warp programs per SM fit (a few values spill to the
+MAX_REGISTERS = None    # unsorted launches on a GPU: 32 one-warp programs per SM fit (a few values spill to the
                         # stack); measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
 RESIDENT_MAX_COLS = 16384  # unsorted rows up to this long: one program per row, the row in registers (a bisection
                            # select, _resident_topk_kernel); longer rows (or sorted output) stream
 RESIDENT_PER_THREAD = 16   # ... with this many of the row's values per thread (16 warps for 8192 columns) ...
+RESIDENT_INTERPOLATE = True  # ... alternating interpolation and bisection rounds (False: bisection only) ...
 RESIDENT_MAX_REGISTERS = 64  # ... under this register cap (None: none), so two 16-warp programs fit an SM
 PREFETCH = 1            # stream steps whose loads are in flight ahead of the one being processed (1 or 2)
 SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
@@ -451,12 +452,14 @@ def _resident_topk_kernel(
     ROW: tl.constexpr,       # power of two >= n_cols: the whole row is one register tile
     K_POW2: tl.constexpr,    # power of two >= k (the padding store)
     ASM_STORE: tl.constexpr = False,
+    INTERPOLATE: tl.constexpr = True,
 ):
     """Top-k of one short row per program, the row held in registers (rows of at most RESIDENT_MAX_COLS).
 
-    T, the k-th largest key, comes from a bisection on the key: each round is one compare and one block sum
-    over the registers, with no buffer, histogram or second read of the row. The bracket starts at [smallest
-    valid key, largest key] and the search stops as soon as exactly k keys are >= the midpoint. Then keys > T
+    T, the k-th largest key, comes from a search on the key: each round is one compare and one block sum over
+    the registers, with no buffer, histogram or second read of the row. The bracket starts at [smallest valid
+    key, largest key]; rounds alternate an interpolation on the counts (INTERPOLATE) with a bisection, and the
+    search stops as soon as exactly k keys are >= the tested key. Then keys > T
     stay, and of the keys == T the first (k - #greater) in column order (one prefix scan), as in _compact."""
     row = tl.program_id(0)
     cols = tl.arange(0, ROW)
@@ -474,16 +477,30 @@ def _resident_topk_kernel(
     if n_valid <= k:  # every valid key is kept
         lo = tl.full([], _KEY_NEG_INF + 1, tl.uint32)
         hi = lo
+    c_lo = n_valid                     # count(key >= lo)
+    c_hi = tl.zeros([], dtype=tl.int32)  # count(key > hi)
+    step = tl.zeros([], dtype=tl.int32)
     while lo < hi:
-        mid = lo + ((hi - lo + 1) >> 1)  # upper midpoint: lo < mid <= hi (hi - lo < 2^32 - 1: no overflow)
+        span = hi - lo  # < 2^32 - 1: lo + span + 1 cannot overflow
+        if INTERPOLATE and (step % 2 == 0):
+            # Regula falsi on the counts: where a straight line from (lo, c_lo) to (hi + 1, c_hi) reaches k. Every
+            # other round bisects, so the bracket at least halves every two rounds whatever the data.
+            frac = (c_lo - k).to(tl.float32) / (c_lo - c_hi).to(tl.float32)
+            off = (frac * (span.to(tl.float32) + 1.0)).to(tl.uint32)
+            mid = lo + tl.minimum(tl.maximum(off, 1), span)
+        else:
+            mid = lo + ((span + 1) >> 1)  # upper midpoint: lo < mid <= hi
         at_or_above = tl.sum((key >= mid).to(tl.int32), 0)
         if at_or_above == k:
             lo = mid  # exactly k keys >= mid: T can be taken as mid
             hi = mid
         elif at_or_above > k:
             lo = mid
+            c_lo = at_or_above
         else:
             hi = mid - 1
+            c_hi = at_or_above
+        step += 1
     thr = lo  # >= key(-inf) + 1: only valid keys compare >= it
     # One scan counts both kinds: greater in the low 16 bits, equal in the high 16 (ROW <= 32768).
     is_gt = key > thr
@@ -613,7 +630,7 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
         _resident_topk_kernel[(n_rows,)](
             src, lens if lens is not None else src, out_val, out_col, n_cols, max(n_cols, 1), k,
             HAS_LENGTHS=lens is not None, ROW=row_pow2, K_POW2=triton.next_power_of_2(k),
-            ASM_STORE=device.type == "cuda", num_warps=min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD))),
+            ASM_STORE=device.type == "cuda", INTERPOLATE=RESIDENT_INTERPOLATE, num_warps=min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD))),
             **({"maxnreg": RESIDENT_MAX_REGISTERS} if RESIDENT_MAX_REGISTERS and device.type == "cuda" else {}))
         return out_col, out_val
     if programs is None:

@@ -137,8 +137,8 @@ opening)   # staged: the cuDNN cross-test and the score dispatch tests (never ru
   capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16,17,18,19,20
   ;;
 topk2)     # staged: top-k GPU tests, the resident kernel's settings, top-k vs cuDNN, the indexer ops vs cuDNN
-  capped 170 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
-  capped 150 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,16,21,22,23
+  capped 230 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
+  capped 110 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,21,22,23
   capped 60 topk_bench.log python -m benchmarks.bench_topk
   capped 150 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
     --out "$OUT/indexer"

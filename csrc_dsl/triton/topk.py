@@ -82,9 +82,9 @@ MAX_REGISTERS = None    # unsorted launches on a GPU: 32 one-warp programs per S
                         # stack); measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
 RESIDENT_MAX_COLS = 16384  # unsorted rows up to this long: one program per row, the row in registers (a bisection
                            # select, _resident_topk_kernel); longer rows (or sorted output) stream
-RESIDENT_PER_THREAD = 16   # ... with this many of the row's values per thread (16 warps for 8192 columns) ...
+RESIDENT_PER_THREAD = 32   # ... with this many of the row values per thread (8 warps for 8192 columns) ...
 RESIDENT_INTERPOLATE = True  # ... alternating interpolation and bisection rounds (False: bisection only) ...
-RESIDENT_MAX_REGISTERS = 64  # ... under this register cap (None: none), so two 16-warp programs fit an SM
+RESIDENT_MAX_REGISTERS = 80  # ... under this register cap (None: none); H100 sweep 2026-12-05: 0.220 ms vs 0.261 at 16 / 64
 PREFETCH = 1            # stream steps whose loads are in flight ahead of the one being processed (1 or 2)
 SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
 RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80

@@ -91,7 +91,7 @@ def bench_shape(rows, cols, k, do_sorted, cudnn_fn):
 
 
 KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SELECT_BLOCK", "SAMPLE", "GUESS_SIGMAS", "RADIX_BITS",
-         "MAX_REGISTERS", "PREFETCH", "RESIDENT_MAX_COLS", "RESIDENT_PER_THREAD", "RESIDENT_MAX_REGISTERS",
+         "MAX_REGISTERS", "RESIDENT_MAX_COLS", "RESIDENT_PER_THREAD", "RESIDENT_MAX_REGISTERS",
          "RESIDENT_INTERPOLATE")
 # {knob: value} per configuration (module attributes of csrc_dsl/triton/topk.py); knobs not named keep the defaults.
 SWEEP_CONFIGS = [
@@ -108,11 +108,7 @@ SWEEP_CONFIGS = [
     dict(BLOCK=128),
     dict(NUM_WARPS=2, PROGRAMS_PER_SM=16),
     dict(GUESS_SIGMAS=3.0),
-    # added 2026-12-05 (H100): two steps' loads in flight instead of one
-    dict(PREFETCH=2),
-    dict(PREFETCH=2, PROGRAMS_PER_SM=24, MAX_REGISTERS=80),
-    dict(PREFETCH=2, BLOCK=512, PROGRAMS_PER_SM=16, MAX_REGISTERS=None),
-    dict(PREFETCH=2, BLOCK=128),
+    # (2026-12-05, H100: two streaming steps' loads in flight instead of one measured no faster; removed)
     # the register-resident kernel for rows <= RESIDENT_MAX_COLS (the 8192-column shape): off, and its launch
     dict(RESIDENT_MAX_COLS=0),
     dict(RESIDENT_PER_THREAD=32, RESIDENT_MAX_REGISTERS=None),

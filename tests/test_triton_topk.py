@@ -129,20 +129,6 @@ def test_neg_inf_nan_and_short_rows():
         assert torch.all(idx[3] == -1)
 
 
-def test_two_steps_prefetched(monkeypatch):
-    # PREFETCH = 2 keeps two steps' loads in flight: the same results on random rows, ties, lengths and the
-    # every-step compaction of ascending rows.
-    monkeypatch.setattr(tk, "PREFETCH", 2)
-    g = gen(12)
-    check(torch.randn(4, 2100, generator=g).to(DEV), 150, **TINY)
-    check(torch.sort(torch.randn(2, 1500, generator=g), dim=-1).values.to(DEV), 90, **TINY)
-    levels = torch.tensor([-1.0, 0.0, 0.5, 2.0])
-    ties = levels[torch.randint(0, len(levels), (3, 1300), generator=g)].to(DEV)
-    check(ties, 200, **TINY)
-    lengths = torch.tensor([0, 777, 1299], dtype=torch.int32).to(DEV)
-    check(ties, 100, lengths, sorted_out=True, **TINY)
-
-
 def _resident_cases():
     """(scores, k, lengths) for the register-resident kernel: random rows, tie groups at the k-th position, a
     constant row, the ReLU plateau with -0.0, NaN / +-inf / +-FLT_MAX, short rows and k above the row."""
@@ -311,21 +297,19 @@ def test_deterministic():
 
 
 def compile_for_sm90():
-    """Compiles the kernel for sm_90 on any machine (Triton's compiler needs no GPU), sorted or not, one or two
-    steps prefetched,
+    """Compiles the kernel for sm_90 on any machine (Triton's compiler needs no GPU), sorted or not,
     with every integer argument a runtime value and then the compile-time constant 1, as a launch with k == 1
     (or one column, one row) makes it: the interpreter never specializes, so only a compile finds code that
     breaks on such constants."""
     from tools.topk_compile_check import compile_for_sm90 as compile_kernel
 
     bufs = [("buf_val_ptr", "*fp32"), ("buf_col_ptr", "*i32")]
-    for sorted_out, prefetch in ((False, 1), (True, 1), (False, 2)):
+    for sorted_out in (False, True):
         for unit_ints in (True, False):
             const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
                          K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2,
                          SELECT_BLOCK=64, RADIX_BITS=tk.RADIX_BITS, GUESS_SIGMAS=float(tk.GUESS_SIGMAS),
-                         ASM_STORE=True,  # the inline-PTX stores a GPU launch uses (the interpreter has none)
-                         PREFETCH=prefetch)
+                         ASM_STORE=True)  # the inline-PTX stores a GPU launch uses (the interpreter has none)
             if unit_ints:
                 const.update(n_cols=1, row_stride=1, seg_len=1, n_segs=1, n_tasks=1, k=1)
             compile_kernel(tk._stream_topk_kernel, bufs, const, num_warps=1)

@@ -130,15 +130,15 @@ detcheck)  # staged: the CuTe backward's tests, its deterministic mode and Trito
     --also-backends triton --no-overhead --out "$OUT/bwd"
   ;;
 opening)   # staged: the cuDNN cross-test and the score dispatch tests (never run on a GPU yet), the top-k GPU tests
-           # (the register-resident kernel is new), the top-k sweep's defaults, H200, PREFETCH=2 and resident rows
+           # (the register-resident kernel is new), the top-k sweep's defaults, H200 and resident rows
   capped 150 against_cudnn_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_against_cudnn.py \
     tests/test_cute_sm90_score.py -k "cudnn or dispatch or dense"
   capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
-  capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16,17,18,19,20
+  capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16
   ;;
 topk2)     # staged: top-k GPU tests, the resident kernel's settings, top-k vs cuDNN, the indexer ops vs cuDNN
   capped 230 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
-  capped 110 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,21,22,23
+  capped 110 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,17,18,19
   capped 60 topk_bench.log python -m benchmarks.bench_topk
   capped 150 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
     --out "$OUT/indexer"

@@ -78,14 +78,13 @@ NUM_WARPS = 1           # warps per program (sorted output uses at least K_POW2 
 PROGRAMS_PER_SM = 16    # persistent programs per SM, for NUM_WARPS warps each: all resident at once under
                         # MAX_REGISTERS (each costs CAP x 8 bytes of scratch); extra ones just find no work left
 SPLIT_PROGRAMS_PER_SM = 8  # split rows into segments only when rows < SMs x this
-MAX_REGISTERS = None    # unsorted launches on a GPU: 32 one-warp programs per SM fit (a few values spill to the
-                        # stack); measured on an H100 faster than 80 registers / 24 programs, see BENCHMARKS.md
+MAX_REGISTERS = None    # register cap of unsorted launches on a GPU (None: none); 512 / 16 / none measured faster
+                        # on an H100 than 256 / 32 / 64 (0.776 vs 0.841 ms, 2026-12-05, BENCHMARKS.md)
 RESIDENT_MAX_COLS = 16384  # unsorted rows up to this long: one program per row, the row in registers (a bisection
                            # select, _resident_topk_kernel); longer rows (or sorted output) stream
 RESIDENT_PER_THREAD = 32   # ... with this many of the row values per thread (8 warps for 8192 columns) ...
 RESIDENT_INTERPOLATE = True  # ... alternating interpolation and bisection rounds (False: bisection only) ...
 RESIDENT_MAX_REGISTERS = 80  # ... under this register cap (None: none); H100 sweep 2026-12-05: 0.220 ms vs 0.261 at 16 / 64
-PREFETCH = 1            # stream steps whose loads are in flight ahead of the one being processed (1 or 2)
 SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
 RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
                         # registers and 469 SASS instructions per pass step, against 128 and 765 at 8 bits)
@@ -277,7 +276,7 @@ def _store_where(ptr, value, mask, ASM: tl.constexpr):
 def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
             COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
             SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr,
-            ASM_STORE: tl.constexpr, PREFETCH: tl.constexpr):
+            ASM_STORE: tl.constexpr):
     """Append every column in [col_lo, col_hi) whose key is > thr to the (empty) buffer, compacting to the k
     best and raising thr whenever a step would overflow it. Returns (entries buffered, threshold (every buffered
     key is >= it)).
@@ -291,22 +290,16 @@ def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
     start = col_lo
     while start < col_hi:
         thr_f = _floor_value(thr)
-        # Prefetch PREFETCH steps ahead so the next loads are in flight while this step is processed.
+        # Prefetch one step ahead so the next load is in flight while this step is processed (two steps measured
+        # no faster on an H100, 2026-12-05).
         nxt = start + lane
         v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
-        nxt += BLOCK
-        v_after = tl.load(row_val + nxt, mask=(nxt < load_hi) & (PREFETCH > 1), other=float("-inf"))
         full = tl.zeros([], dtype=tl.int32)
         while (start < col_hi) & (full == 0):
             cols = start + lane
             v = v_next
-            if PREFETCH > 1:
-                v_next = v_after
-                nxt = cols + 2 * BLOCK
-                v_after = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
-            else:
-                nxt = cols + BLOCK
-                v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
+            nxt = cols + BLOCK
+            v_next = tl.load(row_val + nxt, mask=nxt < load_hi, other=float("-inf"))
             if MASK_TAIL:
                 v = tl.where(cols < col_hi, v, float("-inf"))
             admit = v > thr_f
@@ -356,7 +349,6 @@ def _stream_topk_kernel(
     RADIX_BITS: tl.constexpr,
     GUESS_SIGMAS: tl.constexpr,
     ASM_STORE: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     buf_val = buf_val_ptr + pid * CAP
@@ -394,8 +386,7 @@ def _stream_topk_kernel(
         attempts = 0
         while attempts < 1 + guessed.to(tl.int32):
             cnt, lo = _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
-                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE,
-                              PREFETCH)
+                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE)
             # Enough got in (always true after a compaction): done. Else the guess was too high: again from -inf.
             attempts = tl.where(cnt >= k, 2, attempts + 1)
             thr = tl.full([], _KEY_NEG_INF, tl.uint32)
@@ -587,7 +578,7 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
         HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
         BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample),
         SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=RADIX_BITS,
-        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda", PREFETCH=PREFETCH,
+        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda",
         num_warps=warps,
         **extra,
     )
@@ -630,7 +621,8 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
         _resident_topk_kernel[(n_rows,)](
             src, lens if lens is not None else src, out_val, out_col, n_cols, max(n_cols, 1), k,
             HAS_LENGTHS=lens is not None, ROW=row_pow2, K_POW2=triton.next_power_of_2(k),
-            ASM_STORE=device.type == "cuda", INTERPOLATE=RESIDENT_INTERPOLATE, num_warps=min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD))),
+            ASM_STORE=device.type == "cuda", INTERPOLATE=RESIDENT_INTERPOLATE,
+            num_warps=min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD))),
             **({"maxnreg": RESIDENT_MAX_REGISTERS} if RESIDENT_MAX_REGISTERS and device.type == "cuda" else {}))
         return out_col, out_val
     if programs is None:

@@ -92,7 +92,7 @@ def bench_shape(rows, cols, k, do_sorted, cudnn_fn):
 
 KNOBS = ("BLOCK", "NUM_WARPS", "PROGRAMS_PER_SM", "SELECT_BLOCK", "SAMPLE", "GUESS_SIGMAS", "RADIX_BITS",
          "MAX_REGISTERS", "RESIDENT_MAX_COLS", "RESIDENT_PER_THREAD", "RESIDENT_MAX_REGISTERS",
-         "RESIDENT_INTERPOLATE")
+         "RESIDENT_INTERPOLATE", "SELECT_PREFETCH")
 # {knob: value} per configuration (module attributes of csrc_dsl/triton/topk.py); knobs not named keep the defaults.
 SWEEP_CONFIGS = [
     dict(),                                                       # the defaults
@@ -118,6 +118,8 @@ SWEEP_CONFIGS = [
     dict(RESIDENT_INTERPOLATE=False),
     dict(RESIDENT_PER_THREAD=32, RESIDENT_MAX_REGISTERS=80),
     dict(RESIDENT_PER_THREAD=16, RESIDENT_MAX_REGISTERS=48),
+    # (2026-12-06) the streaming kernel's buffer passes without their one-chunk prefetch
+    dict(SELECT_PREFETCH=False, RESIDENT_MAX_COLS=0),   # against entry 12 (prefetch on, resident off)
 ]
 
 

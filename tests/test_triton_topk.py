@@ -309,7 +309,8 @@ def compile_for_sm90():
             const = dict(HAS_LENGTHS=True, COLS_FROM_SRC=False, SORTED=sorted_out, BLOCK=64, CAP=128,
                          K_POW2=1 if unit_ints else 64, SAMPLE=64, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2,
                          SELECT_BLOCK=64, RADIX_BITS=tk.RADIX_BITS, GUESS_SIGMAS=float(tk.GUESS_SIGMAS),
-                         ASM_STORE=True)  # the inline-PTX stores a GPU launch uses (the interpreter has none)
+                         ASM_STORE=True,  # the inline-PTX stores a GPU launch uses (the interpreter has none)
+                         SELECT_PREFETCH=tk.SELECT_PREFETCH)
             if unit_ints:
                 const.update(n_cols=1, row_stride=1, seg_len=1, n_segs=1, n_tasks=1, k=1)
             compile_kernel(tk._stream_topk_kernel, bufs, const, num_warps=1)

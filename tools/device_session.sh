@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: topk3 | fused | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -135,6 +135,37 @@ opening)   # staged: the cuDNN cross-test and the score dispatch tests (never ru
     tests/test_cute_sm90_score.py -k "cudnn or dispatch or dense"
   capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
   capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16
+  ;;
+rprof)     # no staging needed: ncu (full set + SASS samples) of the resident kernel at 4096 x 8192 and the streaming
+           # kernel at 4096 x 65536 (k=2048), where each spends its time; then the resident settings
+  for spec in "_resident_topk_kernel 8192" "_stream_topk_kernel 65536"; do
+    set -- $spec
+    capped 150 ncu_$2.log ncu -k regex:$1 --launch-skip 3 --launch-count 1 --set full --import-source yes \
+      -f -o "$OUT/topk_$2" python -m tools.profile_topk 4096 $2 2048
+    ncu -i "$OUT/topk_$2.ncu-rep" --page details > "$OUT/ncu_topk_$2_details.txt" 2>&1
+    ncu -i "$OUT/topk_$2.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_topk_$2_sass.csv" 2>&1
+    grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued" \
+      "$OUT/ncu_topk_$2_details.txt" | head -20
+    python -m tools.ncu_samples "$OUT/ncu_topk_$2_sass.csv" --top 30 > "$OUT/ncu_topk_$2_samples.txt" 2>&1
+    head -45 "$OUT/ncu_topk_$2_samples.txt"
+    gzip -f "$OUT/ncu_topk_$2_sass.csv"; rm -f "$OUT/topk_$2.ncu-rep"
+  done
+  capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,13,14,19
+  ;;
+topk3)     # staged: the streaming top-k with prefetching buffer passes, the register-sample guess and the compaction
+           # straight into the output; then the fused indexer top-k without its prefill; GPU tests first
+  capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
+  capped 120 indexer_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_indexer.py -k "gpu or topk"
+  capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,12,20
+  capped 60 topk_bench.log python -m benchmarks.bench_topk
+  capped 150 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
+    --out "$OUT/indexer"
+  ;;
+fused)     # staged: the fused indexer top-k without its output prefill: GPU tests, then the indexer ops vs cuDNN
+  capped 150 indexer_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_indexer.py -k "gpu or topk"
+  capped 60 topk_bench.log python -m benchmarks.bench_topk
+  capped 200 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
+    --out "$OUT/indexer"
   ;;
 topk2)     # staged: top-k GPU tests, the resident kernel's settings, top-k vs cuDNN, the indexer ops vs cuDNN
   capped 230 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"

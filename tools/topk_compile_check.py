@@ -81,7 +81,7 @@ def main():
             configs.append((dict(HAS_LENGTHS=lens, COLS_FROM_SRC=cols, SORTED=sorted_out, BLOCK=block, CAP=cap,
                                  K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=16, SAMPLE_ROUNDS=2, SELECT_BLOCK=sel,
                                  RADIX_BITS=tk.RADIX_BITS, GUESS_SIGMAS=float(tk.GUESS_SIGMAS),
-                                 ASM_STORE=True), w, maxnreg))
+                                 ASM_STORE=True, SELECT_PREFETCH=tk.SELECT_PREFETCH), w, maxnreg))
     for const, warps, maxnreg in configs:
         try:
             r = compile_one(tk._stream_topk_kernel, bufs, const, warps, maxnreg)

@@ -374,8 +374,15 @@ def indexer_topk(q_idx, k_idx, w, topk, scale, ratio, q_start, cu_seqlens_q=None
     dot_precision(q_idx.dtype, "indexer")
     B, Sq = q_idx.shape[:2]
     device = q_idx.device
-    out_idx = torch.full((B, Sq, topk), -1, dtype=torch.int32, device=device)
-    out_val = torch.full((B, Sq, topk), float("-inf"), dtype=torch.float32, device=device)
+    # The top-k kernels write every one of a row's k slots (padding included), so the dense form with
+    # topk <= S_k needs no prefill (two fills of 32 MiB each at S_q=4096, topk=2048); otherwise the slots
+    # past a row's candidates (or a skipped empty sequence) keep the -1 / -inf of the prefill.
+    if cu_seqlens_q is None and 0 < topk <= k_idx.shape[1]:
+        out_idx = torch.empty((B, Sq, topk), dtype=torch.int32, device=device)
+        out_val = torch.empty((B, Sq, topk), dtype=torch.float32, device=device)
+    else:
+        out_idx = torch.full((B, Sq, topk), -1, dtype=torch.int32, device=device)
+        out_val = torch.full((B, Sq, topk), float("-inf"), dtype=torch.float32, device=device)
     if topk == 0:
         return out_idx, out_val
 

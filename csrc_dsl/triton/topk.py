@@ -85,6 +85,8 @@ RESIDENT_MAX_COLS = 16384  # unsorted rows up to this long: one program per row,
 RESIDENT_PER_THREAD = 32   # ... with this many of the row values per thread (8 warps for 8192 columns) ...
 RESIDENT_INTERPOLATE = True  # ... alternating interpolation and bisection rounds (False: bisection only) ...
 RESIDENT_MAX_REGISTERS = 80  # ... under this register cap (None: none); H100 sweep 2026-12-05: 0.220 ms vs 0.261 at 16 / 64
+SELECT_PREFETCH = True  # buffer passes load the next chunk before using this one (ncu, H100 4096 x 65536: the
+                        # passes stalled on their buffer loads, which come from L2 or DRAM)
 SELECT_BLOCK = 256      # buffer entries per step of the select / compaction / output passes (and sample chunk)
 RADIX_BITS = 6          # digit width of one select round (2^bits histogram bins; 6: 2 bins a lane, 80
                         # registers and 469 SASS instructions per pass step, against 128 and 765 at 8 bits)
@@ -92,7 +94,7 @@ CAP_K = 3               # buffer = CAP_K * k rounded up to BLOCK, plus BUFFER_ST
 BUFFER_STEPS = 1        # ... (more: fewer compactions, more memory)
 SAMPLE = 1024           # values sampled per row to guess the first threshold (rows shorter than 4x this: no guess)
 SAMPLE_RUNS = 16        # ... taken as this many evenly spaced contiguous runs
-SAMPLE_ROUNDS = 2       # radix rounds for the guess: its top 16 bits (~1% of its value) are precise enough
+SAMPLE_ROUNDS = 2       # bytes of the guess (its top 16 bits, ~1% of its value, are precise enough)
 GUESS_SIGMAS = 5.0      # margin of the first-threshold guess, in standard deviations of the sampled rank
 MIN_SEGMENT = 32768     # a row is split only into segments at least this long ...
 SEGMENT_PER_K = 8       # ... and at least this many times k, so a segment's top-k really filters it
@@ -135,45 +137,30 @@ def _floor_value(t):
 
 
 @triton.jit
-def _pick_byte(hist, remaining, prefix, shift: tl.constexpr):
-    """One radix-select round: the byte value where the count from the top reaches `remaining`."""
-    bins = tl.arange(0, 256)
-    at_or_above = tl.cumsum(hist, 0, reverse=True)  # at_or_above[d] = #in play with byte >= d
-    d_star = tl.max(tl.where(at_or_above >= remaining, bins, 0), 0)
-    remaining -= tl.sum(tl.where(bins > d_star, hist, 0), 0)
-    return remaining, prefix | (d_star.to(tl.uint32) << shift)
-
-
-@triton.jit
-def _guess(row_val, col_lo, n_here, need, SAMPLE: tl.constexpr, SAMPLE_RUNS: tl.constexpr,
-           CHUNK: tl.constexpr, ROUNDS: tl.constexpr):
+def _guess(row_val, col_lo, n_here, need, SAMPLE: tl.constexpr, SAMPLE_RUNS: tl.constexpr, BITS: tl.constexpr):
     """A key that at least `need` of the sample's keys reach (1 <= need <= SAMPLE): the need-th largest rounded
-    down to its top 8 * ROUNDS bits. Radix rounds of 8 bits, most significant first, each histogramming the keys
-    whose higher bytes match the answer so far. The sample (SAMPLE_RUNS evenly spaced runs of the segment) is
-    read in CHUNK-sized pieces in every round (L2 hits after the first), so no SAMPLE-sized register tile
-    exists."""
+    down to its top BITS bits. The sample (SAMPLE_RUNS evenly spaced runs of the segment) is loaded once into
+    registers (all its loads in flight together), then the answer is built bit by bit from the top: a bit is set
+    when at least `need` keys reach the prefix with it set (one compare and one warp sum a bit).
+    (Replaced 8-bit radix rounds over the sample re-read from L2 in chunks, 2026-12-06: ncu on an H100 put 6% of
+    the 4096 x 65536 top-k there; the result is the same key.)"""
     run_len: tl.constexpr = SAMPLE // SAMPLE_RUNS
-    lane = tl.arange(0, CHUNK)
+    sl = tl.arange(0, SAMPLE)
     stride = n_here // SAMPLE_RUNS
+    key = _order_key(tl.load(row_val + (col_lo + (sl // run_len) * stride + sl % run_len)))
     prefix = tl.zeros([], dtype=tl.uint32)
-    remaining = need
-    for r in tl.static_range(ROUNDS):
-        shift = 24 - 8 * r  # constexpr: r comes from static_range
-        hist = tl.zeros([256], dtype=tl.int32)
-        for c in range(0, SAMPLE, CHUNK):
-            sl = c + lane
-            key = _order_key(tl.load(row_val + (col_lo + (sl // run_len) * stride + sl % run_len)))
-            if r == 0:
-                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256)
-            else:
-                in_play = (key >> (shift + 8)) == (prefix >> (shift + 8))  # earlier bytes match
-                hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=in_play)
-        remaining, prefix = _pick_byte(hist, remaining, prefix, shift)
+    bit = tl.full([], 0x80000000, tl.uint32)
+    for _ in range(BITS):
+        cand = prefix | bit
+        reach = tl.sum((key >= cand).to(tl.int32), 0)
+        prefix = tl.where(reach >= need, cand, prefix)
+        bit = bit >> 1
     return prefix
 
 
 @triton.jit
-def _select(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr):
+def _select(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
+            PREFETCH: tl.constexpr):
     """The need-th largest key among the buffer's first cnt values (need <= cnt), all with keys in [lo, hi].
 
     Returns (T, n_greater): the need best are the keys > T plus the first (need - n_greater) keys == T in
@@ -195,10 +182,12 @@ def _select(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: 
         shift = tl.maximum(w - RADIX_BITS, 0)
         width = 1 << (w - shift)           # digits of this round: [0, width), width <= NB
         hist = tl.zeros([NB], dtype=tl.int32)
+        v_next = tl.load(buf_val + lane, mask=lane < cnt, other=0.0)
         for start in range(0, cnt, SELECT_BLOCK):
             offs = start + lane
             live = offs < cnt
-            key = _order_key(tl.load(buf_val + offs, mask=live, other=0.0))
+            v, v_next = _next_chunk(buf_val, offs, cnt, v_next, SELECT_BLOCK, PREFETCH)
+            key = _order_key(v)
             digit = (key - lo - base) >> shift.to(tl.uint32)  # keys below the window wrap to >= 2^w
             in_play = live & (digit < width.to(tl.uint32))
             hist += tl.histogram(tl.where(in_play, digit, 0).to(tl.int32), NB, mask=in_play)
@@ -215,27 +204,45 @@ def _select(buf_val, cnt, need, lo, hi, SELECT_BLOCK: tl.constexpr, RADIX_BITS: 
 
 
 @triton.jit
-def _compact(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr,
-             ASM_STORE: tl.constexpr):
-    """Shrink the buffer's first `cnt` entries (cnt >= need, every key >= lo) in place to its `need` best,
-    keeping column order. Returns T, the key of the need-th best: every later entry must have key > T to get in.
+def _next_chunk(buf_val, offs, cnt, v_next, SELECT_BLOCK: tl.constexpr, PREFETCH: tl.constexpr):
+    """(this chunk's buffer values, the next chunk's): with PREFETCH the next chunk's load is issued before this
+    chunk is used, so its latency (the buffer is in L2, partly in DRAM) overlaps this chunk's work; the caller
+    passes in the first chunk's load as v_next."""
+    if PREFETCH:
+        v = v_next
+        nxt = offs + SELECT_BLOCK
+        v_next = tl.load(buf_val + nxt, mask=nxt < cnt, other=0.0)
+    else:
+        v = tl.load(buf_val + offs, mask=offs < cnt, other=0.0)
+    return v, v_next
+
+
+@triton.jit
+def _compact(buf_val, buf_col, cnt, need, lo, dst_val, dst_col, SELECT_BLOCK: tl.constexpr,
+             RADIX_BITS: tl.constexpr, ASM_STORE: tl.constexpr, PREFETCH: tl.constexpr):
+    """Move the `need` best of the buffer's first `cnt` entries (cnt >= need, every key >= lo) to dst_val /
+    dst_col[0, need), keeping column order: in place (dst = the buffer) during a stream, straight into the output
+    row at its end. Returns T, the key of the need-th best: every later entry must have key > T to get in.
     """
     tl.debug_barrier()  # the appends of all threads must be visible before we read them
     lane = tl.arange(0, SELECT_BLOCK)
     # The select's range [lo, key(max)]: one pass over the buffer here costs less than a running max in the
     # stream (which saw ~30x more values than the buffer holds).
     vmax = tl.full([SELECT_BLOCK], float("-inf"), tl.float32)
+    v_next = tl.load(buf_val + lane, mask=lane < cnt, other=float("-inf"))
     for start in range(0, cnt, SELECT_BLOCK):
-        offs = start + lane
-        vmax = tl.maximum(vmax, tl.load(buf_val + offs, mask=offs < cnt, other=float("-inf")))
-    thr, n_greater = _select(buf_val, cnt, need, lo, _order_key(tl.max(vmax, 0)), SELECT_BLOCK, RADIX_BITS)
+        v, v_next = _next_chunk(buf_val, start + lane, cnt, v_next, SELECT_BLOCK, PREFETCH)
+        vmax = tl.maximum(vmax, tl.where(start + lane < cnt, v, float("-inf")))
+    thr, n_greater = _select(buf_val, cnt, need, lo, _order_key(tl.max(vmax, 0)), SELECT_BLOCK, RADIX_BITS,
+                             PREFETCH)
     need_equal = need - n_greater  # how many of the keys == thr survive: the first ones in column order
     gt_seen = tl.zeros([], dtype=tl.int32)  # kept entries before this chunk: keys > thr ...
     eq_seen = tl.zeros([], dtype=tl.int32)  # ... and keys == thr (of which the first need_equal are kept)
+    v_next = tl.load(buf_val + lane, mask=lane < cnt, other=0.0)
     for start in range(0, cnt, SELECT_BLOCK):
         offs = start + lane
         live = offs < cnt
-        v = tl.load(buf_val + offs, mask=live, other=0.0)
+        v, v_next = _next_chunk(buf_val, offs, cnt, v_next, SELECT_BLOCK, PREFETCH)
         key = _order_key(v)
         is_gt = live & (key > thr)
         is_eq = live & (key == thr)
@@ -245,11 +252,12 @@ def _compact(buf_val, buf_col, cnt, need, lo, SELECT_BLOCK: tl.constexpr, RADIX_
         gt_before = gt_seen + (before & 0xFFFF)
         eq_before = eq_seen + (before >> 16)
         keep = is_gt | (is_eq & (eq_before < need_equal))
-        pos = gt_before + tl.minimum(eq_before, need_equal)  # <= offs: entries only move left
+        pos = gt_before + tl.minimum(eq_before, need_equal)  # <= offs: in place, entries only move left
         col = tl.load(buf_col + offs, mask=keep, other=0)
-        tl.debug_barrier()  # this chunk is read by everyone before anyone overwrites it
-        _store_where(buf_val + pos, v, keep, ASM_STORE)
-        _store_where(buf_col + pos, col, keep, ASM_STORE)
+        tl.debug_barrier()  # in place: this chunk is read by everyone before anyone overwrites it
+        # (+0.0 for a kept -0.0: the key's value)
+        _store_where(dst_val + pos, _key_to_value(key), keep, ASM_STORE)
+        _store_where(dst_col + pos, col, keep, ASM_STORE)
         gt_seen += tl.sum(is_gt.to(tl.int32), 0)
         eq_seen += tl.sum(is_eq.to(tl.int32), 0)
     tl.debug_barrier()
@@ -276,7 +284,7 @@ def _store_where(ptr, value, mask, ASM: tl.constexpr):
 def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
             COLS_FROM_SRC: tl.constexpr, BLOCK: tl.constexpr, CAP: tl.constexpr,
             SELECT_BLOCK: tl.constexpr, RADIX_BITS: tl.constexpr, MASK_TAIL: tl.constexpr,
-            ASM_STORE: tl.constexpr):
+            ASM_STORE: tl.constexpr, PREFETCH: tl.constexpr):
     """Append every column in [col_lo, col_hi) whose key is > thr to the (empty) buffer, compacting to the k
     best and raising thr whenever a step would overflow it. Returns (entries buffered, threshold (every buffered
     key is >= it)).
@@ -320,7 +328,8 @@ def _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
                 start += BLOCK
         if full != 0:
             # cnt > k here (cnt + n_new > CAP >= k + BLOCK); afterwards the step fits (k + BLOCK <= CAP).
-            thr = _compact(buf_val, buf_col, cnt, k, thr, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
+            thr = _compact(buf_val, buf_col, cnt, k, thr, buf_val, buf_col, SELECT_BLOCK, RADIX_BITS, ASM_STORE,
+                           PREFETCH)
             cnt = k
     return cnt, thr
 
@@ -349,11 +358,11 @@ def _stream_topk_kernel(
     RADIX_BITS: tl.constexpr,
     GUESS_SIGMAS: tl.constexpr,
     ASM_STORE: tl.constexpr = False,
+    SELECT_PREFETCH: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     buf_val = buf_val_ptr + pid * CAP
     buf_col = buf_col_ptr + pid * CAP
-    SAMPLE_CHUNK: tl.constexpr = SELECT_BLOCK if SELECT_BLOCK < SAMPLE else SAMPLE
 
     task = tl.atomic_add(task_counter_ptr, 1)
     while task < n_tasks:
@@ -378,7 +387,7 @@ def _stream_topk_kernel(
         expect = SAMPLE * (k + tl.zeros([], dtype=tl.float32)) / tl.maximum(n_here, 1).to(tl.float32)
         rank = (expect + GUESS_SIGMAS * tl.sqrt(expect)).to(tl.int32) + 4
         if (n_here >= 4 * SAMPLE) & (rank < SAMPLE):
-            guess = _guess(row_val, col_lo, n_here, rank, SAMPLE, SAMPLE_RUNS, SAMPLE_CHUNK, SAMPLE_ROUNDS)
+            guess = _guess(row_val, col_lo, n_here, rank, SAMPLE, SAMPLE_RUNS, 8 * SAMPLE_ROUNDS)
             thr = tl.maximum(tl.maximum(guess, 1) - 1, thr)  # - 1: keys equal to the guess get in too
         guessed = thr > _KEY_NEG_INF
         cnt = tl.zeros([], dtype=tl.int32)
@@ -386,21 +395,28 @@ def _stream_topk_kernel(
         attempts = 0
         while attempts < 1 + guessed.to(tl.int32):
             cnt, lo = _stream(row_val, row_col, col_lo, col_hi, load_hi, thr, buf_val, buf_col, k,
-                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE)
+                              COLS_FROM_SRC, BLOCK, CAP, SELECT_BLOCK, RADIX_BITS, HAS_LENGTHS, ASM_STORE,
+                              SELECT_PREFETCH)
             # Enough got in (always true after a compaction): done. Else the guess was too high: again from -inf.
             attempts = tl.where(cnt >= k, 2, attempts + 1)
             thr = tl.full([], _KEY_NEG_INF, tl.uint32)
             tl.debug_barrier()
 
-        if cnt > k:
-            _compact(buf_val, buf_col, cnt, k, lo, SELECT_BLOCK, RADIX_BITS, ASM_STORE)
-            cnt = k
-        else:
-            tl.debug_barrier()  # appends visible to all threads
-
         # Emit the (at most k) survivors, padded with (-inf, -1).
         out_val_row = out_val_ptr + task.to(tl.int64) * k
         out_col_row = out_col_ptr + task.to(tl.int64) * k
+        n_buffered = cnt
+        if n_buffered > k:
+            # Unsorted: the compaction's k survivors go straight to the output row (no copy pass over the buffer).
+            if SORTED:
+                _compact(buf_val, buf_col, cnt, k, lo, buf_val, buf_col, SELECT_BLOCK, RADIX_BITS, ASM_STORE,
+                         SELECT_PREFETCH)
+            else:
+                _compact(buf_val, buf_col, cnt, k, lo, out_val_row, out_col_row, SELECT_BLOCK, RADIX_BITS,
+                         ASM_STORE, SELECT_PREFETCH)
+            cnt = k
+        else:
+            tl.debug_barrier()  # appends visible to all threads
         if SORTED:
             # One in-register sort, descending on (key, ~col) == value descending, then column ascending; pads
             # (key(-inf), ~-1 = 0) sort last.
@@ -414,8 +430,8 @@ def _stream_topk_kernel(
             col = ~(packed.to(tl.uint32).to(tl.int32, bitcast=True))
             tl.store(out_val_row + offs, _key_to_value(key), mask=offs < k)
             tl.store(out_col_row + offs, col, mask=offs < k)
-        else:
-            # Column order, in SELECT_BLOCK-sized pieces (no big register tile).
+        elif n_buffered <= k:
+            # Column order (k or fewer buffered: copied, then padded), in SELECT_BLOCK-sized pieces.
             for start in range(0, k, SELECT_BLOCK):
                 offs = start + tl.arange(0, SELECT_BLOCK)
                 live = offs < cnt
@@ -578,7 +594,7 @@ def _launch(src_val, src_col, lengths, out_val, out_col, n_rows, n_cols, row_str
         HAS_LENGTHS=lengths is not None, COLS_FROM_SRC=src_col is not None, SORTED=sorted_out,
         BLOCK=block, CAP=cap, K_POW2=k_pow2, SAMPLE=sample, SAMPLE_RUNS=min(SAMPLE_RUNS, sample),
         SAMPLE_ROUNDS=SAMPLE_ROUNDS, SELECT_BLOCK=select_block, RADIX_BITS=RADIX_BITS,
-        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda",
+        GUESS_SIGMAS=float(GUESS_SIGMAS), ASM_STORE=device.type == "cuda", SELECT_PREFETCH=SELECT_PREFETCH,
         num_warps=warps,
         **extra,
     )

@@ -275,6 +275,28 @@ def test_topk_fused(small_tiles, poisoned_empty, B, Sq, Sk, HI, DI, ratio, topk,
                visible.flatten(0, 1), topk)
 
 
+def test_topk_fused_never_reads_hidden_scores(small_tiles, monkeypatch):
+    """The fused path leaves the score tiles a row cannot see unwritten (FILL_HIDDEN=False): poison every fresh
+    float buffer with a huge finite score (NaN would never be selected anyway), so a read past a row's visible
+    length would pick it."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(1e30)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    gen = gen_for(77)
+    B, Sq, Sk, HI, DI, ratio, topk = 2, 40, 61, 3, 32, 1, 30
+    q, k, w = make_inputs(B, Sq, Sk, HI, DI, torch.float16, gen)
+    idx, val = ix.indexer_topk(q, k, w, topk, 0.8, ratio, None, None, None, workspace_bytes=9 * Sk * 4)
+    ref, bound, visible = oracle_logits(q, k, w, 0.8, ratio, default_q_start(B, Sq, Sk, ratio))
+    check_topk(idx.flatten(0, 1), val.flatten(0, 1), ref.flatten(0, 1), bound.flatten(0, 1),
+               visible.flatten(0, 1), topk)
+
+
 def test_topk_all_plateau_takes_smallest_ids(small_tiles):
     """Every visible score is exactly 0: the selection must be ids 0..topk-1 (smaller index wins)."""
     gen = gen_for(5)

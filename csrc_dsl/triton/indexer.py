@@ -91,6 +91,8 @@ def _logits_kernel(
     BLOCK_K: tl.constexpr, FILL_ROWS: tl.constexpr,
     NEG_SCALE: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
     PRECISION: tl.constexpr,
+    FILL_HIDDEN: tl.constexpr = True,  # False: rows that see none of the tile are left unwritten (the fused
+                                       # top-k reads each row only up to its visible length)
 ):
     pid_k = tl.program_id(0)
     pid_q = tl.program_id(1)
@@ -121,11 +123,12 @@ def _logits_kernel(
     col_ok = offs_k < Sk
 
     # Rows that see none of this tile: -inf, no MMA.
-    neg_inf_block = tl.full((FILL_ROWS, BLOCK_K), float("-inf"), tl.float32)
-    for r0 in range(row_lo, row_mid, FILL_ROWS):
-        rows = r0 + tl.arange(0, FILL_ROWS)
-        ptrs = out_base + rows.to(tl.int64)[:, None] * stride_os + offs_k[None, :]
-        tl.store(ptrs, neg_inf_block, mask=(rows < row_mid)[:, None] & col_ok[None, :])
+    if FILL_HIDDEN:
+        neg_inf_block = tl.full((FILL_ROWS, BLOCK_K), float("-inf"), tl.float32)
+        for r0 in range(row_lo, row_mid, FILL_ROWS):
+            rows = r0 + tl.arange(0, FILL_ROWS)
+            ptrs = out_base + rows.to(tl.int64)[:, None] * stride_os + offs_k[None, :]
+            tl.store(ptrs, neg_inf_block, mask=(rows < row_mid)[:, None] & col_ok[None, :])
 
     if row_mid < row_hi:
         key_ok = offs_k < key_limit
@@ -172,9 +175,11 @@ def _fwd_num_warps(block_k: int, hi_pad: int) -> int:
     return max(_FWD_NUM_WARPS, block_k * hi_pad // (32 * 128))
 
 
-def _launch_logits(q, k, w, out, q_start, ratio, scale, row0=0, *, block_table=None, page=1):
+def _launch_logits(q, k, w, out, q_start, ratio, scale, row0=0, *, block_table=None, page=1, fill_hidden=True):
     """Scores of the query rows in ``q`` ([B, n_rows, HI, DI]) into ``out`` ([B, n_rows, Sk] view with
     column stride 1). ``row0``: position of q's first row within its sequence (for the mask).
+    ``fill_hidden=False``: whole tiles a row cannot see stay unwritten (only for readers that stop at the
+    row's visible length, as the fused top-k does); the masked part of a partly visible tile is still -inf.
     Paged: ``k`` is the cache [P, page, DI], ``q_start`` holds seq_lens and Sk = max_pages * page."""
     B, n_rows, HI, DI = q.shape
     Sk = out.shape[2]
@@ -198,7 +203,7 @@ def _launch_logits(q, k, w, out, q_start, ratio, scale, row0=0, *, block_table=N
         HI=HI, DI=DI, HI_PAD=pad_pow2(HI), DI_PAD=pad_pow2(DI),
         BLOCK_K=BLOCK_K, FILL_ROWS=_FILL_ROWS,
         NEG_SCALE=bool(scale < 0), PAGED=paged, PAGE=int(page),
-        PRECISION=precision,
+        PRECISION=precision, FILL_HIDDEN=bool(fill_hidden),
         num_warps=_fwd_num_warps(BLOCK_K, pad_pow2(HI)), num_stages=_FWD_NUM_STAGES,
     )
     return out
@@ -327,7 +332,7 @@ def _team_topk(scores, k, lengths, out=None):
 
 
 def _topk_dense_batch(q_idx, k_idx, w, topk, scale, ratio, q_start, out_idx, out_val, workspace_bytes):
-    """Fused top-k of one dense batch into out_idx/out_val ([B, Sq, topk], prefilled with -1/-inf).
+    """Fused top-k of one dense batch into out_idx/out_val ([B, Sq, topk]; the top-k writes every slot).
     Scores are made a chunk of rows at a time in one reused workspace."""
     B, Sq, HI, DI = q_idx.shape
     Sk = k_idx.shape[1]
@@ -347,8 +352,9 @@ def _topk_dense_batch(q_idx, k_idx, w, topk, scale, ratio, q_start, out_idx, out
         for r0 in range(0, Sq, rows_per_chunk):
             r1 = min(Sq, r0 + rows_per_chunk)
             scores = workspace[: (b1 - b0) * (r1 - r0) * Sk].view(b1 - b0, r1 - r0, Sk)
+            # (the top-k reads each row up to its visible length only: hidden tiles are never written)
             _launch_logits(q_idx[b0:b1, r0:r1], k_idx[b0:b1], w[b0:b1, r0:r1], scores,
-                           q_start[b0:b1], ratio, scale, row0=r0)
+                           q_start[b0:b1], ratio, scale, row0=r0, fill_hidden=False)
             lengths = _visible_counts(q_start[b0:b1], all_rows[r0:r1], ratio, Sk)
             dst = (out_idx[b0:b1, r0:r1], out_val[b0:b1, r0:r1])
             if k_eff == topk and dst[0].is_contiguous() and dst[1].is_contiguous():

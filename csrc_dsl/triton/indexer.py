@@ -332,7 +332,8 @@ def _team_topk(scores, k, lengths, out=None):
 
 
 def _topk_dense_batch(q_idx, k_idx, w, topk, scale, ratio, q_start, out_idx, out_val, workspace_bytes):
-    """Fused top-k of one dense batch into out_idx/out_val ([B, Sq, topk]; the top-k writes every slot).
+    """Fused top-k of one dense batch into out_idx/out_val ([B, Sq, topk]; prefilled with -1/-inf only when
+    topk > S_k or packed: otherwise the top-k writes every slot).
     Scores are made a chunk of rows at a time in one reused workspace."""
     B, Sq, HI, DI = q_idx.shape
     Sk = k_idx.shape[1]

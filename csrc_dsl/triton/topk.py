@@ -449,6 +449,24 @@ def _num_sms(device_index: int) -> int:
 
 
 @triton.jit
+def _count_at_or_above(key, mid, ASM: tl.constexpr):
+    """Per-thread partial counts of `key >= mid` whose sum is the count (same shape as key). On a GPU (ASM) each
+    group of 4 values costs 4 compares and 4 predicated adds, the count in the group's first slot and zeros (which
+    ptxas folds away) in the others: the plain `(key >= mid).to(int32)` sum compiled (Triton 3.6, sm_90) to ~4.7
+    SASS instructions a value, with bit-packing selects. The interpreter takes the plain form."""
+    if ASM:
+        mid_b = mid + tl.zeros_like(key)
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p0, p1, p2, p3;"
+            " setp.ge.u32 p0, $4, $8; setp.ge.u32 p1, $5, $9; setp.ge.u32 p2, $6, $10; setp.ge.u32 p3, $7, $11;"
+            " selp.u32 $0, 1, 0, p0; @p1 add.u32 $0, $0, 1; @p2 add.u32 $0, $0, 1; @p3 add.u32 $0, $0, 1;"
+            " mov.u32 $1, 0; mov.u32 $2, 0; mov.u32 $3, 0; }",
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [key, mid_b], dtype=tl.int32, is_pure=True, pack=4)
+    else:
+        return (key >= mid).to(tl.int32)
+
+
+@triton.jit
 def _resident_topk_kernel(
     src_ptr,          # fp32 [n_rows, row_stride]
     lengths_ptr,      # int32 [n_rows] (HAS_LENGTHS), else unused
@@ -477,7 +495,7 @@ def _resident_topk_kernel(
         key = tl.where(cols < tl.load(lengths_ptr + row), key, 0)
     # -inf, NaN and the columns past the row's length have keys <= key(-inf): never selected. Only `key` stays
     # live through the search (everything after it is recomputed from it).
-    n_valid = tl.sum((key > _KEY_NEG_INF).to(tl.int32), 0)
+    n_valid = tl.sum(_count_at_or_above(key, tl.full([], _KEY_NEG_INF + 1, tl.uint32), ASM_STORE), 0)
     # Bracket: count(key >= lo) >= k > count(key > hi) once lo <= T <= hi.
     lo = tl.min(tl.where(key > _KEY_NEG_INF, key, tl.full([ROW], 0xFFFFFFFF, tl.uint32)), 0)
     hi = tl.max(key, 0)
@@ -497,7 +515,7 @@ def _resident_topk_kernel(
             mid = lo + tl.minimum(tl.maximum(off, 1), span)
         else:
             mid = lo + ((span + 1) >> 1)  # upper midpoint: lo < mid <= hi
-        at_or_above = tl.sum((key >= mid).to(tl.int32), 0)
+        at_or_above = tl.sum(_count_at_or_above(key, mid, ASM_STORE), 0)
         if at_or_above == k:
             lo = mid  # exactly k keys >= mid: T can be taken as mid
             hi = mid

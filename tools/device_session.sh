@@ -156,7 +156,7 @@ topk3)     # staged: the streaming top-k with prefetching buffer passes, the reg
            # straight into the output; then the fused indexer top-k without its prefill; GPU tests first
   capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
   capped 120 indexer_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_indexer.py -k "gpu or topk"
-  capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,12,20
+  capped 120 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,12,20,13,19
   capped 60 topk_bench.log python -m benchmarks.bench_topk
   capped 150 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
     --out "$OUT/indexer"

@@ -450,10 +450,12 @@ def _num_sms(device_index: int) -> int:
 
 @triton.jit
 def _count_at_or_above(key, mid, ASM: tl.constexpr):
-    """Per-thread partial counts of `key >= mid` whose sum is the count (same shape as key). On a GPU (ASM) each
-    group of 4 values costs 4 compares and 4 predicated adds, the count in the group's first slot and zeros (which
-    ptxas folds away) in the others: the plain `(key >= mid).to(int32)` sum compiled (Triton 3.6, sm_90) to ~4.7
-    SASS instructions a value, with bit-packing selects. The interpreter takes the plain form."""
+    """Per-thread partial counts of `key >= mid` whose sum is the count (same shape as key). With ASM (a GPU
+    launch in which every thread holds a multiple of 4 of key's values; rows of 1 and 40 columns, with fewer,
+    counted wrong on an H100) each group of 4 values costs 4 compares and 4 predicated adds, the count in the
+    group's first slot and zeros (which ptxas folds away) in the others: the plain `(key >= mid).to(int32)` sum
+    compiled (Triton 3.6, sm_90) to ~4.7 SASS instructions a value, with bit-packing selects. Otherwise (and in
+    the interpreter) the plain form."""
     if ASM:
         mid_b = mid + tl.zeros_like(key)
         return tl.inline_asm_elementwise(
@@ -478,6 +480,8 @@ def _resident_topk_kernel(
     K_POW2: tl.constexpr,    # power of two >= k (the padding store)
     ASM_STORE: tl.constexpr = False,
     INTERPOLATE: tl.constexpr = True,
+    ASM_COUNT: tl.constexpr = False,  # _count_at_or_above in inline PTX: a GPU launch where every thread holds a
+                                      # multiple of 4 of the row's values (ROW >= 128 x warps)
 ):
     """Top-k of one short row per program, the row held in registers (rows of at most RESIDENT_MAX_COLS).
 
@@ -495,7 +499,7 @@ def _resident_topk_kernel(
         key = tl.where(cols < tl.load(lengths_ptr + row), key, 0)
     # -inf, NaN and the columns past the row's length have keys <= key(-inf): never selected. Only `key` stays
     # live through the search (everything after it is recomputed from it).
-    n_valid = tl.sum(_count_at_or_above(key, tl.full([], _KEY_NEG_INF + 1, tl.uint32), ASM_STORE), 0)
+    n_valid = tl.sum(_count_at_or_above(key, tl.full([], _KEY_NEG_INF + 1, tl.uint32), ASM_COUNT), 0)
     # Bracket: count(key >= lo) >= k > count(key > hi) once lo <= T <= hi.
     lo = tl.min(tl.where(key > _KEY_NEG_INF, key, tl.full([ROW], 0xFFFFFFFF, tl.uint32)), 0)
     hi = tl.max(key, 0)
@@ -515,7 +519,7 @@ def _resident_topk_kernel(
             mid = lo + tl.minimum(tl.maximum(off, 1), span)
         else:
             mid = lo + ((span + 1) >> 1)  # upper midpoint: lo < mid <= hi
-        at_or_above = tl.sum(_count_at_or_above(key, mid, ASM_STORE), 0)
+        at_or_above = tl.sum(_count_at_or_above(key, mid, ASM_COUNT), 0)
         if at_or_above == k:
             lo = mid  # exactly k keys >= mid: T can be taken as mid
             hi = mid
@@ -652,11 +656,12 @@ def _topk(scores, k, lengths=None, sorted=False, *, block=None, programs=None, m
         if sorted:
             raise ValueError("the resident top-k kernel writes column order only (sorted=False)")
         row_pow2 = triton.next_power_of_2(n_cols)
+        warps = min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD)))
         _resident_topk_kernel[(n_rows,)](
             src, lens if lens is not None else src, out_val, out_col, n_cols, max(n_cols, 1), k,
             HAS_LENGTHS=lens is not None, ROW=row_pow2, K_POW2=triton.next_power_of_2(k),
             ASM_STORE=device.type == "cuda", INTERPOLATE=RESIDENT_INTERPOLATE,
-            num_warps=min(32, max(1, row_pow2 // (32 * RESIDENT_PER_THREAD))),
+            ASM_COUNT=device.type == "cuda" and row_pow2 >= 128 * warps, num_warps=warps,
             **({"maxnreg": RESIDENT_MAX_REGISTERS} if RESIDENT_MAX_REGISTERS and device.type == "cuda" else {}))
         return out_col, out_val
     if programs is None:

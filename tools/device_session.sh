@@ -133,7 +133,7 @@ opening)   # staged: the cuDNN cross-test and the score dispatch tests (never ru
            # (the register-resident kernel is new), the top-k sweep's defaults, H200 and resident rows
   capped 150 against_cudnn_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_against_cudnn.py \
     tests/test_cute_sm90_score.py -k "cudnn or dispatch or dense"
-  capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
+  capped 300 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
   capped 230 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,8,12,13,14,15,16
   ;;
 rprof)     # no staging needed: ncu (full set + SASS samples) of the resident kernel at 4096 x 8192 and the streaming
@@ -162,7 +162,7 @@ topk4)     # staged: topk3 again after the resident kernel's inline-PTX count wa
   ;;
 topk3)     # staged: the streaming top-k with prefetching buffer passes, the register-sample guess and the compaction
            # straight into the output; then the fused indexer top-k without its prefill; GPU tests first
-  capped 150 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
+  capped 300 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_topk.py -k "gpu or resident"
   capped 120 indexer_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_indexer.py -k "gpu or topk"
   capped 120 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,12,20,13,19
   capped 60 topk_bench.log python -m benchmarks.bench_topk

@@ -120,6 +120,12 @@ SWEEP_CONFIGS = [
     dict(RESIDENT_PER_THREAD=16, RESIDENT_MAX_REGISTERS=48),
     # (2026-12-06) the streaming kernel's buffer passes without their one-chunk prefetch
     dict(SELECT_PREFETCH=False, RESIDENT_MAX_COLS=0),   # against entry 12 (prefetch on, resident off)
+    # (2026-12-06) with the guess in registers: a larger sample (a tighter first threshold, fewer buffered), wider
+    # buffer passes, more programs
+    dict(SAMPLE=2048),
+    dict(SELECT_BLOCK=512),
+    dict(PROGRAMS_PER_SM=20),
+    dict(SAMPLE=2048, GUESS_SIGMAS=4.0),
 ]
 
 

@@ -314,6 +314,20 @@ def compile_for_sm90():
             if unit_ints:
                 const.update(n_cols=1, row_stride=1, seg_len=1, n_segs=1, n_tasks=1, k=1)
             compile_kernel(tk._stream_topk_kernel, bufs, const, num_warps=1)
+    # The resident kernel with the inline-PTX stores and count a GPU launch uses: one warp of 128 values and
+    # eight warps of 8192 (4 and 32 a thread), with and without lengths.
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    sig = {"src_ptr": "*fp32", "lengths_ptr": "*i32", "out_val_ptr": "*fp32", "out_col_ptr": "*i32",
+           "n_cols": "i32", "row_stride": "i32", "k": "i32"}
+    for row, warps in ((128, 1), (8192, 8)):
+        for lengths in (False, True):
+            const = dict(HAS_LENGTHS=lengths, ROW=row, K_POW2=64, ASM_STORE=True, INTERPOLATE=True, ASM_COUNT=True)
+            src = triton.compiler.ASTSource(fn=tk._resident_topk_kernel,
+                                            signature={**sig, **{n: "constexpr" for n in const}}, constexprs=const)
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+            assert "@p3 add.u32" in kernel.asm["ptx"]  # the inline count is in (not compiled away)
 
 
 def test_kernels_compile_for_sm90_with_unit_arguments():

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: topk4 | topk3 | fused | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: topk5 | topk4 | topk3 | fused | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -151,6 +151,10 @@ rprof)     # no staging needed: ncu (full set + SASS samples) of the resident ke
     gzip -f "$OUT/ncu_topk_$2_sass.csv"; rm -f "$OUT/topk_$2.ncu-rep"
   done
   capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,13,14,19
+  ;;
+topk5)     # staged: more streaming top-k settings (sample 2048, wider buffer passes, 20 programs/SM), then vs cuDNN
+  capped 200 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,21,22,23,24,0
+  capped 60 topk_bench.log python -m benchmarks.bench_topk
   ;;
 topk4)     # staged: topk3 again after the resident kernel's inline-PTX count was limited to >= 4 values a thread
   capped 300 topk_pytest.log python -m pytest -q -p no:cacheprovider -rfE --durations=8 tests/test_triton_topk.py \

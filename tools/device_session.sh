@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: topk5 | topk4 | topk3 | fused | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -40,16 +40,22 @@ capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   return $rc
 }
 
+ncu_report() {  # ncu_report NAME TOP: from $OUT/NAME.ncu-rep, the details page and its key metrics, the SASS samples
+                # summed by opcode (TOP rows), the gzipped SASS csv; the report itself is removed (large)
+  local name=$1 top=$2
+  ncu -i "$OUT/$name.ncu-rep" --page details > "$OUT/ncu_${name}_details.txt" 2>&1
+  ncu -i "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_${name}_sass.csv" 2>&1
+  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
+    "$OUT/ncu_${name}_details.txt" | head -40
+  python -m tools.ncu_samples "$OUT/ncu_${name}_sass.csv" --top "$top" > "$OUT/ncu_${name}_samples.txt" 2>&1
+  head -60 "$OUT/ncu_${name}_samples.txt"
+  gzip -f "$OUT/ncu_${name}_sass.csv"; rm -f "$OUT/$name.ncu-rep"
+}
+
 bwd_ncu() {  # ncu (full set) of the CuTe-DSL backward at H = 64, its key metrics and warp-state samples by opcode
   capped 240 ncu_bwd.log ncu --clock-control none -k regex:SparseAttentionBwdSm90 --launch-skip 2 --launch-count 1 \
     --set full -f -o "$OUT/bwd_h64" python -m tools.profile_bwd 64 4096
-  ncu -i "$OUT/bwd_h64.ncu-rep" --page details > "$OUT/ncu_bwd_h64_details.txt" 2>&1
-  ncu -i "$OUT/bwd_h64.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_bwd_h64_sass.csv" 2>&1
-  grep -E "Duration|Throughput|Registers|Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued|L2 Hit|Stall" \
-    "$OUT/ncu_bwd_h64_details.txt" | head -40
-  python -m tools.ncu_samples "$OUT/ncu_bwd_h64_sass.csv" --top 25 > "$OUT/ncu_bwd_h64_samples.txt" 2>&1
-  head -60 "$OUT/ncu_bwd_h64_samples.txt"
-  gzip -f "$OUT/ncu_bwd_h64_sass.csv"; rm -f "$OUT/bwd_h64.ncu-rep"
+  ncu_report bwd_h64 25
 }
 
 pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
@@ -142,13 +148,7 @@ rprof)     # no staging needed: ncu (full set + SASS samples) of the resident ke
     set -- $spec
     capped 150 ncu_$2.log ncu -k regex:$1 --launch-skip 3 --launch-count 1 --set full --import-source yes \
       -f -o "$OUT/topk_$2" python -m tools.profile_topk 4096 $2 2048
-    ncu -i "$OUT/topk_$2.ncu-rep" --page details > "$OUT/ncu_topk_$2_details.txt" 2>&1
-    ncu -i "$OUT/topk_$2.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_topk_$2_sass.csv" 2>&1
-    grep -E "Duration|Throughput|Registers|Achieved Occupancy|Issued Ipc|No Eligible|Warp Cycles Per Issued" \
-      "$OUT/ncu_topk_$2_details.txt" | head -20
-    python -m tools.ncu_samples "$OUT/ncu_topk_$2_sass.csv" --top 30 > "$OUT/ncu_topk_$2_samples.txt" 2>&1
-    head -45 "$OUT/ncu_topk_$2_samples.txt"
-    gzip -f "$OUT/ncu_topk_$2_sass.csv"; rm -f "$OUT/topk_$2.ncu-rep"
+    ncu_report topk_$2 30
   done
   capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,13,14,19
   ;;
@@ -171,12 +171,6 @@ topk3)     # staged: the streaming top-k with prefetching buffer passes, the reg
   capped 120 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,12,20,13,19
   capped 60 topk_bench.log python -m benchmarks.bench_topk
   capped 150 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
-    --out "$OUT/indexer"
-  ;;
-fused)     # staged: the fused indexer top-k without its output prefill: GPU tests, then the indexer ops vs cuDNN
-  capped 150 indexer_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_indexer.py -k "gpu or topk"
-  capped 60 topk_bench.log python -m benchmarks.bench_topk
-  capped 200 bench_indexer.log python -m benchmarks.run --headline --ops indexer_logits,topk,indexer_topk --no-overhead \
     --out "$OUT/indexer"
   ;;
 topk2)     # staged: top-k GPU tests, the resident kernel's settings, top-k vs cuDNN, the indexer ops vs cuDNN

@@ -4,6 +4,7 @@ Without CUDA the kernels run in Triton's interpreter (set before triton is impor
 the interpreter's bf16 tl.dot is wrong on CPU, fp16 is right. With CUDA the same small tests run compiled
 (fp16 and bf16), plus realistic shapes and a determinism check.
 """
+import json
 import math
 import os
 
@@ -192,6 +193,53 @@ def test_sparse_attention_real_dims(num_heads):
         ref_out, ref_lse = oracle_sparse_attention(q, kv, idx, dim ** -0.5, 512, sink, length)
         out, lse = fwd._sparse_mqa_forward(q, kv, idx, dim ** -0.5, 512, sink, length, config=SMALL)
         check_attention(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("split_scores", [0, 1])
+def test_sparse_attention_64_head_block_on_8_warps(split_scores):
+    """The GPU default tile for H >= 64 (64 heads, 8 warps), with the score product split between the two
+    warpgroups (FwdConfig.split_scores) and without, on V3.2 dims, 40 heads (a partial block), odd K."""
+    dtype, num_heads, dim = torch.float16, 40, 576
+    config = fwd.FwdConfig(BLOCK_H=64, BLOCK_N=16, num_warps=8, num_stages=1, split_scores=split_scores)
+    assert fwd.split_scores_applies(config, 64) == bool(split_scores)
+    q, kv, idx, sink, length = make_attention_inputs(77, 2, num_heads, dim, 40, 37, dtype, True, True)
+    q = q / 4
+    ref_out, ref_lse = oracle_sparse_attention(q, kv, idx, dim ** -0.5, 512, sink, length)
+    out, lse = fwd._sparse_mqa_forward(q, kv, idx, dim ** -0.5, 512, sink, length, config=config, num_splits=1)
+    check_attention(out, lse, ref_out, ref_lse, dtype)
+
+
+def _score_products_compiled_for_sm90():
+    """Run in a fresh interpreter without TRITON_INTERPRET: (split, duplicated) score wgmma counts per tile."""
+    from tools.sparse_fwd_compile_check import compile_fwd_for_sm90, score_wgmma_count
+
+    counts = []
+    for split in (1, 0):
+        config = fwd.replace(fwd.CONFIGS["h64_n64_w8_s2"], split_scores=split)
+        counts.append(score_wgmma_count(compile_fwd_for_sm90(config)))
+    print(json.dumps(counts))
+    return counts
+
+
+def test_score_product_not_computed_twice_on_sm90():
+    """Compiles the default H >= 64 forward for sm_90 (no GPU needed): with split_scores each warpgroup issues
+    D/16 = 36 wgmmas for its half of the 64 keys. Fails if Triton's layout choice makes both warpgroups compute
+    the whole score tile again (72), which cost 2x the Q K^T work."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("this Triton cannot target a GPU from this machine")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from tests.test_triton_sparse_attention_fwd import _score_products_compiled_for_sm90 as c; c()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, TRITON_INTERPRET="0"),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    split, duplicated = json.loads(done.stdout.strip().splitlines()[-1])
+    assert split == 576 // 16, (split, duplicated)
+    assert duplicated >= split
 
 
 def test_sparse_attention_all_invalid_and_empty():

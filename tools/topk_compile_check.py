@@ -46,15 +46,19 @@ def compile_for_sm90(fn, buf_types, constexprs, num_warps, maxnreg=None):
 def compile_one(fn, buf_types, constexprs, num_warps, maxnreg=None):
     """compile_for_sm90, then registers / stack / shared memory from the cubin and 16-byte loads in the PTX."""
     kernel = compile_for_sm90(fn, buf_types, constexprs, num_warps, maxnreg)
+    ptx = kernel.asm["ptx"]
+    return dict(cubin_resources(kernel), ld_v4=len(re.findall(r"ld\.global[.\w:]*\.v4", ptx)))
+
+
+def cubin_resources(kernel) -> dict:
+    """Registers, stack (spills), shared and local memory of a compiled Triton kernel, read from its cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
-    ptx = kernel.asm["ptx"]
-    return dict(reg=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]),
-                ld_v4=len(re.findall(r"ld\.global[.\w:]*\.v4", ptx)))
+    return dict(reg=int(m[1]), stack=int(m[2]), shared=int(m[3]), local=int(m[4]))
 
 
 def main():

@@ -153,9 +153,13 @@ rprof)     # no staging needed: ncu (full set + SASS samples) of the resident ke
   capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,13,14,19
   ;;
 fwdsplit)  # no staging: Triton forward with the score product split between the warpgroups; GPU tests, then every
-           # forward/decode case with its CONFIGS sweep (the *_dup entries are the duplicated score product, for A/B)
+           # forward case with its CONFIGS sweep (the *_dup entries are the duplicated score product, for A/B), then the
+           # decode cases with the default settings and with split_scores=0 only
   capped 240 fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_sparse_attention_fwd.py
-  capped 330 fwd_bench.log python -m benchmarks.bench_sparse_attention --sweep
+  capped 300 fwd_bench.log python -m benchmarks.bench_sparse_attention --sweep --cases fwd
+  capped 90 decode_bench.log python -m benchmarks.bench_sparse_attention --cases decode
+  capped 90 decode_bench_dup.log env DSA_TRITON_SPARSE_FWD_CONFIG=split_scores=0 \
+    python -m benchmarks.bench_sparse_attention --cases decode
   ;;
 topk5)     # staged: more streaming top-k settings (sample 2048, wider buffer passes, 20 programs/SM), then vs cuDNN
   capped 200 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,21,22,23,24,0

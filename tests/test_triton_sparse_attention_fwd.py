@@ -16,6 +16,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from csrc_dsl.triton import sparse_attention_fwd as fwd  # noqa: E402  (after TRITON_INTERPRET)
+from tests.sm90_compile import run_compiled  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 HALF_DTYPES = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
@@ -225,19 +226,8 @@ def test_score_product_not_computed_twice_on_sm90():
     """Compiles the default H >= 64 forward for sm_90 (no GPU needed): with split_scores each warpgroup issues
     D/16 = 36 wgmmas for its half of the 64 keys. Fails if Triton's layout choice makes both warpgroups compute
     the whole score tile again (72), which cost 2x the Q K^T work."""
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton cannot target a GPU from this machine")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = "from tests.test_triton_sparse_attention_fwd import _score_products_compiled_for_sm90 as c; c()"
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=dict(os.environ, TRITON_INTERPRET="0"),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    split, duplicated = json.loads(done.stdout.strip().splitlines()[-1])
+    stdout = run_compiled("from tests.test_triton_sparse_attention_fwd import _score_products_compiled_for_sm90 as c; c()")
+    split, duplicated = json.loads(stdout.strip().splitlines()[-1])
     assert split == 576 // 16, (split, duplicated)
     assert duplicated >= split
 

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
 from csrc_dsl.triton import topk as tk  # noqa: E402
+from tests.sm90_compile import run_compiled  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -331,20 +332,7 @@ def compile_for_sm90():
 
 
 def test_kernels_compile_for_sm90_with_unit_arguments():
-    # In a fresh interpreter without TRITON_INTERPRET (the kernels must be compiled functions, not interpreted).
-    import subprocess
-    import sys
-
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError:
-        pytest.skip("this Triton cannot target a GPU from this machine")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    code = "from tests.test_triton_topk import compile_for_sm90 as c; c()"
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_compiled("from tests.test_triton_topk import compile_for_sm90 as c; c()")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -203,6 +203,17 @@ def _gather_rows(ids, slot_ok, num_kv_rows, seq_id, seq_lens_ptr, block_table_pt
 
 
 @triton.jit
+def _dot_outside_chain(a, b, always, M: tl.constexpr, N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b^T, computed inside an `if` on `always` (a runtime condition the caller knows is true): Triton's
+    chained-dot rule does not look through it, so the product gets its own warp layout (FwdConfig.split_scores)."""
+    if always:
+        c = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    else:
+        c = tl.zeros([M, N], tl.float32)
+    return c
+
+
+@triton.jit
 def _sparse_mqa_fwd_kernel(
     q_ptr, kv_ptr, idx_ptr, sink_ptr, topk_len_ptr, block_table_ptr, seq_lens_ptr,
     out_ptr, lse_ptr,
@@ -279,18 +290,10 @@ def _sparse_mqa_fwd_kernel(
                 kv_tail_mask = kv_tail_mask & (tail_cols[None, :] < D_TAIL)
             kv_tail = tl.load(kv_rows + D_V + tail_cols[None, :], mask=kv_tail_mask, other=0.0)
         if SPLIT_SCORES:
-            # `start < hi` always holds here. The `if` only hides S from Triton's chained-dot rule (see
-            # FwdConfig.split_scores), and the two products are summed outside it so that neither feeds a dot.
-            if start < hi:
-                s = tl.dot(q_main, tl.trans(kv_main), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
-            else:
-                s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+            # `start < hi` always holds here; the two products are summed so that neither feeds a dot.
+            s = _dot_outside_chain(q_main, kv_main, start < hi, BLOCK_H, BLOCK_N, DOT_PRECISION)
             if D_TAIL > 0:
-                if start < hi:
-                    s_tail = tl.dot(q_tail, tl.trans(kv_tail), input_precision=DOT_PRECISION)
-                else:
-                    s_tail = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-                s = s + s_tail
+                s = s + _dot_outside_chain(q_tail, kv_tail, start < hi, BLOCK_H, BLOCK_N, DOT_PRECISION)
         else:
             s = tl.dot(q_main, tl.trans(kv_main), input_precision=DOT_PRECISION)     # [BLOCK_H, BLOCK_N]
             if D_TAIL > 0:

@@ -407,13 +407,12 @@ def _stream_topk_kernel(
         out_col_row = out_col_ptr + task.to(tl.int64) * k
         n_buffered = cnt
         if n_buffered > k:
-            # Unsorted: the compaction's k survivors go straight to the output row (no copy pass over the buffer).
-            if SORTED:
-                _compact(buf_val, buf_col, cnt, k, lo, buf_val, buf_col, SELECT_BLOCK, RADIX_BITS, ASM_STORE,
-                         SELECT_PREFETCH)
-            else:
-                _compact(buf_val, buf_col, cnt, k, lo, out_val_row, out_col_row, SELECT_BLOCK, RADIX_BITS,
-                         ASM_STORE, SELECT_PREFETCH)
+            # Unsorted: the compaction's k survivors go straight to the output row (no copy pass over the buffer);
+            # sorted: in place, for the sort below.
+            dst_val = buf_val if SORTED else out_val_row
+            dst_col = buf_col if SORTED else out_col_row
+            _compact(buf_val, buf_col, cnt, k, lo, dst_val, dst_col, SELECT_BLOCK, RADIX_BITS, ASM_STORE,
+                     SELECT_PREFETCH)
             cnt = k
         else:
             tl.debug_barrier()  # appends visible to all threads

@@ -152,12 +152,13 @@ rprof)     # no staging needed: ncu (full set + SASS samples) of the resident ke
   done
   capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,13,14,19
   ;;
-fwdab)     # no staging: fwdsplit's essentials for a short budget: GPU tests, then the forward and decode cases with the
-           # default settings and with split_scores=0 (same call)
+fwdab)     # no staging: fwdsplit's essentials for a short budget: the forward cases with the default settings and
+           # with split_scores=0 (each checked against fp64 first), then the GPU tests, then the decode cases
+  capped 120 fwd_bench.log python -m benchmarks.bench_sparse_attention --cases fwd
+  capped 120 fwd_bench_dup.log env DSA_TRITON_SPARSE_FWD_CONFIG=split_scores=0 \
+    python -m benchmarks.bench_sparse_attention --cases fwd
   capped 200 fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_sparse_attention_fwd.py
-  capped 120 fwd_bench.log python -m benchmarks.bench_sparse_attention
-  capped 120 fwd_bench_dup.log env DSA_TRITON_SPARSE_FWD_CONFIG=split_scores=0 python -m benchmarks.bench_sparse_attention
-  capped 90 fwd_bench_again.log python -m benchmarks.bench_sparse_attention --cases fwd
+  capped 90 decode_bench.log python -m benchmarks.bench_sparse_attention --cases decode
   ;;
 fwdsplit)  # no staging: Triton forward with the score product split between the warpgroups; GPU tests, then every
            # forward case with its CONFIGS sweep (the *_dup entries are the duplicated score product, for A/B), then the

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: fwdab | fwdsplit | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -151,23 +151,6 @@ rprof)     # no staging needed: ncu (full set + SASS samples) of the resident ke
     ncu_report topk_$2 30
   done
   capped 100 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,13,14,19
-  ;;
-fwdab)     # no staging: fwdsplit's essentials for a short budget: the forward cases with the default settings and
-           # with split_scores=0 (each checked against fp64 first), then the GPU tests, then the decode cases
-  capped 120 fwd_bench.log python -m benchmarks.bench_sparse_attention --cases fwd
-  capped 120 fwd_bench_dup.log env DSA_TRITON_SPARSE_FWD_CONFIG=split_scores=0 \
-    python -m benchmarks.bench_sparse_attention --cases fwd
-  capped 200 fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_sparse_attention_fwd.py
-  capped 90 decode_bench.log python -m benchmarks.bench_sparse_attention --cases decode
-  ;;
-fwdsplit)  # no staging: Triton forward with the score product split between the warpgroups; GPU tests, then every
-           # forward case with its CONFIGS sweep (the *_dup entries are the duplicated score product, for A/B), then the
-           # decode cases with the default settings and with split_scores=0 only
-  capped 240 fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE --durations=5 tests/test_triton_sparse_attention_fwd.py
-  capped 300 fwd_bench.log python -m benchmarks.bench_sparse_attention --sweep --cases fwd
-  capped 90 decode_bench.log python -m benchmarks.bench_sparse_attention --cases decode
-  capped 90 decode_bench_dup.log env DSA_TRITON_SPARSE_FWD_CONFIG=split_scores=0 \
-    python -m benchmarks.bench_sparse_attention --cases decode
   ;;
 topk5)     # staged: more streaming top-k settings (sample 2048, wider buffer passes, 20 programs/SM), then vs cuDNN
   capped 200 topk_sweep.log python -m benchmarks.bench_topk --sweep --pick 0,21,22,23,24,0

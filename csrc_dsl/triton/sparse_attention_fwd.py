@@ -59,21 +59,6 @@ class FwdConfig:
     BLOCK_N: int = 64     # gathered KV rows per loop step
     num_warps: int = 8
     num_stages: int = 2
-    # Triton lays out a dot whose result feeds another dot (S -> P -> P V) with every warp along M. With
-    # 64 heads and 8 warps that is two warpgroups of 64 rows for 64 rows of S: both compute all of S (72
-    # HGMMA 64x32 per tile instead of 36) and the Q K^T half of the math is done twice. With split_scores
-    # the score products sit in an `if` that Triton's forward-slice test does not see through, so S gets
-    # warps [4, 2] and each warpgroup computes half of its columns (Triton exchanges the row maxima and P
-    # through shared memory). Compiled for sm_90 with Triton 3.6: 36 HGMMA, 32 B of stack instead of 88.
-    # Applied only to wgmma tiles (BLOCK_H >= 64) where the rule duplicates work (more than BLOCK_H / 16
-    # warps). Below 64 heads Triton uses mma.sync, and there the `if` made it spill (816 B of stack at
-    # BLOCK_H=32, BLOCK_N=64, 4 warps). Numbers: `python -m tools.sparse_fwd_compile_check`.
-    split_scores: int = 1
-
-
-def split_scores_applies(config: FwdConfig, block_h: int) -> bool:
-    """FwdConfig.split_scores, where all warps along M would stack more rows than the block has."""
-    return bool(config.split_scores) and block_h >= 64 and config.num_warps * 16 > block_h
 
 
 CONFIGS = {
@@ -82,10 +67,6 @@ CONFIGS = {
     "h64_n32_w8_s2": FwdConfig(64, 32, 8, 2),
     "h64_n32_w8_s3": FwdConfig(64, 32, 8, 3),
     "h64_n64_w8_s1": FwdConfig(64, 64, 8, 1),
-    "h64_n32_w8_s4": FwdConfig(64, 32, 8, 4),
-    # the score product computed by both warpgroups (before 2026-12-06), for A/B timing
-    "h64_n64_w8_s2_dup": FwdConfig(64, 64, 8, 2, split_scores=0),
-    "h64_n32_w8_s3_dup": FwdConfig(64, 32, 8, 3, split_scores=0),
     "h32_n32_w4_s2": FwdConfig(32, 32, 4, 2),
     "h32_n64_w4_s2": FwdConfig(32, 64, 4, 2),
     "h32_n64_w8_s2": FwdConfig(32, 64, 8, 2),
@@ -203,17 +184,6 @@ def _gather_rows(ids, slot_ok, num_kv_rows, seq_id, seq_lens_ptr, block_table_pt
 
 
 @triton.jit
-def _dot_outside_chain(a, b, always, M: tl.constexpr, N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """a @ b^T, computed inside an `if` on `always` (a runtime condition the caller knows is true): Triton's
-    chained-dot rule does not look through it, so the product gets its own warp layout (FwdConfig.split_scores)."""
-    if always:
-        c = tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
-    else:
-        c = tl.zeros([M, N], tl.float32)
-    return c
-
-
-@triton.jit
 def _sparse_mqa_fwd_kernel(
     q_ptr, kv_ptr, idx_ptr, sink_ptr, topk_len_ptr, block_table_ptr, seq_lens_ptr,
     out_ptr, lse_ptr,
@@ -233,7 +203,6 @@ def _sparse_mqa_fwd_kernel(
     SPLIT: tl.constexpr,         # True: write partial (out, lse2) per split for the combine kernel
     DOT_PRECISION: tl.constexpr,
     INT64_ROWS: tl.constexpr,    # row offsets in int64 only when rows * D may pass 2^31 (saves registers)
-    SPLIT_SCORES: tl.constexpr = True,  # FwdConfig.split_scores
 ):
     # One flat grid axis (axis 1/2 are limited to 65535): head block fastest, so the programs that gather
     # the same rows for the other heads of this query run side by side and hit L2.
@@ -284,20 +253,15 @@ def _sparse_mqa_fwd_kernel(
             kv_mask = kv_mask & (dv_cols[None, :] < D_V)
         kv_main = tl.load(kv_rows + dv_cols[None, :], mask=kv_mask, other=0.0)       # [BLOCK_N, BLOCK_DV]
 
+        # With 64 heads on 8 warps both warpgroups compute all of S (Triton's chained-dot layout); splitting it
+        # between them was slower and overflowed shared memory (docs/experiments/triton-fwd-split-scores.patch).
+        s = tl.dot(q_main, tl.trans(kv_main), input_precision=DOT_PRECISION)         # [BLOCK_H, BLOCK_N]
         if D_TAIL > 0:
             kv_tail_mask = valid[:, None]
             if BLOCK_TAIL != D_TAIL:
                 kv_tail_mask = kv_tail_mask & (tail_cols[None, :] < D_TAIL)
             kv_tail = tl.load(kv_rows + D_V + tail_cols[None, :], mask=kv_tail_mask, other=0.0)
-        if SPLIT_SCORES:
-            # `start < hi` always holds here; the two products are summed so that neither feeds a dot.
-            s = _dot_outside_chain(q_main, kv_main, start < hi, BLOCK_H, BLOCK_N, DOT_PRECISION)
-            if D_TAIL > 0:
-                s = s + _dot_outside_chain(q_tail, kv_tail, start < hi, BLOCK_H, BLOCK_N, DOT_PRECISION)
-        else:
-            s = tl.dot(q_main, tl.trans(kv_main), input_precision=DOT_PRECISION)     # [BLOCK_H, BLOCK_N]
-            if D_TAIL > 0:
-                s = tl.dot(q_tail, tl.trans(kv_tail), acc=s, input_precision=DOT_PRECISION)
+            s = tl.dot(q_tail, tl.trans(kv_tail), acc=s, input_precision=DOT_PRECISION)
         s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
 
         # Online softmax. m_safe keeps rows that have seen no valid slot yet away from (-inf) - (-inf).
@@ -434,8 +398,7 @@ def _sparse_mqa_forward(q3, kv2, idx2, scale, d_v, attn_sink, topk_length, paged
         BLOCK_H=block_h, BLOCK_N=config.BLOCK_N,
         HAS_SINK=attn_sink is not None, HAS_TOPK_LENGTH=topk_length is not None,
         PAGED=paged is not None, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q3.dtype),
-        INT64_ROWS=kv2.shape[0] * dim >= 2 ** 31, SPLIT_SCORES=split_scores_applies(config, block_h),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        INT64_ROWS=kv2.shape[0] * dim >= 2 ** 31, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
         _combine_splits_kernel[(num_q * num_heads,)](

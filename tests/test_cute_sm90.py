@@ -196,11 +196,15 @@ def test_fwd_compiles_for_sm90a_without_spills(config):
     if sass is not None:
         ops = fake_compile.count_opcodes(sass, "HGMMA", "LDGSTS", "LDL", "STL", "USETMAXREG")
         s_steps, pv_steps = config.head_dim // 16, 64 // 16   # k-steps of S (over D) and of PV (over keys)
+        pieces = (64 // 16) * (config.head_dim // 64)          # 16-byte cp.async per thread for 64 rows
         # split_keys issues S and PV once per tile; alternate has its own PV and the folded PV (in the
-        # loop and once more after it, for the other consumer's last tile).
-        expected = s_steps + (pv_steps if config.schedule == "split_keys" else 3 * pv_steps)
+        # loop and once more after it, for the other consumer's last tile); seesaw specialises each
+        # consumer (consumer 0 issues its first S before the loop), and loads each stage in two halves.
+        expected = {"split_keys": s_steps + pv_steps, "alternate": s_steps + 3 * pv_steps,
+                    "seesaw": 3 * s_steps + 4 * pv_steps}[config.schedule]
         assert ops["HGMMA"] == expected
-        assert ops["LDGSTS"] == 2 * (64 // 16) * (config.head_dim // 64)   # Q rows + kv rows per thread
+        expected_loads = 3 * pieces if config.schedule == "seesaw" else 2 * pieces   # Q + kv stage(s)
+        assert ops["LDGSTS"] == expected_loads
         assert ops["LDL"] == 0 and ops["STL"] == 0
         assert ops["USETMAXREG"] == 2                   # producer gives registers to the math warpgroups
 

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -61,6 +61,26 @@ bwd_ncu() {  # ncu (full set) of the CuTe-DSL backward at H = 64, its key metric
 pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
 
 case "$phase" in
+seesaw)   # session 13: the CuTe-DSL forward's seesaw schedule: a first check (stops here on failure or a hang),
+          # its tests as the selected schedule, then every schedule and Triton timed side by side
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 120 fwd_seesaw_first.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "each_schedule and seesaw" || exit 1
+  capped 240 fwd_seesaw_pytest.log env DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=seesaw \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py
+  capped 200 fwd_schedules.log python -m benchmarks.bench_cute_fwd_schedules "$@"
+  ;;
+seesaw2)  # session 13: seesaw as the default: op-level GPU tests, the headline harness, the demo, an ablation
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 420 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    tests/test_dispatch.py tests/test_autograd.py tests/test_warmup.py compile_tests
+  capped 150 headline_fwd.log python -m benchmarks.run --headline --ops sparse_attention --also-backends triton \
+    --no-overhead --out "$OUT/headline"
+  for ab in none no_gather; do
+    capped 60 "fwd_ablation_$ab.log" python -m csrc_dsl.cute.sm90.sparse_attention_fwd --schedule seesaw --ablation "$ab"
+  done
+  capped 120 demo.log python -m dsa_ops
+  ;;
 cute)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   python -m dsa_ops.backends > "$OUT/backends.txt" 2>&1

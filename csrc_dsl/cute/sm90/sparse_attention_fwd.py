@@ -18,8 +18,8 @@ from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
 
 LOG2_E = 1.4426950408889634
 
-SCHEDULES = ("split_keys", "alternate")
-DEFAULT_SCHEDULE = "split_keys"
+SCHEDULES = ("split_keys", "alternate", "seesaw")
+DEFAULT_SCHEDULE = "seesaw"   # 1.23-1.29x split_keys on the H100 (BENCHMARKS.md, session 13)
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE"   # tests and benchmarks: run the other schedule
 SUPPORTED_HEAD_DIMS = (512, 576)
 SUPPORTED_DV = (512,)
@@ -39,11 +39,15 @@ class FwdConfig:
     dtype: str = "bfloat16"
     block_n: int = 64           # top-k slots (kv rows) per tile
     num_stages: int = 2
-    producer_regs: int = 56     # setmaxnreg for the gather warpgroup
-    consumer_regs: int = 224    # setmaxnreg for each math warpgroup
+    # setmaxnreg for the gather warpgroup and for each math warpgroup; 0: the schedule's own split,
+    # 56 / 224 (seesaw: 72 / 216, the pair-wise ids need the producer registers; 216 fits its consumers)
+    producer_regs: int = 0
+    consumer_regs: int = 0
     arch: str = "sm_90a"
     # "split_keys": both consumers split every tile's keys (S 64x32 each) and meet twice per tile.
     # "alternate": consumers own alternate tiles (S 64x64), one's GEMMs overlap the other's softmax.
+    # "seesaw": alternate tiles in pairs, each kv stage loaded and freed in two column halves, the owner's
+    # P straight from registers, both consumers at one max per pair (the kernel's docstring).
     schedule: str = DEFAULT_SCHEDULE
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
@@ -193,7 +197,7 @@ def _benchmark(argv=None) -> None:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--sink", action="store_true")
     parser.add_argument("--ablation", default="none", choices=["none", "no_gather", "no_math", "tensor_only"])
-    parser.add_argument("--schedule", default="split_keys", choices=["split_keys", "alternate"])
+    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES))
     args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(args.T, args.H, args.D, device="cuda", generator=gen).to(torch.bfloat16)

@@ -15,8 +15,8 @@ Three warpgroups of 128 threads:
        slots (id < 0, id >= S, slot >= topk_length) are zero-filled (cp.async with source size 0) and get
        a -inf bias. Two stages, each a full/empty mbarrier pair.
   WG1, WG2, consumers (w = 0, 1). Consumer w keeps O_w = the output columns [256w, 256w+256) of all
-       64 heads (64 x 256 fp32 = 128 registers per thread). Two schedules share out the rest
-       (FwdConfig.schedule):
+       64 heads (64 x 256 fp32 = 128 registers per thread). Three schedules share out the rest
+       (FwdConfig.schedule; "seesaw" is the default, the other two stay for comparison):
 
        "split_keys": each tile's 64 keys are split between the consumers.
            S_w = Q K_w^T   wgmma 64 x 32 x D over the 32 keys [32w, 32w+32), Q and K from smem;
@@ -32,6 +32,22 @@ Three warpgroups of 128 threads:
            both consumers add P_t V_t to their O_w (the non-owner first moves O_w to the new max).
            While a consumer's S runs on the tensor cores it folds in the other's previous tile, so one
            warpgroup's GEMMs overlap the other's softmax.
+       "seesaw": alternate tiles taken in pairs (2j in stage 0 for consumer 0, 2j+1 in stage 1 for
+           consumer 1), the scheme of FlashMLA's SM90 sparse prefill, written anew here:
+           - each stage is loaded and freed in two column halves, L = [0, 256) and R = [256, D), each with
+             its own full/empty barrier, loaded in the order 0L, 1R, 0R, 1L. A half is freed by the one
+             consumer that reads it last, so V_0L (consumer 0's own P V) and V_1R (consumer 1's) can be
+             refilled while the other halves of the pair are still in use: about 1.5 stages of look-ahead
+             in the shared memory of two;
+           - the owner's S starts on the half that lands first (consumer 0: L, consumer 1: R);
+           - the owner multiplies its own P straight from registers (wgmma with A in registers); only the
+             other consumer's P goes through shared memory (stmatrix; stage 0's into its RoPE columns);
+           - one max per pair: consumer 0 takes m0 from its running max and tile 2j, consumer 1 continues
+             from m0 with tile 2j+1 to m1; consumer 0 then rescales its P (for consumer 1) and its O to
+             m1. One exponential per score, no per-tile meeting beyond these two hand-offs;
+           - consumer 0 issues S of the next pair while its last P V still runs.
+           1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, session 13). Registers: 216 per consumer
+           thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
 
 Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
 
@@ -66,6 +82,8 @@ BAR_P_READY = 2     # split_keys: both halves of P are in smem
 BAR_EPILOGUE = 3
 BAR_TILE_READY = 4  # alternate: 4 + w, warpgroup w published P and the row max of its tile
 BAR_OWN_P = 6       # alternate: 6 + w, within warpgroup w (128 threads): its P is complete in smem
+BAR_SEESAW_MAX = 8  # seesaw: 8 + w, consumer w published its new row max in sMax[:, 0]
+BAR_SEESAW_P = 10   # seesaw: 10 + w, consumer w's P (at the pair's max) is in smem
 
 
 def rows_cols_view(acc: cute.Tensor) -> cute.Tensor:
@@ -97,13 +115,88 @@ def wgmma(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a: cute.Tensor, frag_
 
 
 @cute.jit
+def issue_kblocks(tiled_mma: cute.TiledMma, acc: cute.Tensor, frag_a: cute.Tensor, frag_b: cute.Tensor,
+                  k_start: cutlass.Constexpr[int], k_stop: cutlass.Constexpr[int],
+                  zero_init: cutlass.Constexpr[bool]):
+    """acc (+)= A B over k-blocks [k_start, k_stop): wgmmas only, the caller fences and commits. Lets a
+    product start on the half of a tile that has landed while the other half is still loading."""
+    atom = cute.make_mma_atom(tiled_mma.op)
+    atom.set(warpgroup.Field.ACCUMULATE, not zero_init)
+    for k in cutlass.range_constexpr(k_start, k_stop):
+        cute.gemm(atom, acc, frag_a[None, None, k], frag_b[None, None, k], acc)
+        atom.set(warpgroup.Field.ACCUMULATE, True)
+
+
+def acc_as_frag_a(acc: cute.Tensor) -> cute.Tensor:
+    """View a 16-bit wgmma accumulator ((2, 2, N/8), M_atoms, N_atoms) as the register A operand of the next
+    product, ((2, 2, 2), M_atoms, (N/16, N_atoms)): the values a thread holds for columns [16k, 16k+16) are
+    exactly its A values of k-block k, so no data moves (the back-to-back GEMM register trick)."""
+    layout = cute.logical_divide(acc.layout, ((None, None, 2), None, None))
+    shape, stride = layout.shape, layout.stride
+    return cute.make_tensor(acc.iterator, cute.make_layout(
+        ((shape[0][0], shape[0][1], shape[0][2][0]), shape[1], (shape[0][2][1], shape[2])),
+        stride=((stride[0][0], stride[0][1], stride[0][2][0]), stride[1], (stride[0][2][1], stride[2]))))
+
+
+@cute.jit
+def softmax_own_rows(S: cute.Tensor, O: cute.Tensor, S_coord: cute.Tensor, sBias: cute.Tensor, stage: Int32,
+                     row_max: cute.Tensor, row_sum: cute.Tensor, m_start: cute.Tensor, scale_log2: Float32):
+    """Online softmax of this thread's rows of a whole 64-key tile (in kv stage `stage`), in place: S becomes
+    P = 2^(s - m) with s the scores in log2 units plus the key's bias (0 or -inf), m the new row max
+    (continuing from m_start[i] >= row_max[i]); O and the row sums move from row_max to m, and row_max
+    becomes m. A row's 4 threads agree on m; m stays -inf while the row has seen no valid key (then
+    2^(s - 0) = 0 for the masked keys, never -inf - -inf)."""
+    n_rows = cute.size(S, mode=[0])
+    n_cols = cute.size(S, mode=[1])
+    col_bias = cute.make_rmem_tensor((n_cols,), Float32)
+    for j in cutlass.range_constexpr(n_cols):
+        col_bias[j] = sBias[S_coord[0, j][1], stage]
+    for i in cutlass.range_constexpr(n_rows):
+        m = m_start[i]
+        for j in cutlass.range_constexpr(n_cols):
+            s = S[i, j] * scale_log2 + col_bias[j]
+            S[i, j] = s
+            m = cute.arch.fmax(m, s)
+        m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1))
+        m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=2))
+        m_use = m
+        if m == -Float32.inf:
+            m_use = Float32(0.0)
+        scale = cute.math.exp2(row_max[i] - m_use, fastmath=True)
+        row_max[i] = m
+        total = Float32(0.0)
+        for j in cutlass.range_constexpr(n_cols):
+            p = cute.math.exp2(S[i, j] - m_use, fastmath=True)
+            S[i, j] = p
+            total += p
+        row_sum[i] = row_sum[i] * scale + total
+        O_row = O[i, None]
+        O_row.store(O_row.load() * scale)
+
+
+@cute.jit
+def move_row_to_max(m_new: Float32, i: cutlass.Constexpr[int], row_max: cute.Tensor, row_sum: cute.Tensor,
+                    O: cute.Tensor) -> Float32:
+    """Row i's output and sum move from row_max[i] to the max m_new >= it; returns the factor applied."""
+    m_use = m_new
+    if m_new == -Float32.inf:
+        m_use = Float32(0.0)
+    factor = cute.math.exp2(row_max[i] - m_use, fastmath=True)
+    row_max[i] = m_new
+    row_sum[i] = row_sum[i] * factor
+    O_row = O[i, None]
+    O_row.store(O_row.load() * factor)
+    return factor
+
+
+@cute.jit
 def copy_row(copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Constexpr[int],
-             piece: Int32, valid: Boolean):
-    """This thread's 16-byte cp.async pieces of one bf16 row of `num_cols` columns (columns piece*8 + 64j, for
-    8 threads per row); zero-filled when not valid. Shared by the SM90 kernels' producers."""
+             piece: Int32, valid: Boolean, first_col: cutlass.Constexpr[int] = 0):
+    """This thread's 16-byte cp.async pieces of one bf16 row, columns [first_col, num_cols) (columns
+    piece*8 + 64j, for 8 threads per row); zero-filled when not valid. Shared by the SM90 kernels' producers."""
     pred = cute.make_rmem_tensor((1,), Boolean)
     pred[0] = valid
-    for j in cutlass.range_constexpr(num_cols // 64):
+    for j in cutlass.range_constexpr(first_col // 64, num_cols // 64):
         col = j * 64 + piece * 8
         src = cute.make_tensor(
             cute.make_ptr(BFloat16, src_row + Int64(col * 2), cute.AddressSpace.gmem, assumed_align=16),
@@ -131,12 +224,28 @@ class SparseAttentionFwdSm90:
         self.keys_per_wg = self.BN // 2        # S columns of one consumer
         self.dv_per_wg = self.DV // 2          # O columns of one consumer
         self.num_threads = 3 * 128
-        if config.schedule not in ("split_keys", "alternate"):
+        if config.schedule not in ("split_keys", "alternate", "seesaw"):
             raise ValueError(f"unknown schedule {config.schedule!r}")
-        self.alternate = config.schedule == "alternate"
+        self.seesaw = config.schedule == "seesaw"
+        self.alternate = config.schedule == "alternate" or self.seesaw   # S 64 x 64 by the tile's owner
         # alternate + D = 576: P of a tile lives in that tile's RoPE columns, dead once S is computed.
+        # seesaw: only stage 0's P can (its RoPE half is freed by the consumer that reads P), so stage 1's
+        # P gets its own buffer.
         self.p_in_rope = self.alternate and self.D - self.DV == self.BN
-        self.p_buffers = 1 if not self.alternate else (0 if self.p_in_rope else self.stages)
+        if self.seesaw:
+            self.p_buffers = 1 if self.p_in_rope else self.stages
+        else:
+            self.p_buffers = 1 if not self.alternate else (0 if self.p_in_rope else self.stages)
+        # seesaw: each kv stage is loaded and released in two halves of columns, L = [0, d_v/2) (consumer 0's
+        # V) and R = [d_v/2, D) (consumer 1's V and the RoPE part): one full/empty barrier pair per half.
+        self.half_cols = self.DV // 2
+        # registers: 384 threads launch with 168 each; the producer hands its surplus to the consumers
+        self.producer_regs = config.producer_regs or (72 if self.seesaw else 56)
+        self.consumer_regs = config.consumer_regs or (216 if self.seesaw else 224)
+        if self.producer_regs * 128 + self.consumer_regs * 256 > 168 * 384:
+            raise ValueError(f"setmaxnreg {self.producer_regs} / {self.consumer_regs} exceeds the 168 x 384 "
+                             "registers the CTA launches with")
+        self.bars_per_stage = 2 if self.seesaw else 1
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -162,11 +271,15 @@ class SparseAttentionFwdSm90:
         mma_pv = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
             Float32, (1, 1, 1), (BM, self.dv_per_wg))
+        # seesaw: a consumer multiplies its own P straight from registers.
+        mma_pv_rs = sm90_utils.make_trivial_tiled_mma(
+            BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
+            Float32, (1, 1, 1), (BM, self.dv_per_wg), warpgroup.OperandSource.RMEM)
 
         @cute.struct
         class SharedStorage:
-            full_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
-            empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
+            full_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
+            empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
             q_bar: cute.struct.MemRange[cutlass.Int64, 1]
             bias: cute.struct.MemRange[Float32, BN * self.stages]   # 0 or -inf per kv row and stage
             row_max: cute.struct.MemRange[Float32, BM * 2]           # per row, per consumer
@@ -183,7 +296,7 @@ class SparseAttentionFwdSm90:
         head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
         grid_x = mQ.shape[0] * head_blocks
         self.kernel(mQ, mKV, mIdx, mOut, mLse, mSink, mTopkLen, scale_log2,
-                    sQ_layout, sKV_layout, sP_layout, sO_layout, mma_qk, mma_pv).launch(
+                    sQ_layout, sKV_layout, sP_layout, sO_layout, mma_qk, mma_pv, mma_pv_rs).launch(
             grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
 
     # -------------------------------------------------------------------------------------------
@@ -194,7 +307,7 @@ class SparseAttentionFwdSm90:
                mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
                scale_log2: Float32, sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
-               mma_qk: cute.TiledMma, mma_pv: cute.TiledMma):
+               mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, mma_pv_rs: cute.TiledMma):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -210,16 +323,23 @@ class SparseAttentionFwdSm90:
         q_bar = storage.q_bar.data_ptr()
         if warp_idx == 0:
             with cute.arch.elect_one():
-                for s in cutlass.range_constexpr(self.stages):
-                    cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
-                    cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
+                if const_expr(self.seesaw):
+                    for s in cutlass.range_constexpr(self.stages):
+                        for half in cutlass.range_constexpr(2):
+                            # the half a stage is loaded first (0: L, 1: R) also publishes its bias
+                            cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
+                            cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
+                else:
+                    for s in cutlass.range_constexpr(self.stages):
+                        cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
+                        cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
                 cute.arch.mbarrier_init(q_bar, 128)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
-        if const_expr(self.p_in_rope):
+        if const_expr(self.p_in_rope and not self.seesaw):
             sP = cute.flat_divide(sKV, (self.BM, self.BN))[None, None, 0, self.D // self.BN - 1, None]
         else:
             sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)   # (64, 64, buffers)
@@ -235,12 +355,32 @@ class SparseAttentionFwdSm90:
         n_tiles = (k_valid + self.BN - 1) // self.BN
 
         if wg_idx == 0:
-            cute.arch.setmaxregister_decrease(self.cfg.producer_regs)
-            self.produce(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
-                         token, head_block, k_valid, n_tiles, tidx)
+            cute.arch.setmaxregister_decrease(self.producer_regs)
+            if const_expr(self.seesaw):
+                self.produce_seesaw(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
+                                    token, head_block, k_valid, n_tiles, tidx)
+            else:
+                self.produce(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
+                             token, head_block, k_valid, n_tiles, tidx)
         else:
-            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
-            if const_expr(self.alternate):
+            cute.arch.setmaxregister_increase(self.consumer_regs)
+            if const_expr(self.seesaw):
+                # P of stage 0 (consumer 0's tiles) and of stage 1
+                if const_expr(self.p_in_rope):
+                    sP0 = cute.flat_divide(sKV, (self.BM, self.BN))[None, None, 0, self.D // self.BN - 1, 0]
+                    sP1 = sP[None, None, 0]
+                else:
+                    sP0 = sP[None, None, 0]
+                    sP1 = sP[None, None, 1]
+                if wg_idx == 1:
+                    self.consume_seesaw(mOut, mLse, mSink, sQ, sKV, sP0, sP1, sO, sBias, sMax, sSum,
+                                        full_bar, empty_bar, q_bar, mma_qk, mma_pv, mma_pv_rs, scale_log2,
+                                        token, head_block, n_tiles, 0, tidx - 128)
+                else:
+                    self.consume_seesaw(mOut, mLse, mSink, sQ, sKV, sP0, sP1, sO, sBias, sMax, sSum,
+                                        full_bar, empty_bar, q_bar, mma_qk, mma_pv, mma_pv_rs, scale_log2,
+                                        token, head_block, n_tiles, 1, tidx - 128)
+            elif const_expr(self.alternate):
                 self.consume_alternate(mOut, mLse, mSink, sQ, sKV, sP, sO, sBias, sMax, sSum,
                                        full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
                                        token, head_block, n_tiles, wg_idx - 1, tidx - 128)
@@ -250,28 +390,35 @@ class SparseAttentionFwdSm90:
                              token, head_block, n_tiles, wg_idx - 1, tidx - 128)
 
     # ---- producer: cp.async gathers ------------------------------------------------------------
+    def gather_atom(self) -> cute.CopyAtom:
+        return cute.make_copy_atom(
+            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128)
+
+    @cute.jit
+    def load_q(self, copy_16B: cute.CopyAtom, mQ: cute.Tensor, sQ: cute.Tensor, q_bar, token: Int32,
+               head_block: Int32, tidx: Int32):
+        """Q rows of this head block into smem (heads past H zero-filled); q_bar completes when they land."""
+        H = mQ.shape[1]
+        row_in_pass = tidx // 8
+        piece = tidx % 8
+        q_base = mQ.iterator.toint()
+        for p in cutlass.range_constexpr(self.BN // 16):
+            r = row_in_pass + 16 * p
+            head = head_block * self.BM + r
+            valid = head < H
+            src_row = q_base + (Int64(token) * H + Int64(head if valid else 0)) * (self.D * 2)
+            copy_row(copy_16B, src_row, sQ[r, None], self.D, piece, valid)
+        cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
+
     @cute.jit
     def produce(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
                 sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar,
                 token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
-        D, H = self.D, mQ.shape[1]
-        copy_16B = cute.make_copy_atom(
-            cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128)
+        D = self.D
+        copy_16B = self.gather_atom()
+        self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
         # 8 threads per row, each moving 16-byte pieces 128 bytes apart; 16 rows per pass, 4 passes.
-        row_in_pass = tidx // 8
-        piece = tidx % 8
-        passes = self.BN // 16
-        row_bytes = D * 2
-
-        # Q rows of this head block; heads past H are zero-filled.
-        q_base = mQ.iterator.toint()
-        for p in cutlass.range_constexpr(passes):
-            r = row_in_pass + 16 * p
-            head = head_block * self.BM + r
-            valid = head < H
-            src_row = q_base + (Int64(token) * H + Int64(head if valid else 0)) * row_bytes
-            copy_row(copy_16B, src_row, sQ[r, None], D, piece, valid)
-        cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
+        row_in_pass, piece, passes, row_bytes = tidx // 8, tidx % 8, self.BN // 16, D * 2
 
         # kv tiles: indices for tile `it` are loaded one tile ahead, before waiting for the buffer.
         kv_rows = mKV.shape[0]
@@ -297,6 +444,53 @@ class SparseAttentionFwdSm90:
                 self.load_slot_ids(mIdx, slot_ids, token, it + 1, k_valid, row_in_pass)
 
     @cute.jit
+    def produce_seesaw(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
+                       sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar,
+                       token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
+        """The seesaw producer: tiles go in pairs (tile 2j in stage 0, 2j + 1 in stage 1) and each stage in
+        two column halves. Order per pair: 0L, 1R, 0R, 1L: first the halves their owners free early (after
+        their own P V), then the halves freed only once the other consumer has folded the tile in. A pair
+        past the last tile holds only invalid rows (zero-filled, bias -inf), so an odd tile count just
+        computes one all-masked tile."""
+        D = self.D
+        copy_16B = self.gather_atom()
+        self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
+        row_in_pass, piece, passes, row_bytes = tidx // 8, tidx % 8, self.BN // 16, D * 2   # as in `produce`
+
+        kv_rows = mKV.shape[0]
+        kv_base = mKV.iterator.toint()
+        ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
+        n_pairs = (n_tiles + 1) // 2
+        if n_pairs > 0:
+            self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
+            self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
+        for j in cutlass.range(n_pairs, unroll=1):
+            phase = j % 2
+            for stage, half in ((0, 0), (1, 1), (0, 1), (1, 0)):
+                bar = 2 * stage + half
+                cute.arch.mbarrier_wait(empty_bar + bar, phase ^ 1)
+                for p in cutlass.range_constexpr(passes):
+                    r = row_in_pass + 16 * p
+                    kv_id = ids[stage][p]
+                    valid = kv_id >= 0 and kv_id < kv_rows
+                    src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
+                    if const_expr(self.cfg.ablation != "no_gather"):
+                        if const_expr(half == 0):
+                            copy_row(copy_16B, src_row, sKV[r, None, stage], self.half_cols, piece, valid)
+                        else:
+                            copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid,
+                                     first_col=self.half_cols)
+                    if const_expr(half == stage):
+                        if piece == 0:
+                            sBias[r, stage] = Float32(0.0) if valid else -Float32.inf
+                cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + bar)
+                if const_expr(half == stage):
+                    cute.arch.mbarrier_arrive(full_bar + bar)      # the bias of this stage's tile
+            if j + 1 < n_pairs:
+                self.load_slot_ids(mIdx, ids[0], token, 2 * j + 2, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[1], token, 2 * j + 3, k_valid, row_in_pass)
+
+    @cute.jit
     def load_slot_ids(self, mIdx: cute.Tensor, slot_ids: cute.Tensor, token: Int32, tile: Int32,
                       k_valid: Int32, row_in_pass: Int32):
         """kv ids of this thread's rows of `tile`; -1 (invalid) past the valid slots."""
@@ -307,6 +501,22 @@ class SparseAttentionFwdSm90:
                 slot_ids[p] = mIdx[token, slot]
 
     # ---- consumers: wgmma + online softmax --------------------------------------------------------
+    def value_view(self, sKV: cute.Tensor, w) -> cute.Tensor:
+        """V_w^T: columns [256w, 256w+256) of each kv stage seen as (dv, key), MN-major for the P V product."""
+        sVt = cute.composition(sKV, cute.make_layout((self.DV, self.BN, self.stages),
+                                                     stride=(self.BN, 1, self.BN * self.D)))
+        return cute.flat_divide(sVt, (self.dv_per_wg, self.BN))[None, None, w, 0, None]
+
+    @cute.jit
+    def accumulators(self, thr_qk: cute.ThrMma, thr_pv: cute.ThrMma, n_keys: cutlass.Constexpr[int]):
+        """(acc_O zeroed, acc_S, and their (row, col) views O and S, and S_coord: the (row, key) of each value
+        of S, from the same partitioning as the MMA) for a consumer whose S covers n_keys keys."""
+        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((self.BM, self.dv_per_wg)), Float32)
+        acc_O.fill(0.0)
+        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((self.BM, n_keys)), Float32)
+        S_coord = rows_cols_view(thr_qk.partition_C(cute.make_identity_tensor((self.BM, n_keys))))
+        return acc_O, acc_S, rows_cols_view(acc_O), rows_cols_view(acc_S), S_coord
+
     @cute.jit
     def consume(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
                 sQ: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor, sO: cute.Tensor, sBias: cute.Tensor,
@@ -322,19 +532,11 @@ class SparseAttentionFwdSm90:
         sK_w = cute.flat_divide(sKV, (KW, D))[None, None, w, 0, None]             # (32, D, stage)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
         tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK_w))
-        # V_w^T: columns [256w, 256w+256) of the kv tile seen as (dv, key): MN-major for the PV GEMM.
-        sVt = cute.composition(sKV, cute.make_layout((DV, BN, self.stages), stride=(BN, 1, BN * D)))
-        sVt_w = cute.flat_divide(sVt, (NW, BN))[None, None, w, 0, None]            # (256, 64, stage)
+        sVt_w = self.value_view(sKV, w)                                             # (256, 64, stage)
         tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
         tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))
 
-        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BM, NW)), Float32)
-        acc_O.fill(0.0)
-        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BM, KW)), Float32)
-        S = rows_cols_view(acc_S)
-        O = rows_cols_view(acc_O)
-        # (row, col) of each accumulator value, from the same partitioning as the MMA.
-        S_coord = rows_cols_view(thr_qk.partition_C(cute.make_identity_tensor((BM, KW))))
+        acc_O, acc_S, O, S, S_coord = self.accumulators(thr_qk, thr_pv, KW)
         n_rows = cute.size(S, mode=[0])          # 2 rows per thread (8 of the 32 keys each)
         leader = cute.arch.lane_idx() % 4 == 0   # a row's 4 threads share its max and sum
 
@@ -383,17 +585,11 @@ class SparseAttentionFwdSm90:
         thr_pv = mma_pv.get_slice(tid % 128)
         tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
         tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKV))                      # all 64 rows, by stage
-        sVt = cute.composition(sKV, cute.make_layout((DV, BN, self.stages), stride=(BN, 1, BN * D)))
-        sVt_w = cute.flat_divide(sVt, (NW, BN))[None, None, w, 0, None]            # (256, 64, stage)
+        sVt_w = self.value_view(sKV, w)                                             # (256, 64, stage)
         tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
         tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))                       # P of each stage's tile
 
-        acc_O = cute.make_rmem_tensor(thr_pv.partition_shape_C((BM, NW)), Float32)
-        acc_O.fill(0.0)
-        acc_S = cute.make_rmem_tensor(thr_qk.partition_shape_C((BM, BN)), Float32)
-        S = rows_cols_view(acc_S)
-        O = rows_cols_view(acc_O)
-        S_coord = rows_cols_view(thr_qk.partition_C(cute.make_identity_tensor((BM, BN))))
+        acc_O, acc_S, O, S, S_coord = self.accumulators(thr_qk, thr_pv, BN)
         n_rows = cute.size(S, mode=[0])
         leader = cute.arch.lane_idx() % 4 == 0
         row_max = cute.make_rmem_tensor((n_rows,), Float32)   # the running max after the last tile seen
@@ -426,6 +622,145 @@ class SparseAttentionFwdSm90:
         self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
                       token, head_block, w, tid, leader)
 
+    # ---- consumers, seesaw schedule -------------------------------------------------------------------
+    @cute.jit
+    def consume_seesaw(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
+                       sQ: cute.Tensor, sKV: cute.Tensor, sP0: cute.Tensor, sP1: cute.Tensor, sO: cute.Tensor,
+                       sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor, full_bar, empty_bar, q_bar,
+                       mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, mma_pv_rs: cute.TiledMma,
+                       scale_log2: Float32, token: Int32, head_block: Int32, n_tiles: Int32,
+                       w: cutlass.Constexpr[int], tid: Int32):
+        """Consumer w of the seesaw schedule. Tiles come in pairs, 2j in stage 0 (consumer 0's) and 2j + 1
+        in stage 1 (consumer 1's). Per pair:
+          consumer 0: S_0 -> softmax with its running max m -> m0 (to smem) -> O_0 += P_0 V_0L (P from
+                      registers) -> waits for m1 -> rescales P_0 to m1, stores it -> O_0 = O_0 * 2^(m0 - m1)
+                      + P_1 V_1L (P_1 from smem) -> starts S of the next pair while that runs;
+          consumer 1: S_1 -> softmax with max(m0, its scores) = m1 (to smem) -> O_1 += P_1 V_1R (registers),
+                      stores P_1 -> O_1 += P_0 V_0R (P_0 from smem).
+        Both end each pair at the same max m1, each summing only its own tile's P. Each half of a stage is
+        released by the one consumer that reads it last: V_0L and V_1R after the owner's own product,
+        V_0R (and P_0, in its RoPE columns) and V_1L after the other consumer's."""
+        BM, BN, D, DV, NW = self.BM, self.BN, self.D, self.DV, self.dv_per_wg
+        other = 1 - w
+        thr_qk = mma_qk.get_slice(tid % 128)
+        thr_pv = mma_pv.get_slice(tid % 128)
+        thr_pv_rs = mma_pv_rs.get_slice(tid % 128)
+        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
+        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKV))                      # all 64 rows, by stage
+        sVt_w = self.value_view(sKV, w)                                             # (256, 64, stage)
+        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
+        tOrV_rs = thr_pv_rs.make_fragment_B(thr_pv_rs.partition_B(sVt_w))
+        sP_own = sP0 if w == 0 else sP1
+        sP_other = sP1 if w == 0 else sP0
+        tOrP_other = thr_pv.make_fragment_A(thr_pv.partition_A(sP_other))
+
+        acc_O, acc_S, O, S, S_coord = self.accumulators(thr_qk, thr_pv, BN)
+        # P in bf16: the wgmma A operand of this consumer's own product, and stored (stmatrix) for the other.
+        rP = cute.make_rmem_tensor_like(acc_S, BFloat16)
+        rP_a = acc_as_frag_a(rP)
+        store_atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose=False, num_matrices=4),
+                                         BFloat16)
+        thr_store = cute.make_tiled_copy_C(store_atom, mma_qk).get_slice(tid % 128)
+        tPsP = thr_store.partition_D(sP_own)
+        tPrP = thr_store.retile(rP)
+        n_rows = cute.size(S, mode=[0])
+        leader = cute.arch.lane_idx() % 4 == 0
+        row_max = cute.make_rmem_tensor((n_rows,), Float32)
+        row_sum = cute.make_rmem_tensor((n_rows,), Float32)   # over this consumer's own tiles
+        row_max.fill(-Float32.inf)
+        row_sum.fill(0.0)
+
+        cute.arch.mbarrier_wait(q_bar, 0)
+        n_pairs = (n_tiles + 1) // 2
+        if const_expr(w == 0):
+            if n_pairs > 0:
+                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 0, 0, 0)
+                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 0, 0, 1)
+                warpgroup.wait_group(0)
+        for j in cutlass.range(n_pairs, unroll=1):
+            phase = j % 2
+            if const_expr(w == 1):
+                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, phase, 1, 1)
+                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, phase, 1, 0)
+                warpgroup.wait_group(0)
+                cute.arch.barrier(barrier_id=BAR_SEESAW_MAX + 0, number_of_threads=256)
+            self.seesaw_softmax(S, O, S_coord, sBias, sMax, row_max, row_sum, scale_log2, w, leader)
+            rP.store(acc_S.load().to(BFloat16))
+            cute.arch.barrier_arrive(barrier_id=BAR_SEESAW_MAX + w, number_of_threads=256)
+            wgmma(mma_pv_rs, acc_O, rP_a, tOrV_rs[None, None, None, w], zero_init=False, wait=False)
+            if const_expr(w == 0):
+                warpgroup.wait_group(0)
+                cute.arch.mbarrier_arrive(empty_bar + 0)                  # V_0L: consumer 0 is done with it
+                # the pair's max, from consumer 1: move P_0 and O_0 to it
+                cute.arch.barrier(barrier_id=BAR_SEESAW_MAX + 1, number_of_threads=256)
+                for i in cutlass.range_constexpr(n_rows):
+                    factor = move_row_to_max(sMax[S_coord[i, 0][0], 0], i, row_max, row_sum, O)
+                    S_row = S[i, None]
+                    S_row.store(S_row.load() * factor)
+                rP.store(acc_S.load().to(BFloat16))
+                cute.copy(store_atom, tPrP, tPsP)
+                cute.arch.fence_proxy("async.shared", space="cta")     # st.matrix P -> the other's wgmma
+                cute.arch.barrier_arrive(barrier_id=BAR_SEESAW_P + 0, number_of_threads=256)
+                cute.arch.barrier(barrier_id=BAR_SEESAW_P + 1, number_of_threads=256)
+                wgmma(mma_pv, acc_O, tOrP_other, tOrV[None, None, None, 1], zero_init=False, wait=False)
+                if j + 1 < n_pairs:
+                    # S of the next pair's tile while P_1 V_1L runs; its L half first (freed earliest)
+                    self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 1 - phase, 0, 0)
+                    warpgroup.wait_group(1)
+                    cute.arch.mbarrier_arrive(empty_bar + 2)              # V_1L (and P_1) folded in
+                    self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 1 - phase, 0, 1)
+                    warpgroup.wait_group(0)
+                else:
+                    warpgroup.wait_group(0)
+                    cute.arch.mbarrier_arrive(empty_bar + 2)
+            else:
+                cute.copy(store_atom, tPrP, tPsP)
+                cute.arch.barrier(barrier_id=BAR_SEESAW_P + 0, number_of_threads=256)
+                wgmma(mma_pv, acc_O, tOrP_other, tOrV[None, None, None, 0], zero_init=False, wait=False)
+                cute.arch.fence_proxy("async.shared", space="cta")     # st.matrix P -> the other's wgmma
+                cute.arch.barrier_arrive(barrier_id=BAR_SEESAW_P + 1, number_of_threads=256)
+                warpgroup.wait_group(1)
+                cute.arch.mbarrier_arrive(empty_bar + 3)                  # V_1R: consumer 1 is done with it
+                warpgroup.wait_group(0)
+                cute.arch.mbarrier_arrive(empty_bar + 1)                  # V_0R and P_0 folded in
+
+        self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
+                      token, head_block, w, tid, leader)
+
+    @cute.jit
+    def seesaw_scores(self, mma_qk: cute.TiledMma, acc_S: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,
+                      full_bar, phase: Int32, stage: cutlass.Constexpr[int], half: cutlass.Constexpr[int]):
+        """Issue (and commit, not wait for) the part of S = Q K^T over one column half of a stage's tile,
+        once that half has landed. The owner's first half zero-initialises S."""
+        k_split = self.half_cols // 16
+        k_all = self.D // 16
+        cute.arch.mbarrier_wait(full_bar + 2 * stage + half, phase)
+        cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
+        warpgroup.fence()
+        issue_kblocks(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage],
+                      0 if half == 0 else k_split, k_split if half == 0 else k_all, zero_init=half == stage)
+        warpgroup.commit_group()
+
+    @cute.jit
+    def seesaw_softmax(self, S: cute.Tensor, O: cute.Tensor, S_coord: cute.Tensor, sBias: cute.Tensor,
+                       sMax: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor, scale_log2: Float32,
+                       w: cutlass.Constexpr[int], leader: Boolean):
+        """Softmax of consumer w's own tile (stage w) in place in S (fp32 P), O and the sums moved to the new
+        max, which goes to sMax. Consumer 0 continues from its own running max (the last pair's common max);
+        consumer 1 from the max consumer 0 just published, so it lands on the pair's max."""
+        n_rows = cute.size(S, mode=[0])          # 2 rows per thread
+        m_start = cute.make_rmem_tensor((n_rows,), Float32)
+        for i in cutlass.range_constexpr(n_rows):
+            if const_expr(w == 0):
+                m_start[i] = row_max[i]
+            else:
+                m_start[i] = sMax[S_coord[i, 0][0], 0]
+        softmax_own_rows(S, O, S_coord, sBias, w, row_max, row_sum, m_start, scale_log2)
+        cute.arch.sync_warp()    # the row's 4 threads have read sMax before its leader overwrites it
+        if leader:
+            for i in cutlass.range_constexpr(n_rows):
+                sMax[S_coord[i, 0][0], 0] = row_max[i]
+
     @cute.jit
     def fold_other_tile(self, O: cute.Tensor, S_coord: cute.Tensor, sMax: cute.Tensor, row_max: cute.Tensor,
                         row_sum: cute.Tensor, acc_O: cute.Tensor, tOrP: cute.Tensor, tOrV: cute.Tensor,
@@ -434,15 +769,7 @@ class SparseAttentionFwdSm90:
         issue O += P V (left in flight; the caller waits)."""
         cute.arch.barrier(barrier_id=BAR_TILE_READY + other, number_of_threads=256)
         for i in cutlass.range_constexpr(cute.size(row_max)):
-            m_new = sMax[S_coord[i, 0][0], other]
-            m_use = m_new
-            if m_new == -Float32.inf:
-                m_use = Float32(0.0)
-            scale = cute.math.exp2(row_max[i] - m_use, fastmath=True)
-            row_max[i] = m_new
-            row_sum[i] = row_sum[i] * scale
-            O_row = O[i, None]
-            O_row.store(O_row.load() * scale)
+            move_row_to_max(sMax[S_coord[i, 0][0], other], i, row_max, row_sum, O)
         wgmma(mma_pv, acc_O, tOrP[None, None, None, other], tOrV[None, None, None, other], zero_init=False,
               wait=False)
 
@@ -453,32 +780,10 @@ class SparseAttentionFwdSm90:
         """Softmax of this consumer's tile (it sits in stage w); publishes P and the new row max."""
         n_rows = cute.size(S, mode=[0])          # 2 rows per thread
         n_cols = cute.size(S, mode=[1])          # 16 of the 64 keys per row
-        col_bias = cute.make_rmem_tensor((n_cols,), Float32)
-        for j in cutlass.range_constexpr(n_cols):
-            col_bias[j] = sBias[S_coord[0, j][1], w]
-        for i in cutlass.range_constexpr(n_rows):
-            m = row_max[i]
-            for j in cutlass.range_constexpr(n_cols):
-                s = S[i, j] * scale_log2 + col_bias[j]
-                S[i, j] = s
-                m = cute.arch.fmax(m, s)
-            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1))
-            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=2))
-            m_use = m
-            if m == -Float32.inf:
-                m_use = Float32(0.0)
-            scale = cute.math.exp2(row_max[i] - m_use, fastmath=True)
-            row_max[i] = m
-            total = Float32(0.0)
-            for j in cutlass.range_constexpr(n_cols):
-                p = cute.math.exp2(S[i, j] - m_use, fastmath=True)
-                S[i, j] = p
-                total += p
-            row_sum[i] = row_sum[i] * scale + total
-            O_row = O[i, None]
-            O_row.store(O_row.load() * scale)
-            if leader:
-                sMax[S_coord[i, 0][0], w] = m
+        softmax_own_rows(S, O, S_coord, sBias, w, row_max, row_sum, row_max, scale_log2)
+        if leader:
+            for i in cutlass.range_constexpr(n_rows):
+                sMax[S_coord[i, 0][0], w] = row_max[i]
         for i in cutlass.range_constexpr(n_rows):
             for j in cutlass.range_constexpr(n_cols):
                 sP[S_coord[i, j][0], S_coord[i, j][1], w] = BFloat16(S[i, j])

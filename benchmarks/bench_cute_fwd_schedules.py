@@ -1,0 +1,105 @@
+"""The CuTe-DSL SM90 sparse attention forward, one row per tile-loop schedule, side by side (GPU, SM90).
+
+    python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all] [--reps 30]
+
+Every schedule of `csrc_dsl.cute.sm90.sparse_attention_fwd.SCHEDULES` (and the Triton forward, for scale)
+runs on the same inputs in one process: each is checked against the fp64 torch oracle on the first 64
+queries, then timed in interleaved rounds (one call of each per round, L2 flushed before every call,
+CUDA events), and the median is reported. FLOPs: 2*T*H*K*(D + d_v) (SPEC section 4).
+FlashMLA's SM90 sparse prefill was not built here; its published H100 times are printed beside ours.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from benchmarks.bench_sparse_attention import Case, attention_inputs, check, torch_sparse_attention
+from benchmarks.common import flush_l2, use_roofline_of
+
+# FlashMLA's SM90 sparse prefill on this H100 class (issue 4): ms, keyed by (H, S_kv), T=4096, K=2048, D=576.
+FLASHMLA_MS = {(128, 8192): 3.52, (64, 8192): 2.01, (128, 65536): 4.30}
+
+HEADLINE = [
+    Case("V3.2 H=128", "fwd", T=4096, S=8192, H=128, K=2048),
+    Case("V3.2 H=64", "fwd", T=4096, S=8192, H=64, K=2048),
+    Case("V3.2 H=128 S=64K", "fwd", T=4096, S=65536, H=128, K=2048),
+]
+MORE = [
+    Case("V3.2 H=32", "fwd", T=4096, S=8192, H=32, K=2048),
+    Case("V3.2 H=16", "fwd", T=4096, S=8192, H=16, K=2048),
+    Case("V4 H=64 K=512", "fwd", T=4096, S=8192, H=64, K=512, D=512),
+    Case("V4 H=64 K=1024", "fwd", T=4096, S=8192, H=64, K=1024, D=512),
+]
+
+
+def run_case(case: Case, reps: int, with_triton: bool) -> list[dict]:
+    from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
+    from csrc_dsl.triton import sparse_attention_fwd as triton_fwd
+
+    q, kv, idx, sink = attention_inputs(case)
+    scale = case.D ** -0.5
+    n_check = 64
+    ref_out, ref_lse = torch_sparse_attention(q[:n_check], kv, idx[:n_check], scale, case.d_v, sink,
+                                              compute_dtype=torch.float64)
+    out = torch.empty(case.T, case.H, case.d_v, device="cuda", dtype=torch.bfloat16)
+    lse = torch.empty(case.T, case.H, device="cuda", dtype=torch.float32)
+    runs = {}
+    for schedule in cute_fwd.SCHEDULES:
+        config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, schedule=schedule)
+        runs[f"cute {schedule}"] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
+    if with_triton:
+        runs["triton"] = lambda: triton_fwd.sparse_attention(q, kv, idx, scale, case.d_v, sink)
+    errors = {}
+    for name, fn in runs.items():
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        result = fn()
+        got_out, got_lse = result if name == "triton" else (out, lse)
+        errors[name] = check(got_out[:n_check], got_lse[:n_check], ref_out, ref_lse, f"{case.name} {name}")
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            flush_l2(q.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end))
+    flops = 2 * case.T * case.H * case.K * (case.D + case.d_v)
+    rows = []
+    for name in runs:
+        ms = statistics.median(times[name])
+        rows.append(dict(case=case.name, backend=name, ms=ms, tflops=flops / ms / 1e9, err=errors[name],
+                         spread=(min(times[name]), max(times[name]))))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="headline", choices=["headline", "all"])
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--no-triton", action="store_true")
+    args = parser.parse_args(argv)
+    peak, _ = use_roofline_of(torch.cuda.get_device_name())
+    cases = HEADLINE + (MORE if args.cases == "all" else [])
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.reps} "
+          "interleaved calls, L2 flushed before each")
+    print("| case | backend | ms | TFLOP/s | % of peak | vs first row | FlashMLA ms (published) | rel err (64 q) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for case in cases:
+        rows = run_case(case, args.reps, not args.no_triton)
+        first = rows[0]["ms"]
+        flashmla = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None
+        for row in rows:
+            ms = row["ms"]
+            vs_flashmla = "" if flashmla is None else f"{flashmla:.2f} ({flashmla / ms:.2f}x)"
+            print(f"| {row['case']} | {row['backend']} | {ms:.3f} | {row['tflops']:.0f} | "
+                  f"{100 * row['tflops'] / peak:.0f}% | {first / ms:.2f}x | {vs_flashmla} | "
+                  f"{row['err']:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,15 @@
 """The CuTe-DSL SM90 sparse attention forward, one row per tile-loop schedule, side by side (GPU, SM90).
 
-    python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all] [--reps 30]
+    python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all] [--reps 30] [--ids random|sorted]
+        [--schedules seesaw,split_keys] [--l2-hints] [--no-triton]
 
 Every schedule of `csrc_dsl.cute.sm90.sparse_attention_fwd.SCHEDULES` (and the Triton forward, for scale)
 runs on the same inputs in one process: each is checked against the fp64 torch oracle on the first 64
 queries, then timed in interleaved rounds (one call of each per round, L2 flushed before every call,
 CUDA events), and the median is reported. FLOPs: 2*T*H*K*(D + d_v) (SPEC section 4).
 FlashMLA's SM90 sparse prefill was not built here; its published H100 times are printed beside ours.
+`--ids sorted` sorts each query's ids (as a top-k that emits ids in index order gives; the default is a random
+order); `--l2-hints` adds the seesaw schedule with `FwdConfig.l2_hints`.
 """
 from __future__ import annotations
 
@@ -34,11 +37,15 @@ MORE = [
 ]
 
 
-def run_case(case: Case, reps: int, with_triton: bool) -> list[dict]:
+def run_case(case: Case, reps: int, with_triton: bool, schedules, l2_hints: bool, sorted_ids: bool) -> list[dict]:
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     from csrc_dsl.triton import sparse_attention_fwd as triton_fwd
 
     q, kv, idx, sink = attention_inputs(case)
+    if sorted_ids:
+        # ascending ids, the -1 pads (placed last by attention_inputs) kept last
+        idx = torch.where(idx < 0, torch.iinfo(torch.int32).max, idx).sort(dim=1).values
+        idx = torch.where(idx == torch.iinfo(torch.int32).max, -1, idx).contiguous()
     scale = case.D ** -0.5
     n_check = 64
     ref_out, ref_lse = torch_sparse_attention(q[:n_check], kv, idx[:n_check], scale, case.d_v, sink,
@@ -46,18 +53,25 @@ def run_case(case: Case, reps: int, with_triton: bool) -> list[dict]:
     out = torch.empty(case.T, case.H, case.d_v, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(case.T, case.H, device="cuda", dtype=torch.float32)
     runs = {}
-    for schedule in cute_fwd.SCHEDULES:
-        config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, schedule=schedule)
-        runs[f"cute {schedule}"] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
+    variants = [(f"cute {schedule}", dict(schedule=schedule)) for schedule in schedules]
+    if l2_hints:
+        variants.append(("cute seesaw+l2 hints", dict(schedule="seesaw", l2_hints=True)))
+    for name, fields in variants:
+        config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
+        runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
     if with_triton:
         runs["triton"] = lambda: triton_fwd.sparse_attention(q, kv, idx, scale, case.d_v, sink)
     errors = {}
-    for name, fn in runs.items():
+    for name, fn in list(runs.items()):
         out.fill_(float("nan"))
         lse.fill_(float("nan"))
         result = fn()
         got_out, got_lse = result if name == "triton" else (out, lse)
-        errors[name] = check(got_out[:n_check], got_lse[:n_check], ref_out, ref_lse, f"{case.name} {name}")
+        try:
+            errors[name] = check(got_out[:n_check], got_lse[:n_check], ref_out, ref_lse, f"{case.name} {name}")
+        except AssertionError as exc:   # a wrong variant is reported, never timed
+            print(f"WRONG, not timed: {exc}", flush=True)
+            del runs[name]
     times = {name: [] for name in runs}
     for _ in range(reps):
         for name, fn in runs.items():
@@ -82,15 +96,20 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default="headline", choices=["headline", "all"])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-triton", action="store_true")
+    parser.add_argument("--ids", default="random", choices=["random", "sorted"])
+    parser.add_argument("--schedules", default="", help="comma-separated (default: every schedule)")
+    parser.add_argument("--l2-hints", action="store_true")
     args = parser.parse_args(argv)
+    from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
+    schedules = [x for x in args.schedules.split(",") if x] or list(cute_fwd.SCHEDULES)
     peak, _ = use_roofline_of(torch.cuda.get_device_name())
     cases = HEADLINE + (MORE if args.cases == "all" else [])
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.reps} "
-          "interleaved calls, L2 flushed before each")
+          f"interleaved calls, L2 flushed before each; ids in {args.ids} order")
     print("| case | backend | ms | TFLOP/s | % of peak | vs first row | FlashMLA ms (published) | rel err (64 q) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
-        rows = run_case(case, args.reps, not args.no_triton)
+        rows = run_case(case, args.reps, not args.no_triton, schedules, args.l2_hints, args.ids == "sorted")
         first = rows[0]["ms"]
         flashmla = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None
         for row in rows:

@@ -49,6 +49,8 @@ class FwdConfig:
     # "seesaw": alternate tiles in pairs, each kv stage loaded and freed in two column halves, the owner's
     # P straight from registers, both consumers at one max per pair (the kernel's docstring).
     schedule: str = DEFAULT_SCHEDULE
+    # seesaw only: the kv gather as cp.async with an L2 evict_last policy and a 256-byte L2 prefetch
+    l2_hints: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"

@@ -72,6 +72,9 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
 
+from cutlass._mlir.dialects import llvm
+from cutlass.cutlass_dsl import T, dsl_user_op
+
 LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
 HEADS_PER_CTA = 64  # wgmma M
@@ -187,6 +190,40 @@ def move_row_to_max(m_new: Float32, i: cutlass.Constexpr[int], row_max: cute.Ten
     O_row = O[i, None]
     O_row.store(O_row.load() * factor)
     return factor
+
+
+@dsl_user_op
+def l2_policy(evict_last: bool, *, loc=None, ip=None) -> Int64:
+    """A 64-bit L2 cache policy (createpolicy) for cache-hinted loads: evict_last keeps the lines (the kv rows
+    that every token gathers again), evict_first lets them go first (Q, read once)."""
+    kind = "evict_last" if evict_last else "evict_first"
+    return Int64(llvm.inline_asm(T.i64(), [], f"createpolicy.fractional.L2::{kind}.b64 $0, 1.0;", "=l",
+                                 has_side_effects=True, is_align_stack=False,
+                                 asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def cp_async_16B_hinted(dst_addr: Int32, src_addr: Int64, src_bytes: Int32, policy: Int64, *, loc=None, ip=None):
+    """cp.async of 16 bytes (zero-filled past src_bytes) to the shared address dst_addr, with an L2 cache policy
+    and a 256-byte L2 prefetch: the one form of the gather copy the DSL's CopyG2SOp does not spell (FlashMLA's
+    producer uses it)."""
+    llvm.inline_asm(None, [Int32(dst_addr).ir_value(loc=loc, ip=ip), Int64(src_addr).ir_value(loc=loc, ip=ip),
+                           Int32(src_bytes).ir_value(loc=loc, ip=ip), Int64(policy).ir_value(loc=loc, ip=ip)],
+                    "cp.async.cg.shared.global.L2::cache_hint.L2::256B [$0], [$1], 16, $2, $3;", "r,l,r,l",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
+@cute.jit
+def copy_row_hinted(src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Constexpr[int], piece: Int32,
+                    valid: Boolean, policy: Int64, first_col: cutlass.Constexpr[int] = 0):
+    """`copy_row` through `cp_async_16B_hinted`, for a destination in the 128-byte-swizzled wgmma layout: the
+    pointer of a swizzled smem tensor holds the unswizzled address, so the swizzle (address bits 7-9 into
+    bits 4-6, on a 1024-byte-aligned buffer) is applied here, as the DSL's own copies do."""
+    src_bytes = Int32(16) if valid else Int32(0)
+    for j in cutlass.range_constexpr(first_col // 64, num_cols // 64):
+        col = j * 64 + piece * 8
+        addr = Int32(cute.local_tile(dst_row, (8,), (j * 8 + piece,)).iterator.toint())
+        cp_async_16B_hinted(addr ^ ((addr >> 3) & 0x70), src_row + Int64(col * 2), src_bytes, policy)
 
 
 @cute.jit
@@ -459,6 +496,7 @@ class SparseAttentionFwdSm90:
 
         kv_rows = mKV.shape[0]
         kv_base = mKV.iterator.toint()
+        kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
         ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
         n_pairs = (n_tiles + 1) // 2
         if n_pairs > 0:
@@ -475,11 +513,12 @@ class SparseAttentionFwdSm90:
                     valid = kv_id >= 0 and kv_id < kv_rows
                     src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
                     if const_expr(self.cfg.ablation != "no_gather"):
-                        if const_expr(half == 0):
-                            copy_row(copy_16B, src_row, sKV[r, None, stage], self.half_cols, piece, valid)
+                        lo, hi = (0, self.half_cols) if half == 0 else (self.half_cols, D)
+                        if const_expr(self.cfg.l2_hints):
+                            copy_row_hinted(src_row, sKV[r, None, stage], hi, piece, valid, kv_policy,
+                                            first_col=lo)
                         else:
-                            copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid,
-                                     first_col=self.half_cols)
+                            copy_row(copy_16B, src_row, sKV[r, None, stage], hi, piece, valid, first_col=lo)
                     if const_expr(half == stage):
                         if piece == 0:
                             sBias[r, stage] = Float32(0.0) if valid else -Float32.inf

@@ -76,7 +76,7 @@ seesaw3)  # session 13: the refactored kernels' tests, then seesaw with L2 cache
     ${SEESAW3_TESTS:-}
   for ids in random sorted; do
     capped 150 "fwd_l2_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --l2-hints --no-triton \
-      --schedules split_keys,seesaw
+      --schedules "${SEESAW3_SCHEDULES:-split_keys,seesaw}" --reps "${SEESAW3_REPS:-30}"
   done
   ;;
 seesaw2)  # session 13: seesaw as the default: op-level GPU tests, the headline harness, the demo, an ablation

@@ -1,7 +1,7 @@
 """The CuTe-DSL SM90 sparse attention forward, one row per tile-loop schedule, side by side (GPU, SM90).
 
     python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all] [--reps 30] [--ids random|sorted]
-        [--schedules seesaw,split_keys] [--l2-hints] [--no-triton]
+        [--schedules seesaw,split_keys] [--l2-hints] [--rotate-tiles] [--no-triton]
 
 Every schedule of `csrc_dsl.cute.sm90.sparse_attention_fwd.SCHEDULES` (and the Triton forward, for scale)
 runs on the same inputs in one process: each is checked against the fp64 torch oracle on the first 64
@@ -9,7 +9,8 @@ queries, then timed in interleaved rounds (one call of each per round, L2 flushe
 CUDA events), and the median is reported. FLOPs: 2*T*H*K*(D + d_v) (SPEC section 4).
 FlashMLA's SM90 sparse prefill was not built here; its published H100 times are printed beside ours.
 `--ids sorted` sorts each query's ids (as a top-k that emits ids in index order gives; the default is a random
-order); `--l2-hints` adds the seesaw schedule with `FwdConfig.l2_hints`.
+order); `--l2-hints` and `--rotate-tiles` add the seesaw schedule with `FwdConfig.l2_hints` or
+`FwdConfig.rotate_tiles` (and both together when both are given).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ MORE = [
 ]
 
 
-def run_case(case: Case, reps: int, with_triton: bool, schedules, l2_hints: bool, sorted_ids: bool) -> list[dict]:
+def run_case(case: Case, reps: int, with_triton: bool, schedules, options: list[str], sorted_ids: bool) -> list[dict]:
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     from csrc_dsl.triton import sparse_attention_fwd as triton_fwd
 
@@ -54,8 +55,10 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, l2_hints: bool
     lse = torch.empty(case.T, case.H, device="cuda", dtype=torch.float32)
     runs = {}
     variants = [(f"cute {schedule}", dict(schedule=schedule)) for schedule in schedules]
-    if l2_hints:
-        variants.append(("cute seesaw+l2 hints", dict(schedule="seesaw", l2_hints=True)))
+    for option in options:
+        variants.append((f"cute seesaw+{option}", {"schedule": "seesaw", option: True}))
+    if len(options) > 1:
+        variants.append((f"cute seesaw+{'+'.join(options)}", {"schedule": "seesaw", **dict.fromkeys(options, True)}))
     for name, fields in variants:
         config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
         runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
@@ -99,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--ids", default="random", choices=["random", "sorted"])
     parser.add_argument("--schedules", default="", help="comma-separated (default: every schedule)")
     parser.add_argument("--l2-hints", action="store_true")
+    parser.add_argument("--rotate-tiles", action="store_true")
     args = parser.parse_args(argv)
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     schedules = [x for x in args.schedules.split(",") if x] or list(cute_fwd.SCHEDULES)
@@ -109,7 +113,8 @@ def main(argv=None) -> None:
     print("| case | backend | ms | TFLOP/s | % of peak | vs first row | FlashMLA ms (published) | rel err (64 q) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
-        rows = run_case(case, args.reps, not args.no_triton, schedules, args.l2_hints, args.ids == "sorted")
+        options = [name for name, on in (("l2_hints", args.l2_hints), ("rotate_tiles", args.rotate_tiles)) if on]
+        rows = run_case(case, args.reps, not args.no_triton, schedules, options, args.ids == "sorted")
         first = rows[0]["ms"]
         flashmla = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None
         for row in rows:

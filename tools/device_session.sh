@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: seesaw3 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: seesaw4 | seesaw3 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -69,6 +69,20 @@ seesaw)   # session 13: the CuTe-DSL forward's seesaw schedule: a first check (s
   capped 240 fwd_seesaw_pytest.log env DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=seesaw \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py
   capped 200 fwd_schedules.log python -m benchmarks.bench_cute_fwd_schedules "$@"
+  ;;
+seesaw4)  # session 14: seesaw's options (L2 hints, rotated tile order) checked, then timed on ids in random and sorted order
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 200 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    ${SEESAW4_TESTS:--k "each_schedule or deterministic"}
+  for ids in sorted random; do
+    capped 200 "fwd_opts_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --l2-hints \
+      --rotate-tiles --no-triton --schedules seesaw --cases all --reps "${SEESAW4_REPS:-30}"
+  done
+  # the gather alone (consumers only hand the stages back): the floor for one 64-head CTA per token
+  for H in 16 64; do
+    capped 60 "fwd_gather_only_h$H.log" python -m csrc_dsl.cute.sm90.sparse_attention_fwd --schedule split_keys \
+      --ablation no_math --H "$H"
+  done
   ;;
 seesaw3)  # session 13: the refactored kernels' tests, then seesaw with L2 cache hints, ids in random and sorted order
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

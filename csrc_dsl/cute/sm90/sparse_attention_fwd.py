@@ -51,6 +51,9 @@ class FwdConfig:
     schedule: str = DEFAULT_SCHEDULE
     # seesaw only: the kv gather as cp.async with an L2 evict_last policy and a 256-byte L2 prefetch
     l2_hints: bool = False
+    # seesaw only: each query starts its tile loop at pair (token mod pairs), so the CTAs in flight gather
+    # different kv rows at a time even when every query's ids come in index order (a top-k's usual output)
+    rotate_tiles: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"

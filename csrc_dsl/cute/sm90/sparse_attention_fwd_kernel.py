@@ -499,9 +499,14 @@ class SparseAttentionFwdSm90:
         kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
         ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
         n_pairs = (n_tiles + 1) // 2
+        # the pair loaded in step j is (j + first_pair) mod n_pairs; the consumers never see tile numbers
+        pair = Int32(0)
+        if const_expr(self.cfg.rotate_tiles):
+            if n_pairs > 0:
+                pair = token % n_pairs
         if n_pairs > 0:
-            self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
-            self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
+            self.load_slot_ids(mIdx, ids[0], token, 2 * pair, k_valid, row_in_pass)
+            self.load_slot_ids(mIdx, ids[1], token, 2 * pair + 1, k_valid, row_in_pass)
         for j in cutlass.range(n_pairs, unroll=1):
             phase = j % 2
             for stage, half in ((0, 0), (1, 1), (0, 1), (1, 0)):
@@ -525,9 +530,12 @@ class SparseAttentionFwdSm90:
                 cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + bar)
                 if const_expr(half == stage):
                     cute.arch.mbarrier_arrive(full_bar + bar)      # the bias of this stage's tile
+            pair += 1
+            if pair == n_pairs:
+                pair = Int32(0)
             if j + 1 < n_pairs:
-                self.load_slot_ids(mIdx, ids[0], token, 2 * j + 2, k_valid, row_in_pass)
-                self.load_slot_ids(mIdx, ids[1], token, 2 * j + 3, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[0], token, 2 * pair, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[1], token, 2 * pair + 1, k_valid, row_in_pass)
 
     @cute.jit
     def load_slot_ids(self, mIdx: cute.Tensor, slot_ids: cute.Tensor, token: Int32, tile: Int32,

@@ -131,14 +131,11 @@ def _supported_and_faster(supports: str, faster: Callable[..., bool], *args) -> 
     return faster(*args) and _holds(supports, args)
 
 
-# Where the CuTe-DSL kernels lose to Triton (BENCHMARKS.md, headline run 2026-11-25, H100, T=4096, K=2048, D=576):
-# backward at H=16 (fast 11.0 vs 9.7 ms; deterministic a tie) and the deterministic backward at H=128 (43.5 vs
-# 40.0 ms). The forward lost at H=16 until its seesaw schedule (session 13: 1.77 vs 2.01 ms); both kernels
-# pad the heads to a 64- (CuTe) or 16-head (Triton) tile, so H < 16 costs what H = 16 does, and CuTe wins there.
-def cute_forward_faster(q, *args) -> bool:
-    return True
-
-
+# Where the CuTe-DSL backward loses to Triton (BENCHMARKS.md, headline run 2026-11-25, H100, T=4096, K=2048,
+# D=576): at H=16 (fast 11.0 vs 9.7 ms; deterministic a tie) and in deterministic mode at H=128 (43.5 vs 40.0 ms).
+# The forward has no such rule: since its seesaw schedule (session 13) it wins at every H, H=16 included
+# (1.77 vs 2.01 ms); both kernels pad the heads to a 64- (CuTe) or 16-head (Triton) tile, so H < 16 costs what
+# H = 16 does.
 def cute_backward_faster(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length, deterministic,
                          grad_lse=None) -> bool:
     heads = q.shape[-2]
@@ -200,8 +197,7 @@ TABLE: dict[str, dict[str, list[Impl]]] = {
         ref("indexer", "sparse_indexer_score")),
     # attention family
     "sparse_attention": gpu_rows(
-        [cute_sm90("sparse_attention_fwd", "sparse_attention", "bf16, D in {512, 576}, d_v = 512, H <= 128",
-                   cute_forward_faster)],
+        [cute_sm90("sparse_attention_fwd", "sparse_attention", "bf16, D in {512, 576}, d_v = 512, H <= 128")],
         [triton("sparse_attention_fwd", "sparse_attention", attention_kernel, ATTENTION_NEEDS)],
         ref("attention", "sparse_attention")),
     "sparse_attention_backward": gpu_rows(

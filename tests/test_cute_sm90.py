@@ -350,7 +350,7 @@ def test_fwd_all_duplicates_and_single_key():
 def test_fwd_one_compile_serves_all_shapes():
     """T, H, S and K are runtime values: new sizes reuse the compiled variant."""
     config = fwd.FwdConfig(head_dim=576, d_v=512, has_sink=False, has_topk_length=False,
-                           schedule=fwd.selected_schedule())
+                           **fwd.selected_variant())
     for T, H, S, K in [(3, 16, 300, 64), (9, 128, 4100, 1000), (1, 1, 65, 1)]:
         q, kv, idx, _, _ = make_inputs(T=T, H=H, D=576, S=S, K=K, seed=T * H)
         check(q, kv, idx, 0.05, 512, None, None)
@@ -373,7 +373,7 @@ def test_fwd_empty_inputs():
 def test_fwd_cuda_graph_replay_equals_eager():
     q, kv, idx, sink, lengths = make_inputs(T=16, H=64, D=576, S=4000, K=2000, seed=99, sink=True, topk_length=True)
     scale = 576 ** -0.5
-    fwd.warmup([fwd.FwdConfig(576, 512, True, True, schedule=fwd.selected_schedule())])  # no compile in capture
+    fwd.warmup([fwd.FwdConfig(576, 512, True, True, **fwd.selected_variant())])  # no compile in capture
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):                            # warm the allocator off the default stream

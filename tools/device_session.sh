@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: seesaw4 | seesaw3 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: seesaw5 | seesaw4 | seesaw3 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -83,6 +83,18 @@ seesaw4)  # session 14: seesaw's options (L2 hints, rotated tile order) checked,
     capped 60 "fwd_gather_only_h$H.log" python -m csrc_dsl.cute.sm90.sparse_attention_fwd --schedule split_keys \
       --ablation no_math --H "$H"
   done
+  # the op through the headline harness (ids from torch.topk(sorted=False)), per variant of the forward
+  for variant in seesaw seesaw+rotate_tiles seesaw+l2_hints seesaw+rotate_tiles+l2_hints; do
+    DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=$variant capped 90 "headline_$variant.log" python -m benchmarks.run \
+      --headline --ops sparse_attention --no-overhead --out "$OUT/headline_$variant"
+  done
+  ;;
+seesaw5)  # session 14: the op-level GPU tests with a seesaw variant as the op's forward (SEESAW5_VARIANT)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${SEESAW5_VARIANT:-seesaw+rotate_tiles+l2_hints} capped 420 gpu_tests.log \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
+    tests/test_autograd.py tests/test_warmup.py compile_tests
+  DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${SEESAW5_VARIANT:-seesaw+rotate_tiles+l2_hints} capped 120 demo.log python -m dsa_ops
   ;;
 seesaw3)  # session 13: the refactored kernels' tests, then seesaw with L2 cache hints, ids in random and sorted order
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

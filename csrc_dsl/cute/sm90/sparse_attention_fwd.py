@@ -61,7 +61,7 @@ class FwdConfig:
 
 def shipped_configs() -> list[FwdConfig]:
     """Every variant the op can dispatch to; CI compiles all of them (tests/test_cute_sm90.py)."""
-    return [FwdConfig(head_dim, d_v, has_sink, has_topk_length, schedule=selected_schedule())
+    return [FwdConfig(head_dim, d_v, has_sink, has_topk_length, **selected_variant())
             for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV
             for has_sink in (False, True) for has_topk_length in (False, True)]
 
@@ -111,7 +111,7 @@ def sparse_attention(q, kv, indices, scale: float, d_v: int = 512, attn_sink=Non
         lse.fill_(float("inf"))
         return out, lse
     config = FwdConfig(head_dim=head_dim, d_v=d_v, has_sink=attn_sink is not None,
-                       has_topk_length=topk_length is not None, schedule=selected_schedule())
+                       has_topk_length=topk_length is not None, **selected_variant())
     _launch(config, q, kv, indices, out, lse, scale, attn_sink, topk_length)
     return out, lse
 
@@ -121,11 +121,23 @@ def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_
     kernel(q, kv, indices, out, lse, attn_sink, topk_length, float(scale) * LOG2_E, current_stream())
 
 
+SEESAW_OPTIONS = ("l2_hints", "rotate_tiles")   # FwdConfig flags that only the seesaw schedule reads
+
+
+def selected_variant() -> dict:
+    """The FwdConfig fields the op runs with: the default schedule, or `ENV_SCHEDULE`'s choice, written as a
+    schedule name and optional seesaw flags, e.g. `seesaw+rotate_tiles+l2_hints`."""
+    text = os.environ.get(ENV_SCHEDULE, "").strip() or DEFAULT_SCHEDULE
+    schedule, *options = text.split("+")
+    if schedule not in SCHEDULES or any(o not in SEESAW_OPTIONS for o in options) or (
+            options and schedule != "seesaw"):
+        raise ValueError(f"{ENV_SCHEDULE}={text!r}: expected one of {SCHEDULES}, seesaw optionally followed "
+                         f"by +flag for flags in {SEESAW_OPTIONS}")
+    return {"schedule": schedule, **dict.fromkeys(options, True)}
+
+
 def selected_schedule() -> str:
-    schedule = os.environ.get(ENV_SCHEDULE, "").strip() or DEFAULT_SCHEDULE
-    if schedule not in SCHEDULES:
-        raise ValueError(f"{ENV_SCHEDULE}={schedule!r}: expected one of {SCHEDULES}")
-    return schedule
+    return selected_variant()["schedule"]
 
 
 def warmup(configs=None) -> int:

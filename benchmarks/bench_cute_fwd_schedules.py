@@ -1,16 +1,17 @@
 """The CuTe-DSL SM90 sparse attention forward, one row per tile-loop schedule, side by side (GPU, SM90).
 
     python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all] [--reps 30] [--ids random|sorted]
-        [--schedules seesaw,split_keys] [--l2-hints] [--rotate-tiles] [--no-triton]
+        [--schedules seesaw,split_keys] [--variants] [--no-triton] [--flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so]
 
 Every schedule of `csrc_dsl.cute.sm90.sparse_attention_fwd.SCHEDULES` (and the Triton forward, for scale)
 runs on the same inputs in one process: each is checked against the fp64 torch oracle on the first 64
 queries, then timed in interleaved rounds (one call of each per round, L2 flushed before every call,
 CUDA events), and the median is reported. FLOPs: 2*T*H*K*(D + d_v) (SPEC section 4).
-FlashMLA's SM90 sparse prefill was not built here; its published H100 times are printed beside ours.
+`--flashmla LIB` adds FlashMLA's SM90 sparse prefill (H 64 and 128 only) as one more interleaved row on the same
+inputs, from the library that benchmarks/flashmla_baseline/build.sh makes; without it, only the H100 times quoted
+in issue 4 are printed beside ours.
 `--ids sorted` sorts each query's ids (as a top-k that emits ids in index order gives; the default is a random
-order); `--l2-hints` and `--rotate-tiles` add the seesaw schedule with `FwdConfig.l2_hints` or
-`FwdConfig.rotate_tiles` (and both together when both are given).
+order); `--variants` adds the seesaw variants of `SEESAW_VARIANTS` (seesaw without its L2-hinted gather).
 """
 from __future__ import annotations
 
@@ -38,7 +39,28 @@ MORE = [
 ]
 
 
-def run_case(case: Case, reps: int, with_triton: bool, schedules, options: list[str], sorted_ids: bool) -> list[dict]:
+def load_flashmla(path: str):
+    """FlashMLA's SM90 sparse prefill forward as a callable(q, kv, idx, sink, scale, d_v) -> (out, lse), through the
+    C entry point of benchmarks/flashmla_baseline/flashmla_capi.cu."""
+    import ctypes
+
+    fn = ctypes.CDLL(path).flashmla_sm90_sparse_fwd
+    fn.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_void_p] * 8 + [ctypes.c_int, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def run(q, kv, idx, sink, scale, d_v, out, max_logits, lse):
+        T, H, D = q.shape
+        rc = fn(T, kv.shape[0], H, D, d_v, idx.shape[1], scale, q.data_ptr(), kv.data_ptr(), idx.data_ptr(),
+                None if sink is None else sink.data_ptr(), None, out.data_ptr(), max_logits.data_ptr(),
+                lse.data_ptr(), num_sms, torch.cuda.current_stream().cuda_stream)
+        if rc != 0:
+            raise RuntimeError(f"flashmla_sm90_sparse_fwd returned {rc}")
+    return run
+
+
+def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants: bool, sorted_ids: bool,
+             flashmla=None) -> list[dict]:
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     from csrc_dsl.triton import sparse_attention_fwd as triton_fwd
 
@@ -55,15 +77,16 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, options: list[
     lse = torch.empty(case.T, case.H, device="cuda", dtype=torch.float32)
     runs = {}
     variants = [(f"cute {schedule}", dict(schedule=schedule)) for schedule in schedules]
-    for option in options:
-        variants.append((f"cute seesaw+{option}", {"schedule": "seesaw", option: True}))
-    if len(options) > 1:
-        variants.append((f"cute seesaw+{'+'.join(options)}", {"schedule": "seesaw", **dict.fromkeys(options, True)}))
+    if with_variants:
+        variants += [(f"cute {name}", fields) for name, fields in cute_fwd.SEESAW_VARIANTS.items()]
     for name, fields in variants:
         config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
         runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
     if with_triton:
         runs["triton"] = lambda: triton_fwd.sparse_attention(q, kv, idx, scale, case.d_v, sink)
+    if flashmla is not None and case.H in (64, 128):
+        max_logits = torch.empty_like(lse)
+        runs["flashmla"] = lambda: flashmla(q, kv, idx, sink, scale, case.d_v, out, max_logits, lse)
     errors = {}
     for name, fn in list(runs.items()):
         out.fill_(float("nan"))
@@ -101,8 +124,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--ids", default="random", choices=["random", "sorted"])
     parser.add_argument("--schedules", default="", help="comma-separated (default: every schedule)")
-    parser.add_argument("--l2-hints", action="store_true")
-    parser.add_argument("--rotate-tiles", action="store_true")
+    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--flashmla", default="", help="FlashMLA library from benchmarks/flashmla_baseline/build.sh")
     args = parser.parse_args(argv)
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     schedules = [x for x in args.schedules.split(",") if x] or list(cute_fwd.SCHEDULES)
@@ -110,18 +133,22 @@ def main(argv=None) -> None:
     cases = HEADLINE + (MORE if args.cases == "all" else [])
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.reps} "
           f"interleaved calls, L2 flushed before each; ids in {args.ids} order")
-    print("| case | backend | ms | TFLOP/s | % of peak | vs first row | FlashMLA ms (published) | rel err (64 q) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    flashmla_lib = load_flashmla(args.flashmla) if args.flashmla else None
+    print("| case | backend | ms | TFLOP/s | % of peak | vs first row | FlashMLA same run: ms (its / ours) | "
+          "FlashMLA ms (published) | rel err (64 q) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
-        options = [name for name, on in (("l2_hints", args.l2_hints), ("rotate_tiles", args.rotate_tiles)) if on]
-        rows = run_case(case, args.reps, not args.no_triton, schedules, options, args.ids == "sorted")
+        rows = run_case(case, args.reps, not args.no_triton, schedules, args.variants, args.ids == "sorted",
+                        flashmla_lib)
         first = rows[0]["ms"]
-        flashmla = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None
+        published = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None
+        measured = next((row["ms"] for row in rows if row["backend"] == "flashmla"), None)
         for row in rows:
             ms = row["ms"]
-            vs_flashmla = "" if flashmla is None else f"{flashmla:.2f} ({flashmla / ms:.2f}x)"
+            vs_measured = "" if measured is None else f"{measured:.3f} ({measured / ms:.2f}x)"
+            vs_published = "" if published is None else f"{published:.2f} ({published / ms:.2f}x)"
             print(f"| {row['case']} | {row['backend']} | {ms:.3f} | {row['tflops']:.0f} | "
-                  f"{100 * row['tflops'] / peak:.0f}% | {first / ms:.2f}x | {vs_flashmla} | "
+                  f"{100 * row['tflops'] / peak:.0f}% | {first / ms:.2f}x | {vs_measured} | {vs_published} | "
                   f"{row['err']:.1e} |", flush=True)
 
 

@@ -409,17 +409,16 @@ def test_fwd_other_schedules_compile_without_spills(schedule):
 
 @needs_sm90
 @pytest.mark.parametrize("D", [576, 512])
-@pytest.mark.parametrize("schedule", [*fwd.SCHEDULES, "seesaw+l2_hints", "seesaw+rotate_tiles"])
+@pytest.mark.parametrize("schedule", [*fwd.SCHEDULES, *fwd.SEESAW_VARIANTS])
 def test_fwd_each_schedule_matches_oracle(schedule, D):
-    """Every tile-loop schedule (and seesaw's cache-hinted gather and rotated tile order), on rows with 0, 1,
-    2, 3 and many tiles (odd and even counts)."""
+    """Every tile-loop schedule (and seesaw with its plain, unhinted gather), on rows with 0, 1, 2, 3 and many
+    tiles (odd and even counts)."""
     T, H, K = 10, 128, 1000
     q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=3000, K=K, seed=21 + D, sink=True,
                                             topk_length=True)
     lengths[:8] = torch.tensor([0, 1, 64, 65, 128, 129, 999, 1000], dtype=torch.int32)
-    schedule, *options = schedule.split("+")
-    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, schedule=schedule,
-                           **{option: True for option in options})
+    variant = fwd.SEESAW_VARIANTS.get(schedule, {"schedule": schedule})
+    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **variant)
     out = torch.full((T, H, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
     lse = torch.full((T, H), float("nan"), dtype=torch.float32, device="cuda")
     fwd._launch(config, q, kv, idx, out, lse, D ** -0.5, sink, lengths)

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: seesaw5 | seesaw4 | seesaw3 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -70,13 +70,23 @@ seesaw)   # session 13: the CuTe-DSL forward's seesaw schedule: a first check (s
     python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py
   capped 200 fwd_schedules.log python -m benchmarks.bench_cute_fwd_schedules "$@"
   ;;
-seesaw4)  # session 14: seesaw's options (L2 hints, rotated tile order) checked, then timed on ids in random and sorted order
+flashmla)  # session 14: our forward and FlashMLA's SM90 sparse prefill side by side, interleaved on the same inputs
+           # (carry .device/flashmla, built on the CPU by benchmarks/flashmla_baseline/build.sh)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  for ids in random sorted; do
+    capped 240 "fwd_vs_flashmla_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --variants \
+      --no-triton --schedules seesaw --cases "${FLASHMLA_CASES:-headline}" --reps "${FLASHMLA_REPS:-50}" \
+      --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
+  done
+  ;;
+seesaw4)  # session 14 (run at 8e885e0 with the rotated order as a third variant): seesaw with and without its
+          # L2-hinted gather, checked, then timed on ids in sorted and random order; the gather alone; the harness
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 200 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
     ${SEESAW4_TESTS:--k "each_schedule or deterministic"}
   for ids in sorted random; do
-    capped 200 "fwd_opts_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --l2-hints \
-      --rotate-tiles --no-triton --schedules seesaw --cases all --reps "${SEESAW4_REPS:-30}"
+    capped 200 "fwd_opts_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --variants \
+      --no-triton --schedules seesaw --cases all --reps "${SEESAW4_REPS:-30}"
   done
   # the gather alone (consumers only hand the stages back): the floor for one 64-head CTA per token
   for H in 16 64; do
@@ -84,26 +94,17 @@ seesaw4)  # session 14: seesaw's options (L2 hints, rotated tile order) checked,
       --ablation no_math --H "$H"
   done
   # the op through the headline harness (ids from torch.topk(sorted=False)), per variant of the forward
-  for variant in seesaw seesaw+rotate_tiles seesaw+l2_hints seesaw+rotate_tiles+l2_hints; do
+  for variant in seesaw seesaw-no_l2_hints; do
     DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=$variant capped 90 "headline_$variant.log" python -m benchmarks.run \
       --headline --ops sparse_attention --no-overhead --out "$OUT/headline_$variant"
   done
   ;;
-seesaw5)  # session 14: the op-level GPU tests with a seesaw variant as the op's forward (SEESAW5_VARIANT)
+seesaw5)  # session 14: the op-level GPU tests (with SEESAW5_VARIANT as the op's forward, if given) and the demo
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${SEESAW5_VARIANT:-seesaw+rotate_tiles+l2_hints} capped 420 gpu_tests.log \
+  DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${SEESAW5_VARIANT:-} capped 420 gpu_tests.log \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
     tests/test_autograd.py tests/test_warmup.py compile_tests
-  DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${SEESAW5_VARIANT:-seesaw+rotate_tiles+l2_hints} capped 120 demo.log python -m dsa_ops
-  ;;
-seesaw3)  # session 13: the refactored kernels' tests, then seesaw with L2 cache hints, ids in random and sorted order
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 200 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
-    ${SEESAW3_TESTS:-}
-  for ids in random sorted; do
-    capped 150 "fwd_l2_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --l2-hints --no-triton \
-      --schedules "${SEESAW3_SCHEDULES:-split_keys,seesaw}" --reps "${SEESAW3_REPS:-30}"
-  done
+  DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${SEESAW5_VARIANT:-} capped 120 demo.log python -m dsa_ops
   ;;
 seesaw2)  # session 13: seesaw as the default: op-level GPU tests, the headline harness, the demo, an ablation
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"

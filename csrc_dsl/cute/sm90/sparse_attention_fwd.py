@@ -49,11 +49,9 @@ class FwdConfig:
     # "seesaw": alternate tiles in pairs, each kv stage loaded and freed in two column halves, the owner's
     # P straight from registers, both consumers at one max per pair (the kernel's docstring).
     schedule: str = DEFAULT_SCHEDULE
-    # seesaw only: the kv gather as cp.async with an L2 evict_last policy and a 256-byte L2 prefetch
-    l2_hints: bool = False
-    # seesaw only: each query starts its tile loop at pair (token mod pairs), so the CTAs in flight gather
-    # different kv rows at a time even when every query's ids come in index order (a top-k's usual output)
-    rotate_tiles: bool = False
+    # seesaw only (the others ignore it): the kv gather as cp.async with an L2 evict_last policy and a
+    # 256-byte L2 prefetch, 1-4% faster than plain cp.async (BENCHMARKS.md, session 14); False for A/B runs
+    l2_hints: bool = True
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"
@@ -121,19 +119,18 @@ def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_
     kernel(q, kv, indices, out, lse, attn_sink, topk_length, float(scale) * LOG2_E, current_stream())
 
 
-SEESAW_OPTIONS = ("l2_hints", "rotate_tiles")   # FwdConfig flags that only the seesaw schedule reads
+SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False}}   # for A/B runs
 
 
 def selected_variant() -> dict:
-    """The FwdConfig fields the op runs with: the default schedule, or `ENV_SCHEDULE`'s choice, written as a
-    schedule name and optional seesaw flags, e.g. `seesaw+rotate_tiles+l2_hints`."""
+    """The FwdConfig fields the op runs with: the default schedule, or `ENV_SCHEDULE`'s choice (a schedule
+    name, or a name of SEESAW_VARIANTS)."""
     text = os.environ.get(ENV_SCHEDULE, "").strip() or DEFAULT_SCHEDULE
-    schedule, *options = text.split("+")
-    if schedule not in SCHEDULES or any(o not in SEESAW_OPTIONS for o in options) or (
-            options and schedule != "seesaw"):
-        raise ValueError(f"{ENV_SCHEDULE}={text!r}: expected one of {SCHEDULES}, seesaw optionally followed "
-                         f"by +flag for flags in {SEESAW_OPTIONS}")
-    return {"schedule": schedule, **dict.fromkeys(options, True)}
+    if text in SEESAW_VARIANTS:
+        return dict(SEESAW_VARIANTS[text])
+    if text not in SCHEDULES:
+        raise ValueError(f"{ENV_SCHEDULE}={text!r}: expected one of {SCHEDULES} or {tuple(SEESAW_VARIANTS)}")
+    return {"schedule": text}
 
 
 def selected_schedule() -> str:

@@ -45,8 +45,10 @@ Three warpgroups of 128 threads:
            - one max per pair: consumer 0 takes m0 from its running max and tile 2j, consumer 1 continues
              from m0 with tile 2j+1 to m1; consumer 0 then rescales its P (for consumer 1) and its O to
              m1. One exponential per score, no per-tile meeting beyond these two hand-offs;
-           - consumer 0 issues S of the next pair while its last P V still runs.
-           1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, session 13). Registers: 216 per consumer
+           - consumer 0 issues S of the next pair while its last P V still runs;
+           - the gather's cp.async carries an L2 evict_last policy and a 256-byte L2 prefetch
+             (FwdConfig.l2_hints, inline PTX: `copy_row_hinted`), 1-4% faster than plain cp.async.
+           1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, sessions 13 and 14). Registers: 216 per consumer
            thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
 
 Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
@@ -499,14 +501,9 @@ class SparseAttentionFwdSm90:
         kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
         ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
         n_pairs = (n_tiles + 1) // 2
-        # the pair loaded in step j is (j + first_pair) mod n_pairs; the consumers never see tile numbers
-        pair = Int32(0)
-        if const_expr(self.cfg.rotate_tiles):
-            if n_pairs > 0:
-                pair = token % n_pairs
         if n_pairs > 0:
-            self.load_slot_ids(mIdx, ids[0], token, 2 * pair, k_valid, row_in_pass)
-            self.load_slot_ids(mIdx, ids[1], token, 2 * pair + 1, k_valid, row_in_pass)
+            self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
+            self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
         for j in cutlass.range(n_pairs, unroll=1):
             phase = j % 2
             for stage, half in ((0, 0), (1, 1), (0, 1), (1, 0)):
@@ -530,12 +527,9 @@ class SparseAttentionFwdSm90:
                 cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + bar)
                 if const_expr(half == stage):
                     cute.arch.mbarrier_arrive(full_bar + bar)      # the bias of this stage's tile
-            pair += 1
-            if pair == n_pairs:
-                pair = Int32(0)
             if j + 1 < n_pairs:
-                self.load_slot_ids(mIdx, ids[0], token, 2 * pair, k_valid, row_in_pass)
-                self.load_slot_ids(mIdx, ids[1], token, 2 * pair + 1, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[0], token, 2 * j + 2, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[1], token, 2 * j + 3, k_valid, row_in_pass)
 
     @cute.jit
     def load_slot_ids(self, mIdx: cute.Tensor, slot_ids: cute.Tensor, token: Int32, tile: Int32,

@@ -75,7 +75,7 @@ flashmla)  # session 14: our forward and FlashMLA's SM90 sparse prefill side by 
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   for ids in random sorted; do
     capped 240 "fwd_vs_flashmla_$ids.log" python -m benchmarks.bench_cute_fwd_schedules --ids "$ids" --variants \
-      --no-triton --schedules seesaw --cases "${FLASHMLA_CASES:-headline}" --reps "${FLASHMLA_REPS:-50}" \
+      --no-triton --schedules seesaw --cases "${FLASHMLA_CASES:-all}" --reps "${FLASHMLA_REPS:-50}" \
       --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
   done
   ;;

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -69,6 +69,22 @@ seesaw)   # session 13: the CuTe-DSL forward's seesaw schedule: a first check (s
   capped 240 fwd_seesaw_pytest.log env DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=seesaw \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py
   capped 200 fwd_schedules.log python -m benchmarks.bench_cute_fwd_schedules "$@"
+  ;;
+qhint)  # session 14: Q loaded with an L2 evict_first policy: checked, then against FlashMLA (same run) and profiled
+        # at S_kv = 65536 next to it (carry .device/flashmla)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 200 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "test_fwd and not compiles" || exit 1
+  lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
+  capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
+    --no-triton --schedules seesaw --cases headline --reps 50 --flashmla $lib
+  # third headline case (H=128, S_kv=65536): skip 2 x (2 checks + 2 x 2 rounds) + its 2 checks, profile seesaw, FlashMLA
+  capped 200 ncu_64k.log ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    -k regex:"sparse_attn_fwd_kernel|SparseAttentionFwdSm90" --launch-skip 14 --launch-count 2 -f -o "$OUT/fwd_64k" \
+    python -m benchmarks.bench_cute_fwd_schedules --cases headline --reps 2 --no-triton --schedules seesaw --flashmla $lib
+  ncu -i "$OUT/fwd_64k.ncu-rep" --page details > "$OUT/ncu_64k_details.txt" 2>&1
+  ncu -i "$OUT/fwd_64k.ncu-rep" --page raw --csv 2>/dev/null | gzip > "$OUT/ncu_64k_raw.csv.gz"; rm -f "$OUT/fwd_64k.ncu-rep"
+  grep -E "Duration|L2 Hit|DRAM Throughput|L2 Cache Throughput" "$OUT/ncu_64k_details.txt"
   ;;
 flashmla)  # session 14: our forward and FlashMLA's SM90 sparse prefill side by side, interleaved on the same inputs
            # (carry .device/flashmla, built on the CPU by benchmarks/flashmla_baseline/build.sh)

@@ -50,7 +50,7 @@ class FwdConfig:
     # P straight from registers, both consumers at one max per pair (the kernel's docstring).
     schedule: str = DEFAULT_SCHEDULE
     # seesaw only (the others ignore it): the kv gather as cp.async with an L2 evict_last policy and a
-    # 256-byte L2 prefetch, 1-4% faster than plain cp.async (BENCHMARKS.md, session 14); False for A/B runs
+    # 256-byte L2 prefetch, Q with evict_first; 1-4% faster than plain cp.async (BENCHMARKS.md, session 14)
     l2_hints: bool = True
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.

@@ -50,8 +50,11 @@ class FwdConfig:
     # P straight from registers, both consumers at one max per pair (the kernel's docstring).
     schedule: str = DEFAULT_SCHEDULE
     # seesaw only (the others ignore it): the kv gather as cp.async with an L2 evict_last policy and a
-    # 256-byte L2 prefetch, Q with evict_first; 1-4% faster than plain cp.async (BENCHMARKS.md, session 14)
+    # 256-byte L2 prefetch, 1-4% faster than plain cp.async (BENCHMARKS.md, session 14); False for A/B runs
     l2_hints: bool = True
+    # seesaw with l2_hints only: Q's copies with an L2 evict_first policy (as FlashMLA loads Q). Off until
+    # measured on the GPU (the variant `seesaw+q_evict_first`)
+    q_evict_first: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"
@@ -119,7 +122,8 @@ def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_
     kernel(q, kv, indices, out, lse, attn_sink, topk_length, float(scale) * LOG2_E, current_stream())
 
 
-SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False}}   # for A/B runs
+SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False},   # for A/B runs
+                   "seesaw+q_evict_first": {"schedule": "seesaw", "q_evict_first": True}}
 
 
 def selected_variant() -> dict:

@@ -46,9 +46,8 @@ Three warpgroups of 128 threads:
              from m0 with tile 2j+1 to m1; consumer 0 then rescales its P (for consumer 1) and its O to
              m1. One exponential per score, no per-tile meeting beyond these two hand-offs;
            - consumer 0 issues S of the next pair while its last P V still runs;
-           - the gather's cp.async carries an L2 evict_last policy and a 256-byte L2 prefetch, Q's an
-             evict_first policy (FwdConfig.l2_hints, inline PTX: `copy_row_hinted`); 1-4% faster than plain
-             cp.async.
+           - the gather's cp.async carries an L2 evict_last policy and a 256-byte L2 prefetch
+             (FwdConfig.l2_hints, inline PTX: `copy_row_hinted`), 1-4% faster than plain cp.async.
            1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, sessions 13 and 14). Registers: 216 per consumer
            thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
 
@@ -438,13 +437,13 @@ class SparseAttentionFwdSm90:
     def load_q(self, copy_16B: cute.CopyAtom, mQ: cute.Tensor, sQ: cute.Tensor, q_bar, token: Int32,
                head_block: Int32, tidx: Int32):
         """Q rows of this head block into smem (heads past H zero-filled); q_bar completes when they land.
-        With the seesaw's L2 hints Q goes in as evict_first: it is read once, and the kv rows should not make
-        room for it."""
+        With FwdConfig.q_evict_first (seesaw with L2 hints) Q goes in as evict_first: it is read once, and the kv
+        rows should not make room for it."""
         H = mQ.shape[1]
         row_in_pass = tidx // 8
         piece = tidx % 8
         q_base = mQ.iterator.toint()
-        hinted = self.cfg.l2_hints and self.cfg.schedule == "seesaw"
+        hinted = self.cfg.q_evict_first and self.cfg.l2_hints and self.cfg.schedule == "seesaw"
         q_policy = l2_policy(False) if const_expr(hinted) else Int64(0)
         for p in cutlass.range_constexpr(self.BN // 16):
             r = row_in_pass + 16 * p

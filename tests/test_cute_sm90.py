@@ -209,6 +209,23 @@ def test_fwd_compiles_for_sm90a_without_spills(config):
         assert ops["USETMAXREG"] == 2                   # producer gives registers to the math warpgroups
 
 
+def test_forward_variant_from_the_environment(monkeypatch):
+    """DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE picks the op's forward: a schedule or a named seesaw variant; anything
+    else is an error that names the choices (never a silent fallback to the default)."""
+    monkeypatch.delenv(fwd.ENV_SCHEDULE, raising=False)
+    assert fwd.selected_variant() == {"schedule": fwd.DEFAULT_SCHEDULE}
+    for schedule in fwd.SCHEDULES:
+        monkeypatch.setenv(fwd.ENV_SCHEDULE, schedule)
+        assert fwd.selected_variant() == {"schedule": schedule} and fwd.selected_schedule() == schedule
+    monkeypatch.setenv(fwd.ENV_SCHEDULE, "seesaw-no_l2_hints")
+    assert fwd.FwdConfig(576, 512, False, False, **fwd.selected_variant()).l2_hints is False
+    assert {c.l2_hints for c in fwd.shipped_configs()} == {False}
+    for bad in ("seesaw+no_such_flag", "split_keys-no_l2_hints", "nope"):
+        monkeypatch.setenv(fwd.ENV_SCHEDULE, bad)
+        with pytest.raises(ValueError, match="seesaw-no_l2_hints"):
+            fwd.selected_variant()
+
+
 def test_fake_compile_parsers():
     """The parsers behind the spill check, on fixed inputs (so they can fail without a DSL)."""
     text = ("ptxas info    : Used 168 registers, used 4 barriers\n"

@@ -1,6 +1,6 @@
 """The CuTe-DSL SM90 sparse attention forward, one row per tile-loop schedule, side by side (GPU, SM90).
 
-    python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all] [--reps 30] [--ids random|sorted]
+    python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all|k_sweep] [--reps 30] [--ids random|sorted]
         [--schedules seesaw,split_keys] [--variants] [--no-triton] [--flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so]
 
 Every schedule of `csrc_dsl.cute.sm90.sparse_attention_fwd.SCHEDULES` (and the Triton forward, for scale)
@@ -10,6 +10,8 @@ CUDA events), and the median is reported. FLOPs: 2*T*H*K*(D + d_v) (SPEC section
 `--flashmla LIB` adds FlashMLA's SM90 sparse prefill (H 64 and 128 only) as one more interleaved row on the same
 inputs, from the library that benchmarks/flashmla_baseline/build.sh makes; without it, only the H100 times quoted
 in issue 4 are printed beside ours.
+`--cases k_sweep` times H = 64 and 128 at K = 128 ... 2048 and fits time = fixed + K * per_key for each backend:
+the fixed part (per wave of CTAs) is what a kernel spends outside its tile loop (launch, Q, epilogue).
 `--ids sorted` sorts each query's ids (as a top-k that emits ids in index order gives; the default is a random
 order); `--variants` adds the seesaw variants of `SEESAW_VARIANTS` (seesaw without its L2-hinted gather).
 """
@@ -37,6 +39,29 @@ MORE = [
     Case("V4 H=64 K=512", "fwd", T=4096, S=8192, H=64, K=512, D=512),
     Case("V4 H=64 K=1024", "fwd", T=4096, S=8192, H=64, K=1024, D=512),
 ]
+
+
+K_SWEEP = [Case(f"V3.2 H={H} K={K}", "fwd", T=4096, S=8192, H=H, K=K) for H in (128, 64)
+           for K in (128, 256, 512, 1024, 2048)]
+
+
+def fit_fixed_cost(rows: list[dict], num_sms: int) -> None:
+    """Least-squares time = fixed + per_key * K for each (H, backend) of a K sweep; prints the fixed part per wave
+    of CTAs (one CTA per SM: T * ceil(H / 64) CTAs over the SMs)."""
+    print("\n| H | backend | fixed ms | per wave us | per 1024 keys ms |")
+    print("| --- | --- | --- | --- | --- |")
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["H"], row["backend"]), []).append((row["K"], row["ms"]))
+    for (H, backend), points in groups.items():
+        n = len(points)
+        mean_k = sum(k for k, _ in points) / n
+        mean_t = sum(t for _, t in points) / n
+        slope = (sum((k - mean_k) * (t - mean_t) for k, t in points)
+                 / sum((k - mean_k) ** 2 for k, _ in points))
+        fixed = mean_t - slope * mean_k
+        waves = -(-4096 * -(-H // 64) // num_sms)
+        print(f"| {H} | {backend} | {fixed:.3f} | {1000 * fixed / waves:.2f} | {1024 * slope:.3f} |")
 
 
 def load_flashmla(path: str):
@@ -113,13 +138,13 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants:
     for name in runs:
         ms = statistics.median(times[name])
         rows.append(dict(case=case.name, backend=name, ms=ms, tflops=flops / ms / 1e9, err=errors[name],
-                         spread=(min(times[name]), max(times[name]))))
+                         spread=(min(times[name]), max(times[name])), H=case.H, K=case.K))
     return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", default="headline", choices=["headline", "all"])
+    parser.add_argument("--cases", default="headline", choices=["headline", "all", "k_sweep"])
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--ids", default="random", choices=["random", "sorted"])
@@ -130,7 +155,8 @@ def main(argv=None) -> None:
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     schedules = [x for x in args.schedules.split(",") if x] or list(cute_fwd.SCHEDULES)
     peak, _ = use_roofline_of(torch.cuda.get_device_name())
-    cases = HEADLINE + (MORE if args.cases == "all" else [])
+    cases = K_SWEEP if args.cases == "k_sweep" else HEADLINE + (MORE if args.cases == "all" else [])
+    all_rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.reps} "
           f"interleaved calls, L2 flushed before each; ids in {args.ids} order")
     flashmla_lib = load_flashmla(args.flashmla) if args.flashmla else None
@@ -150,6 +176,9 @@ def main(argv=None) -> None:
             print(f"| {row['case']} | {row['backend']} | {ms:.3f} | {row['tflops']:.0f} | "
                   f"{100 * row['tflops'] / peak:.0f}% | {first / ms:.2f}x | {vs_measured} | {vs_published} | "
                   f"{row['err']:.1e} |", flush=True)
+        all_rows += rows
+    if args.cases == "k_sweep":
+        fit_fixed_cost(all_rows, torch.cuda.get_device_properties(0).multi_processor_count)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ qhint)  # session 14: Q loaded with an L2 evict_first policy (variant seesaw+q_e
   lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases headline --reps 50 --flashmla $lib
+  # where the time goes outside the tile loop: K = 128 ... 2048, time = fixed + K * per_key, ours and FlashMLA
+  capped 200 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants --no-triton \
+    --schedules seesaw --reps 30 --flashmla $lib
   # third headline case (H=128, S_kv=65536): skip 2 x (2 checks + 2 x 2 rounds) + its 2 checks, profile seesaw, FlashMLA
   capped 200 ncu_64k.log ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
     -k regex:"sparse_attn_fwd_kernel|SparseAttentionFwdSm90" --launch-skip 14 --launch-count 2 -f -o "$OUT/fwd_64k" \

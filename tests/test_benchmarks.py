@@ -287,3 +287,17 @@ def test_roofline_follows_the_gpu(monkeypatch):
     assert (common.PEAK_TFLOPS, common.PEAK_GBPS) == (790.0, 4300.0)
     assert common.use_roofline_of("NVIDIA H100 80GB HBM3") == (760.0, 2900.0)
     assert common.use_roofline_of("Some other GPU") == (760.0, 2900.0)      # unchanged: the last one set
+
+
+def test_k_sweep_fit_recovers_the_fixed_cost(capsys):
+    """bench_cute_fwd_schedules' least-squares fit, on times built from a known fixed part and per-key slope."""
+    from benchmarks.bench_cute_fwd_schedules import fit_fixed_cost
+
+    rows = [dict(H=H, backend=backend, K=K, ms=fixed + K * per_key)
+            for H, backend, fixed, per_key in [(128, "ours", 0.18, 0.0018), (64, "theirs", 0.05, 0.0009)]
+            for K in (128, 256, 512, 1024, 2048)]
+    fit_fixed_cost(rows, num_sms=128)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 128") or
+             line.startswith("| 64")]
+    # H=128: 4096 * 2 CTAs over 128 SMs = 64 waves; H=64: 32 waves
+    assert lines == ["| 128 | ours | 0.180 | 2.81 | 1.843 |", "| 64 | theirs | 0.050 | 1.56 | 0.922 |"]

@@ -47,26 +47,26 @@ K_SWEEP = [Case(f"V3.2 H={H} K={K}", "fwd", T=4096, S=8192, H=H, K=K) for H in (
 
 def fit_fixed_cost(rows: list[dict], num_sms: int) -> None:
     """Least-squares time = fixed + per_key * K for each (H, backend) of a K sweep; prints the fixed part per wave
-    of CTAs (one CTA per SM: T * ceil(H / 64) CTAs over the SMs)."""
+    of CTAs (one CTA per SM: T * ceil(H / 64) CTAs over the SMs; every case of a sweep has the same T)."""
     print("\n| H | backend | fixed ms | per wave us | per 1024 keys ms |")
     print("| --- | --- | --- | --- | --- |")
     groups = {}
     for row in rows:
-        groups.setdefault((row["H"], row["backend"]), []).append((row["K"], row["ms"]))
-    for (H, backend), points in groups.items():
+        groups.setdefault((row["T"], row["H"], row["backend"]), []).append((row["K"], row["ms"]))
+    for (T, H, backend), points in groups.items():
         n = len(points)
         mean_k = sum(k for k, _ in points) / n
         mean_t = sum(t for _, t in points) / n
         slope = (sum((k - mean_k) * (t - mean_t) for k, t in points)
                  / sum((k - mean_k) ** 2 for k, _ in points))
         fixed = mean_t - slope * mean_k
-        waves = -(-4096 * -(-H // 64) // num_sms)
+        waves = -(-T * -(-H // 64) // num_sms)
         print(f"| {H} | {backend} | {fixed:.3f} | {1000 * fixed / waves:.2f} | {1024 * slope:.3f} |")
 
 
 def load_flashmla(path: str):
-    """FlashMLA's SM90 sparse prefill forward as a callable(q, kv, idx, sink, scale, d_v) -> (out, lse), through the
-    C entry point of benchmarks/flashmla_baseline/flashmla_capi.cu."""
+    """FlashMLA's SM90 sparse prefill forward as a callable(q, kv, idx, sink, scale, d_v, out, max_logits, lse) that
+    writes into the given outputs, through the C entry point of benchmarks/flashmla_baseline/flashmla_capi.cu."""
     import ctypes
 
     fn = ctypes.CDLL(path).flashmla_sm90_sparse_fwd
@@ -138,7 +138,7 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants:
     for name in runs:
         ms = statistics.median(times[name])
         rows.append(dict(case=case.name, backend=name, ms=ms, tflops=flops / ms / 1e9, err=errors[name],
-                         spread=(min(times[name]), max(times[name])), H=case.H, K=case.K))
+                         spread=(min(times[name]), max(times[name])), T=case.T, H=case.H, K=case.K))
     return rows
 
 

@@ -293,7 +293,7 @@ def test_k_sweep_fit_recovers_the_fixed_cost(capsys):
     """bench_cute_fwd_schedules' least-squares fit, on times built from a known fixed part and per-key slope."""
     from benchmarks.bench_cute_fwd_schedules import fit_fixed_cost
 
-    rows = [dict(H=H, backend=backend, K=K, ms=fixed + K * per_key)
+    rows = [dict(T=4096, H=H, backend=backend, K=K, ms=fixed + K * per_key)
             for H, backend, fixed, per_key in [(128, "ours", 0.18, 0.0018), (64, "theirs", 0.05, 0.0009)]
             for K in (128, 256, 512, 1024, 2048)]
     fit_fixed_cost(rows, num_sms=128)

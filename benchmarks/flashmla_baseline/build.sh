@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build FlashMLA's SM90 sparse prefill forward as a plain shared library with a C entry point (flashmla_capi.cu),
-# on any machine with nvcc >= 12.8 (no GPU needed), for benchmarks/bench_flashmla_fwd.py.
+# on any machine with nvcc >= 12.8 (no GPU needed), for `python -m benchmarks.bench_cute_fwd_schedules --flashmla`.
 #   FLASHMLA=/path/to/FlashMLA CUTLASS=/path/to/cutlass bash benchmarks/flashmla_baseline/build.sh [OUT_DIR]
 # FLASHMLA: a checkout of github.com/deepseek-ai/FlashMLA (measured at 9241ae3); CUTLASS: the cutlass commit its
 # csrc/cutlass submodule names (147f567 for 9241ae3). OUT_DIR defaults to .device/flashmla (git-ignored; carry it

@@ -1,4 +1,4 @@
-// A C entry point to FlashMLA's SM90 sparse prefill forward, so that benchmarks/bench_flashmla_fwd.py can run it
+// A C entry point to FlashMLA's SM90 sparse prefill forward, so that benchmarks/bench_cute_fwd_schedules.py can run it
 // through ctypes on the same inputs as ours (issue 4 measures our forward against it). A baseline only: it is
 // built from a FlashMLA checkout by build.sh and nothing of it ships in dsa_ops.
 #include <cuda_runtime.h>

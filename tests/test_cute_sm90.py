@@ -435,16 +435,59 @@ def test_fwd_each_schedule_matches_oracle(schedule, D):
                                             topk_length=True)
     lengths[:8] = torch.tensor([0, 1, 64, 65, 128, 129, 999, 1000], dtype=torch.int32)
     variant = fwd.SEESAW_VARIANTS.get(schedule, {"schedule": schedule})
-    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **variant)
+    launch_variant_vs_oracle(fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **variant),
+                             q, kv, idx, sink, lengths)
+
+
+def launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=None):
+    """Launch one compiled variant into NaN-poisoned outputs and check them against the fp64 oracle."""
+    (T, H, D), scale = q.shape, q.shape[2] ** -0.5
     out = torch.full((T, H, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
     lse = torch.full((T, H), float("nan"), dtype=torch.float32, device="cuda")
-    fwd._launch(config, q, kv, idx, out, lse, D ** -0.5, sink, lengths)
-    ref_out, ref_lse = oracle(q, kv, idx, D ** -0.5, 512, sink, lengths)
+    fwd._launch(config, q, kv, idx, out, lse, scale, sink, lengths, max_ctas=max_ctas)
+    ref_out, ref_lse = oracle(q, kv, idx, scale, 512, sink, lengths)
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     assert rel_err(out, ref_out) <= 1e-2
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
     finite = torch.isfinite(ref_lse)
     assert torch.allclose(lse[finite].double(), ref_lse[finite], atol=2e-3, rtol=1e-3)
+    return out, lse
+
+
+@needs_dsl
+@pytest.mark.parametrize("variant", ["seesaw+persistent"])
+def test_fwd_variants_compile_without_spills(variant):
+    """Seesaw variants that are not the op's default still compile for sm_90a with no local memory."""
+    for head_dim in fwd.SUPPORTED_HEAD_DIMS:
+        config = fwd.FwdConfig(head_dim, 512, True, True, **fwd.SEESAW_VARIANTS[variant])
+        ptx, cubin = fwd.compile_for_inspection(config)
+        assert fake_compile.cubin_resources(cubin).stack_frame == 0
+        report = fake_compile.ptxas_report(ptx)
+        if report is not None:
+            assert report.spill_stores == 0 and report.spill_loads == 0, report.text
+        sass = fake_compile.sass(cubin)
+        if sass is not None:
+            # O leaves from registers: 16 16-byte stores per consumer thread, in each consumer's code
+            assert fake_compile.count_opcodes(sass, "STG.E.128")["STG.E.128"] == 2 * 16
+
+
+@needs_sm90
+@pytest.mark.parametrize("max_ctas", [1, 3, 7])
+@pytest.mark.parametrize("H", [17, 128])
+def test_fwd_persistent_many_items_per_cta(max_ctas, H):
+    """The persistent grid with fewer CTAs than items: each CTA runs many (token, head block) items in turn, the
+    barrier phases carried across them, including items with no tile (topk_length 0) next to full ones."""
+    T, D, K = 13, 576, 700
+    q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=2500, K=K, seed=40 + H + max_ctas, sink=True,
+                                            topk_length=True)
+    lengths[:9] = torch.tensor([0, 0, 1, 64, 0, 129, 700, 0, 640], dtype=torch.int32)
+    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.SEESAW_VARIANTS["seesaw+persistent"])
+    out, lse = launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=max_ctas)
+    # the same result whatever the grid: each item is computed the same way on any CTA
+    out_full = torch.empty_like(out)
+    lse_full = torch.empty_like(lse)
+    fwd._launch(config, q, kv, idx, out_full, lse_full, D ** -0.5, sink, lengths)
+    assert torch.equal(out, out_full) and torch.equal(lse, lse_full)
 
 
 @needs_sm90

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -69,6 +69,21 @@ seesaw)   # session 13: the CuTe-DSL forward's seesaw schedule: a first check (s
   capped 240 fwd_seesaw_pytest.log env DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=seesaw \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py
   capped 200 fwd_schedules.log python -m benchmarks.bench_cute_fwd_schedules "$@"
+  ;;
+persist)  # session 15: the persistent seesaw grid (variant seesaw+persistent): checked (stops on failure), then
+          # every seesaw variant timed against FlashMLA on all cases, one run (carry .device/flashmla)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 220 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "each_schedule or persistent or deterministic" || exit 1
+  capped 340 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
+    --no-triton --schedules seesaw --cases all --reps 30 --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
+  ;;
+persist2)  # session 15: time = fixed + K x per_key for every variant and FlashMLA; the headline cases on sorted ids
+  lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
+  capped 220 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants --no-triton \
+    --schedules seesaw --reps 20 --flashmla $lib
+  capped 200 fwd_vs_flashmla_sorted.log python -m benchmarks.bench_cute_fwd_schedules --ids sorted --variants \
+    --no-triton --schedules seesaw --cases headline --reps 30 --flashmla $lib
   ;;
 qhint)  # session 14: Q loaded with an L2 evict_first policy (variant seesaw+q_evict_first): checked, then timed
         # against plain seesaw and FlashMLA in one run, and both kernels profiled at S_kv = 65536 (carry .device/flashmla)

@@ -55,6 +55,10 @@ class FwdConfig:
     # seesaw with l2_hints only: Q's copies with an L2 evict_first policy (as FlashMLA loads Q). Off until
     # measured on the GPU (the variant `seesaw+q_evict_first`)
     q_evict_first: bool = False
+    # seesaw only: a persistent grid (one CTA per SM looping over (token, head block) items), so the next
+    # item's Q and first kv tiles load during this item's last P V and epilogue, and O goes to global memory
+    # straight from registers. Off until measured on the GPU (the variant `seesaw+persistent`)
+    persistent: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"
@@ -117,13 +121,29 @@ def sparse_attention(q, kv, indices, scale: float, d_v: int = 512, attn_sink=Non
     return out, lse
 
 
-def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_length) -> None:
+def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_length, max_ctas=None) -> None:
+    """max_ctas: the persistent grid's size (default: the SM count); tests pass a few to give each CTA many items."""
     kernel = _CACHE.get(config)
-    kernel(q, kv, indices, out, lse, attn_sink, topk_length, float(scale) * LOG2_E, current_stream())
+    kernel(q, kv, indices, out, lse, attn_sink, topk_length, float(scale) * LOG2_E,
+           _sm_count(q.device) if max_ctas is None else max_ctas, current_stream())
+
+
+_SM_COUNTS: dict = {}
+
+
+def _sm_count(device) -> int:
+    """The persistent grid's size (the other variants ignore it); cached: the property lookup costs microseconds."""
+    index = device.index
+    if index not in _SM_COUNTS:
+        import torch
+
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False},   # for A/B runs
-                   "seesaw+q_evict_first": {"schedule": "seesaw", "q_evict_first": True}}
+                   "seesaw+q_evict_first": {"schedule": "seesaw", "q_evict_first": True},
+                   "seesaw+persistent": {"schedule": "seesaw", "persistent": True}}
 
 
 def selected_variant() -> dict:
@@ -182,7 +202,7 @@ def fake_arguments(config: FwdConfig) -> list:
     sink = make_fake_compact_tensor(cutlass.Float32, (H,), assumed_align=4) if config.has_sink else None
     topk_length = (make_fake_compact_tensor(cutlass.Int32, (num_tokens,), assumed_align=4)
                    if config.has_topk_length else None)
-    return [q, kv, indices, out, lse, sink, topk_length, cutlass.Float32(1.0), make_fake_stream()]
+    return [q, kv, indices, out, lse, sink, topk_length, cutlass.Float32(1.0), cutlass.Int32(132), make_fake_stream()]
 
 
 def unavailable_reason() -> Optional[str]:

@@ -63,6 +63,7 @@ Correctness details that are easy to miss:
 - a row with no valid key keeps m = -inf and l = 0: out = 0 and lse = +inf; exp2 never sees -inf - -inf
   because the max is replaced by 0 while it is -inf.
 """
+from types import SimpleNamespace
 from typing import Optional
 
 import cuda.bindings.driver as cuda
@@ -215,6 +216,22 @@ def cp_async_16B_hinted(dst_addr: Int32, src_addr: Int64, src_bytes: Int32, poli
                     has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
 
 
+@dsl_user_op
+def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
+    """Two fp32 values rounded to bf16 (round to nearest even) in one 32-bit word, lo in the low half."""
+    return Int32(llvm.inline_asm(T.i32(), [Float32(hi).ir_value(loc=loc, ip=ip), Float32(lo).ir_value(loc=loc, ip=ip)],
+                                 "cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,f,f", has_side_effects=False,
+                                 is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip))
+
+
+@dsl_user_op
+def st_global_v4(addr: Int64, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
+    """One 16-byte store of four 32-bit words to a 16-byte-aligned global address."""
+    llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)] + [Int32(v).ir_value(loc=loc, ip=ip) for v in (a, b, c, d)],
+                    "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r",
+                    has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
+
+
 @cute.jit
 def copy_row_hinted(src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Constexpr[int], piece: Int32,
                     valid: Boolean, policy: Int64, first_col: cutlass.Constexpr[int] = 0):
@@ -285,6 +302,11 @@ class SparseAttentionFwdSm90:
             raise ValueError(f"setmaxnreg {self.producer_regs} / {self.consumer_regs} exceeds the 168 x 384 "
                              "registers the CTA launches with")
         self.bars_per_stage = 2 if self.seesaw else 1
+        # seesaw only: one CTA per SM loops over (token, head block) items, so the gather of the next item's
+        # first tiles and Q overlaps this item's last P V and epilogue (the launch and prologue are paid once)
+        self.persistent = config.persistent
+        if self.persistent and not self.seesaw:
+            raise ValueError("persistent is implemented for the seesaw schedule only")
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -292,7 +314,7 @@ class SparseAttentionFwdSm90:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mOut: cute.Tensor,
                  mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
-                 scale_log2: Float32, stream: cuda.CUstream):
+                 scale_log2: Float32, max_ctas: Int32, stream: cuda.CUstream):
         BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
         # K-major, 128-byte-swizzled smem tiles (the wgmma canonical layout): rows of 64 bf16.
         atom = warpgroup.make_smem_layout_atom(
@@ -320,9 +342,11 @@ class SparseAttentionFwdSm90:
             full_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
             empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
             q_bar: cute.struct.MemRange[cutlass.Int64, 1]
+            q_empty: cute.struct.MemRange[cutlass.Int64, 1 if self.persistent else 0]  # Q may be refilled
             bias: cute.struct.MemRange[Float32, BN * self.stages]   # 0 or -inf per kv row and stage
             row_max: cute.struct.MemRange[Float32, BM * 2]           # per row, per consumer
-            row_sum: cute.struct.MemRange[Float32, BM * 2]
+            # per row, per consumer (persistent: and per item parity, see `epilogue`)
+            row_sum: cute.struct.MemRange[Float32, BM * 2 * (2 if self.persistent else 1)]
             sQ: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sQ_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sKV_layout)], 1024]
             sP: cute.struct.Align[
@@ -334,6 +358,8 @@ class SparseAttentionFwdSm90:
         # token run side by side and share the gathered kv rows through L2.
         head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
         grid_x = mQ.shape[0] * head_blocks
+        if const_expr(self.persistent):
+            grid_x = cutlass.min(grid_x, max_ctas)      # the launcher passes the SM count
         self.kernel(mQ, mKV, mIdx, mOut, mLse, mSink, mTopkLen, scale_log2,
                     sQ_layout, sKV_layout, sP_layout, sO_layout, mma_qk, mma_pv, mma_pv_rs).launch(
             grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
@@ -351,15 +377,13 @@ class SparseAttentionFwdSm90:
         bidx, _, _ = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg_idx = warp_idx // 4
-        head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
-        token = bidx // head_blocks
-        head_block = bidx - token * head_blocks
 
         smem = SmemAllocator()
         storage = smem.allocate(self.shared_storage)
         full_bar = storage.full_bar.data_ptr()
         empty_bar = storage.empty_bar.data_ptr()
         q_bar = storage.q_bar.data_ptr()
+        q_empty = storage.q_empty.data_ptr() if const_expr(self.persistent) else None
         if warp_idx == 0:
             with cute.arch.elect_one():
                 if const_expr(self.seesaw):
@@ -373,6 +397,8 @@ class SparseAttentionFwdSm90:
                         cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
                         cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
                 cute.arch.mbarrier_init(q_bar, 128)
+                if const_expr(self.persistent):
+                    cute.arch.mbarrier_init(q_empty, 256)   # every consumer thread is done reading Q
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -385,18 +411,13 @@ class SparseAttentionFwdSm90:
         sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # Q is dead by then
         sBias = storage.bias.get_tensor(cute.make_layout((self.BN, self.stages)))
         sMax = storage.row_max.get_tensor(cute.make_layout((self.BM, 2)))
-        sSum = storage.row_sum.get_tensor(cute.make_layout((self.BM, 2)))
-
-        # Top-k slots [0, k_valid) may hold keys; tiles past the last one are skipped entirely.
-        k_valid = mIdx.shape[1]
-        if const_expr(mTopkLen is not None):
-            k_valid = cutlass.min(k_valid, cutlass.max(mTopkLen[token], 0))
-        n_tiles = (k_valid + self.BN - 1) // self.BN
+        sSum = storage.row_sum.get_tensor(cute.make_layout((self.BM, 2, 2) if self.persistent else (self.BM, 2)))
+        token, head_block, k_valid, n_tiles = self.item_coords(mQ.shape[1], mIdx, mTopkLen, bidx)
 
         if wg_idx == 0:
             cute.arch.setmaxregister_decrease(self.producer_regs)
             if const_expr(self.seesaw):
-                self.produce_seesaw(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
+                self.produce_seesaw(mQ, mKV, mIdx, mTopkLen, sQ, sKV, sBias, full_bar, empty_bar, q_bar, q_empty,
                                     token, head_block, k_valid, n_tiles, tidx)
             else:
                 self.produce(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
@@ -412,13 +433,13 @@ class SparseAttentionFwdSm90:
                     sP0 = sP[None, None, 0]
                     sP1 = sP[None, None, 1]
                 if wg_idx == 1:
-                    self.consume_seesaw(mOut, mLse, mSink, sQ, sKV, sP0, sP1, sO, sBias, sMax, sSum,
-                                        full_bar, empty_bar, q_bar, mma_qk, mma_pv, mma_pv_rs, scale_log2,
-                                        token, head_block, n_tiles, 0, tidx - 128)
+                    self.consume_seesaw(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
+                                        sSum, full_bar, empty_bar, q_bar, q_empty, mma_qk, mma_pv, mma_pv_rs,
+                                        scale_log2, token, head_block, n_tiles, 0, tidx - 128)
                 else:
-                    self.consume_seesaw(mOut, mLse, mSink, sQ, sKV, sP0, sP1, sO, sBias, sMax, sSum,
-                                        full_bar, empty_bar, q_bar, mma_qk, mma_pv, mma_pv_rs, scale_log2,
-                                        token, head_block, n_tiles, 1, tidx - 128)
+                    self.consume_seesaw(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
+                                        sSum, full_bar, empty_bar, q_bar, q_empty, mma_qk, mma_pv, mma_pv_rs,
+                                        scale_log2, token, head_block, n_tiles, 1, tidx - 128)
             elif const_expr(self.alternate):
                 self.consume_alternate(mOut, mLse, mSink, sQ, sKV, sP, sO, sBias, sMax, sSum,
                                        full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
@@ -427,6 +448,26 @@ class SparseAttentionFwdSm90:
                 self.consume(mOut, mLse, mSink, sQ, sKV, sP[None, None, 0], sO, sBias, sMax, sSum,
                              full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
                              token, head_block, n_tiles, wg_idx - 1, tidx - 128)
+
+    @cute.jit
+    def item_coords(self, H: Int32, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor], item: Int32):
+        """(token, head_block, k_valid, n_tiles) of work item `item` (one CTA's work when not persistent): top-k
+        slots [0, k_valid) may hold keys; tiles past the last one are skipped entirely."""
+        head_blocks = (H + self.BM - 1) // self.BM
+        token = item // head_blocks
+        head_block = item - token * head_blocks
+        k_valid = mIdx.shape[1]
+        if const_expr(mTopkLen is not None):
+            k_valid = cutlass.min(k_valid, cutlass.max(mTopkLen[token], 0))
+        n_tiles = (k_valid + self.BN - 1) // self.BN
+        return token, head_block, k_valid, n_tiles
+
+    @cute.jit
+    def persistent_items(self, H: Int32, num_tokens: Int32):
+        """(first item, stride, end) of this CTA's items in the persistent grid: items bidx, bidx + grid, ..."""
+        bidx, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
+        return bidx, grid, num_tokens * ((H + self.BM - 1) // self.BM)
 
     # ---- producer: cp.async gathers ------------------------------------------------------------
     def gather_atom(self) -> cute.CopyAtom:
@@ -490,29 +531,58 @@ class SparseAttentionFwdSm90:
                 self.load_slot_ids(mIdx, slot_ids, token, it + 1, k_valid, row_in_pass)
 
     @cute.jit
-    def produce_seesaw(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
-                       sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar,
+    def produce_seesaw(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor],
+                       sQ: cute.Tensor, sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, q_empty,
                        token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
         """The seesaw producer: tiles go in pairs (tile 2j in stage 0, 2j + 1 in stage 1) and each stage in
         two column halves. Order per pair: 0L, 1R, 0R, 1L: first the halves their owners free early (after
         their own P V), then the halves freed only once the other consumer has folded the tile in. A pair
         past the last tile holds only invalid rows (zero-filled, bias -inf), so an odd tile count just
-        computes one all-masked tile."""
+        computes one all-masked tile. Persistent: the same for each item in turn; the barrier phases run on
+        across items (pairs and Q loads counted from the CTA's start)."""
+        passes = self.BN // 16
+        ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
+        if const_expr(self.persistent):
+            first, stride, n_items = self.persistent_items(mQ.shape[1], mQ.shape[0])
+            pair_base = Int32(0)
+            q_loads = Int32(0)
+            for item in cutlass.range(first, n_items, stride, unroll=1):
+                i_token, i_head_block, i_k_valid, i_tiles = self.item_coords(mQ.shape[1], mIdx, mTopkLen, item)
+                self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, q_empty, ids,
+                                         i_token, i_head_block, i_k_valid, i_tiles, tidx, pair_base, q_loads)
+                pair_base = pair_base + (i_tiles + 1) // 2
+                q_loads = q_loads + 1
+        else:
+            self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, q_empty, ids,
+                                     token, head_block, k_valid, n_tiles, tidx, Int32(0), Int32(0))
+
+    @cute.jit
+    def produce_seesaw_item(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
+                            sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, q_empty, ids,
+                            token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32,
+                            pair_base: Int32, q_loads: Int32):
+        """One item of `produce_seesaw`: Q, then its pairs of tiles (barrier phases offset by pair_base)."""
         D = self.D
         copy_16B = self.gather_atom()
-        self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
         row_in_pass, piece, passes, row_bytes = tidx // 8, tidx % 8, self.BN // 16, D * 2   # as in `produce`
-
         kv_rows = mKV.shape[0]
         kv_base = mKV.iterator.toint()
         kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
-        ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
         n_pairs = (n_tiles + 1) // 2
-        if n_pairs > 0:
-            self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
-            self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
+        if const_expr(self.persistent):
+            # the first ids are read while the consumers finish the previous item with Q
+            if n_pairs > 0:
+                self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
+            cute.arch.mbarrier_wait(q_empty, (q_loads % 2) ^ 1)
+            self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
+        else:
+            self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
+            if n_pairs > 0:
+                self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
+                self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
         for j in cutlass.range(n_pairs, unroll=1):
-            phase = j % 2
+            phase = (pair_base + j) % 2
             for stage, half in ((0, 0), (1, 1), (0, 1), (1, 0)):
                 bar = 2 * stage + half
                 cute.arch.mbarrier_wait(empty_bar + bar, phase ^ 1)
@@ -672,12 +742,12 @@ class SparseAttentionFwdSm90:
 
     # ---- consumers, seesaw schedule -------------------------------------------------------------------
     @cute.jit
-    def consume_seesaw(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
-                       sQ: cute.Tensor, sKV: cute.Tensor, sP0: cute.Tensor, sP1: cute.Tensor, sO: cute.Tensor,
-                       sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor, full_bar, empty_bar, q_bar,
-                       mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, mma_pv_rs: cute.TiledMma,
-                       scale_log2: Float32, token: Int32, head_block: Int32, n_tiles: Int32,
-                       w: cutlass.Constexpr[int], tid: Int32):
+    def consume_seesaw(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor], mIdx: cute.Tensor,
+                       mTopkLen: Optional[cute.Tensor], sQ: cute.Tensor, sKV: cute.Tensor, sP0: cute.Tensor,
+                       sP1: cute.Tensor, sO: cute.Tensor, sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor,
+                       full_bar, empty_bar, q_bar, q_empty, mma_qk: cute.TiledMma, mma_pv: cute.TiledMma,
+                       mma_pv_rs: cute.TiledMma, scale_log2: Float32, token: Int32, head_block: Int32,
+                       n_tiles: Int32, w: cutlass.Constexpr[int], tid: Int32):
         """Consumer w of the seesaw schedule. Tiles come in pairs, 2j in stage 0 (consumer 0's) and 2j + 1
         in stage 1 (consumer 1's). Per pair:
           consumer 0: S_0 -> softmax with its running max m -> m0 (to smem) -> O_0 += P_0 V_0L (P from
@@ -687,7 +757,8 @@ class SparseAttentionFwdSm90:
                       stores P_1 -> O_1 += P_0 V_0R (P_0 from smem).
         Both end each pair at the same max m1, each summing only its own tile's P. Each half of a stage is
         released by the one consumer that reads it last: V_0L and V_1R after the owner's own product,
-        V_0R (and P_0, in its RoPE columns) and V_1L after the other consumer's."""
+        V_0R (and P_0, in its RoPE columns) and V_1L after the other consumer's. Persistent: the same for each
+        item in turn (`consume_seesaw_item`), the fragments set up once."""
         BM, BN, D, DV, NW = self.BM, self.BN, self.D, self.DV, self.dv_per_wg
         other = 1 - w
         thr_qk = mma_qk.get_slice(tid % 128)
@@ -717,22 +788,57 @@ class SparseAttentionFwdSm90:
         row_sum = cute.make_rmem_tensor((n_rows,), Float32)   # over this consumer's own tiles
         row_max.fill(-Float32.inf)
         row_sum.fill(0.0)
+        ctx = SimpleNamespace(mOut=mOut, mLse=mLse, mSink=mSink, sO=sO, sBias=sBias, sMax=sMax,
+                              full_bar=full_bar, empty_bar=empty_bar, q_bar=q_bar, q_empty=q_empty,
+                              mma_qk=mma_qk, mma_pv=mma_pv, mma_pv_rs=mma_pv_rs, scale_log2=scale_log2,
+                              thr_pv=thr_pv, tSrQ=tSrQ, tSrK=tSrK, tOrV=tOrV, tOrV_rs=tOrV_rs, tOrP_other=tOrP_other,
+                              acc_O=acc_O, acc_S=acc_S, O=O, S=S, S_coord=S_coord, rP=rP, rP_a=rP_a,
+                              store_atom=store_atom, tPrP=tPrP, tPsP=tPsP, leader=leader, row_max=row_max,
+                              row_sum=row_sum)
+        if const_expr(self.persistent):
+            first, stride, n_items = self.persistent_items(mOut.shape[1], mOut.shape[0])
+            pair_base = Int32(0)
+            q_loads = Int32(0)
+            for item in cutlass.range(first, n_items, stride, unroll=1):
+                i_token, i_head_block, _, i_tiles = self.item_coords(mOut.shape[1], mIdx, mTopkLen, item)
+                acc_O.fill(0.0)
+                row_max.fill(-Float32.inf)
+                row_sum.fill(0.0)
+                # the row sums of items of alternate parity in separate halves of sSum (see `epilogue`)
+                self.consume_seesaw_item(ctx, sSum[None, None, q_loads % 2], i_token, i_head_block, i_tiles,
+                                         pair_base, q_loads, w, tid)
+                pair_base = pair_base + (i_tiles + 1) // 2
+                q_loads = q_loads + 1
+        else:
+            self.consume_seesaw_item(ctx, sSum, token, head_block, n_tiles, Int32(0), Int32(0), w, tid)
 
-        cute.arch.mbarrier_wait(q_bar, 0)
+    @cute.jit
+    def consume_seesaw_item(self, ctx: SimpleNamespace, sSum: cute.Tensor, token: Int32, head_block: Int32,
+                            n_tiles: Int32, pair_base: Int32, q_loads: Int32, w: cutlass.Constexpr[int],
+                            tid: Int32):
+        """One item of `consume_seesaw` (barrier phases offset by pair_base and q_loads), then its epilogue."""
+        mma_qk, mma_pv, mma_pv_rs = ctx.mma_qk, ctx.mma_pv, ctx.mma_pv_rs
+        tSrQ, tSrK, tOrV, tOrV_rs, tOrP_other = ctx.tSrQ, ctx.tSrK, ctx.tOrV, ctx.tOrV_rs, ctx.tOrP_other
+        acc_O, acc_S, O, S, S_coord = ctx.acc_O, ctx.acc_S, ctx.O, ctx.S, ctx.S_coord
+        rP, rP_a, store_atom, tPrP, tPsP = ctx.rP, ctx.rP_a, ctx.store_atom, ctx.tPrP, ctx.tPsP
+        row_max, row_sum, leader = ctx.row_max, ctx.row_sum, ctx.leader
+        full_bar, empty_bar, sBias, sMax = ctx.full_bar, ctx.empty_bar, ctx.sBias, ctx.sMax
+        n_rows = cute.size(S, mode=[0])
+        cute.arch.mbarrier_wait(ctx.q_bar, q_loads % 2)
         n_pairs = (n_tiles + 1) // 2
         if const_expr(w == 0):
             if n_pairs > 0:
-                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 0, 0, 0)
-                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 0, 0, 1)
+                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, pair_base % 2, 0, 0)
+                self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, pair_base % 2, 0, 1)
                 warpgroup.wait_group(0)
         for j in cutlass.range(n_pairs, unroll=1):
-            phase = j % 2
+            phase = (pair_base + j) % 2
             if const_expr(w == 1):
                 self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, phase, 1, 1)
                 self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, phase, 1, 0)
                 warpgroup.wait_group(0)
                 cute.arch.barrier(barrier_id=BAR_SEESAW_MAX + 0, number_of_threads=256)
-            self.seesaw_softmax(S, O, S_coord, sBias, sMax, row_max, row_sum, scale_log2, w, leader)
+            self.seesaw_softmax(S, O, S_coord, sBias, sMax, row_max, row_sum, ctx.scale_log2, w, leader)
             rP.store(acc_S.load().to(BFloat16))
             cute.arch.barrier_arrive(barrier_id=BAR_SEESAW_MAX + w, number_of_threads=256)
             wgmma(mma_pv_rs, acc_O, rP_a, tOrV_rs[None, None, None, w], zero_init=False, wait=False)
@@ -772,7 +878,10 @@ class SparseAttentionFwdSm90:
                 warpgroup.wait_group(0)
                 cute.arch.mbarrier_arrive(empty_bar + 1)                  # V_0R and P_0 folded in
 
-        self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
+        if const_expr(self.persistent):
+            # every S of this item has been waited for: the producer may load the next item's Q
+            cute.arch.mbarrier_arrive(ctx.q_empty)
+        self.epilogue(ctx.mOut, ctx.mLse, ctx.mSink, ctx.sO, sSum, ctx.thr_pv, acc_O, O, S_coord, row_max, row_sum,
                       token, head_block, w, tid, leader)
 
     @cute.jit
@@ -905,6 +1014,8 @@ class SparseAttentionFwdSm90:
             s += cute.arch.shuffle_sync_bfly(s, offset=2)
             if leader:
                 sSum[S_coord[i, 0][0], w] = s
+        # Persistent: one barrier here and none after the reads below, so a consumer may reach the next item's
+        # epilogue (an item with no tile) while the other still reads these sums: items alternate sSum halves.
         cute.arch.barrier(barrier_id=BAR_EPILOGUE, number_of_threads=256)
 
         row_inv = cute.make_rmem_tensor((n_rows,), Float32)
@@ -929,7 +1040,19 @@ class SparseAttentionFwdSm90:
             if w == 0 and leader and head < H:
                 mLse[token, head] = lse
 
-        # O / denominator -> bf16 -> smem (over dead Q) -> 16-byte coalesced stores of valid heads.
+        if const_expr(self.persistent):
+            # Q's smem holds the next item's Q by now: O goes out from registers (`store_rows_direct`)
+            self.store_rows_direct(mOut, O, row_inv, token, head_block, w, tid)
+        else:
+            self.store_rows_staged(mOut, sO, thr_pv, acc_O, O, row_inv, token, head_block, w, tid)
+
+    @cute.jit
+    def store_rows_staged(self, mOut: cute.Tensor, sO: cute.Tensor, thr_pv: cute.ThrMma, acc_O: cute.Tensor,
+                          O: cute.Tensor, row_inv: cute.Tensor, token: Int32, head_block: Int32, w: Int32,
+                          tid: Int32):
+        """O / denominator -> bf16 -> smem (over dead Q) -> 16-byte coalesced stores of valid heads."""
+        BM, H, DV, NW = self.BM, mOut.shape[1], self.DV, self.dv_per_wg
+        n_rows = cute.size(row_inv)
         for i in cutlass.range_constexpr(n_rows):
             O_row = O[i, None]
             O_row.store(O_row.load() * row_inv[i])
@@ -955,3 +1078,39 @@ class SparseAttentionFwdSm90:
                     cute.make_ptr(BFloat16, dst_addr, cute.AddressSpace.gmem, assumed_align=16),
                     cute.make_layout(((8, 1),)))
                 cute.copy(copy_16B, src, dst)
+
+    @cute.jit
+    def store_rows_direct(self, mOut: cute.Tensor, O: cute.Tensor, row_inv: cute.Tensor, token: Int32,
+                          head_block: Int32, w: Int32, tid: Int32):
+        """O / denominator -> bf16 -> global memory straight from the accumulator, in 16-byte pieces.
+
+        In the wgmma accumulator, lane 4g + t of warp v holds rows 16v + g (+ 8) and, for each group k of 8
+        columns, columns 8k + 2t and 8k + 2t + 1: one bf16x2 word per (row, k). The 4 lanes of a quad swap
+        words in blocks of 4 groups (a 4 x 4 transpose in two butterfly stages, lane xor 1 then xor 2), after
+        which lane t holds all 8 columns of group 4m + t: one `st.global.v4` per (row, block), and a warp
+        instruction writes 64 contiguous bytes of each of 8 rows."""
+        H, DV, NW = mOut.shape[1], self.DV, self.dv_per_wg
+        n_rows = cute.size(O, mode=[0])
+        n_groups = cute.size(O, mode=[1]) // 2          # 32 groups of 8 columns per row
+        lane = tid % 32
+        t = lane % 4
+        row_base = (tid % 128) // 32 * 16 + lane // 4
+        out_base = mOut.iterator.toint()
+        for i in cutlass.range_constexpr(n_rows):
+            head = head_block * self.BM + row_base + 8 * i
+            row_addr = out_base + ((Int64(token) * H + Int64(head)) * DV + Int64(w * NW)) * 2
+            for m in cutlass.range_constexpr(n_groups // 4):
+                # blocks[d]: the word for lane d before the exchange; the word from lane d after it
+                blocks = [pack_bf16x2(O[i, 2 * (4 * m + d)] * row_inv[i], O[i, 2 * (4 * m + d) + 1] * row_inv[i])
+                          for d in range(4)]
+                for st in cutlass.range_constexpr(2):
+                    upper = (t >> st) % 2 == 1
+                    for d in cutlass.range_constexpr(4):
+                        if const_expr(d & (1 << st) == 0):
+                            d2 = d | (1 << st)
+                            sent = blocks[d] if upper else blocks[d2]
+                            got = cute.arch.shuffle_sync_bfly(sent, offset=1 << st)
+                            blocks[d] = got if upper else blocks[d]
+                            blocks[d2] = blocks[d2] if upper else got
+                if head < H:
+                    st_global_v4(row_addr + Int64((4 * m + t) * 16), blocks[0], blocks[1], blocks[2], blocks[3])

@@ -13,7 +13,8 @@ in issue 4 are printed beside ours.
 `--cases k_sweep` times H = 64 and 128 at K = 128 ... 2048 and fits time = fixed + K * per_key for each backend:
 the fixed part (per wave of CTAs) is what a kernel spends outside its tile loop (launch, Q, epilogue).
 `--ids sorted` sorts each query's ids (as a top-k that emits ids in index order gives; the default is a random
-order); `--variants` adds the seesaw variants of `SEESAW_VARIANTS` (seesaw without its L2-hinted gather).
+order); `--variants` adds the seesaw variants of `SEESAW_VARIANTS` (seesaw without its L2-hinted gather, the persistent
+grids, ...) and the persistent kernel launched with one item per CTA.
 """
 from __future__ import annotations
 
@@ -107,6 +108,11 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants:
     for name, fields in variants:
         config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
         runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
+        if with_variants and name == "cute seesaw+persistent":
+            # the persistent kernel with one item per CTA (a grid as large as the work): its code without its
+            # scheduling, to tell the two apart
+            runs[name + " 1/CTA"] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None,
+                                                                       max_ctas=1 << 30))
     if with_triton:
         runs["triton"] = lambda: triton_fwd.sparse_attention(q, kv, idx, scale, case.d_v, sink)
     if flashmla is not None and case.H in (64, 128):

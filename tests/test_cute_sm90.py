@@ -455,7 +455,7 @@ def launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=None):
 
 
 @needs_dsl
-@pytest.mark.parametrize("variant", ["seesaw+persistent"])
+@pytest.mark.parametrize("variant", ["seesaw+persistent", "seesaw+persistent_dynamic"])
 def test_fwd_variants_compile_without_spills(variant):
     """Seesaw variants that are not the op's default still compile for sm_90a with no local memory."""
     for head_dim in fwd.SUPPORTED_HEAD_DIMS:
@@ -472,16 +472,17 @@ def test_fwd_variants_compile_without_spills(variant):
 
 
 @needs_sm90
+@pytest.mark.parametrize("variant", ["seesaw+persistent", "seesaw+persistent_dynamic"])
 @pytest.mark.parametrize("max_ctas", [1, 3, 7])
 @pytest.mark.parametrize("H", [17, 128])
-def test_fwd_persistent_many_items_per_cta(max_ctas, H):
+def test_fwd_persistent_many_items_per_cta(max_ctas, H, variant):
     """The persistent grid with fewer CTAs than items: each CTA runs many (token, head block) items in turn, the
     barrier phases carried across them, including items with no tile (topk_length 0) next to full ones."""
     T, D, K = 13, 576, 700
     q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=2500, K=K, seed=40 + H + max_ctas, sink=True,
                                             topk_length=True)
     lengths[:9] = torch.tensor([0, 0, 1, 64, 0, 129, 700, 0, 640], dtype=torch.int32)
-    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.SEESAW_VARIANTS["seesaw+persistent"])
+    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.SEESAW_VARIANTS[variant])
     out, lse = launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=max_ctas)
     # the same result whatever the grid: each item is computed the same way on any CTA
     out_full = torch.empty_like(out)

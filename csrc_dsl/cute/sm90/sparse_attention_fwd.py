@@ -59,6 +59,10 @@ class FwdConfig:
     # item's Q and first kv tiles load during this item's last P V and epilogue, and O goes to global memory
     # straight from registers. Off until measured on the GPU (the variant `seesaw+persistent`)
     persistent: bool = False
+    # persistent only: each CTA claims its next item from a global counter (zeroed per launch) as it gets free,
+    # instead of taking every grid-th item: SMs that run faster do more items (the variant
+    # `seesaw+persistent_dynamic`)
+    dynamic_items: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"
@@ -123,8 +127,11 @@ def sparse_attention(q, kv, indices, scale: float, d_v: int = 512, attn_sink=Non
 
 def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_length, max_ctas=None) -> None:
     """max_ctas: the persistent grid's size (default: the SM count); tests pass a few to give each CTA many items."""
+    import torch
+
     kernel = _CACHE.get(config)
-    kernel(q, kv, indices, out, lse, attn_sink, topk_length, float(scale) * LOG2_E,
+    item_counter = torch.zeros(1, dtype=torch.int32, device=q.device) if config.dynamic_items else None
+    kernel(q, kv, indices, out, lse, attn_sink, topk_length, item_counter, float(scale) * LOG2_E,
            _sm_count(q.device) if max_ctas is None else max_ctas, current_stream())
 
 
@@ -143,7 +150,8 @@ def _sm_count(device) -> int:
 
 SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False},   # for A/B runs
                    "seesaw+q_evict_first": {"schedule": "seesaw", "q_evict_first": True},
-                   "seesaw+persistent": {"schedule": "seesaw", "persistent": True}}
+                   "seesaw+persistent": {"schedule": "seesaw", "persistent": True},
+                   "seesaw+persistent_dynamic": {"schedule": "seesaw", "persistent": True, "dynamic_items": True}}
 
 
 def selected_variant() -> dict:
@@ -202,7 +210,9 @@ def fake_arguments(config: FwdConfig) -> list:
     sink = make_fake_compact_tensor(cutlass.Float32, (H,), assumed_align=4) if config.has_sink else None
     topk_length = (make_fake_compact_tensor(cutlass.Int32, (num_tokens,), assumed_align=4)
                    if config.has_topk_length else None)
-    return [q, kv, indices, out, lse, sink, topk_length, cutlass.Float32(1.0), cutlass.Int32(132), make_fake_stream()]
+    item_counter = make_fake_compact_tensor(cutlass.Int32, (1,), assumed_align=4) if config.dynamic_items else None
+    return [q, kv, indices, out, lse, sink, topk_length, item_counter, cutlass.Float32(1.0), cutlass.Int32(132),
+            make_fake_stream()]
 
 
 def unavailable_reason() -> Optional[str]:

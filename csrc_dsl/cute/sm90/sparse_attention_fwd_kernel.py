@@ -90,6 +90,7 @@ BAR_TILE_READY = 4  # alternate: 4 + w, warpgroup w published P and the row max 
 BAR_OWN_P = 6       # alternate: 6 + w, within warpgroup w (128 threads): its P is complete in smem
 BAR_SEESAW_MAX = 8  # seesaw: 8 + w, consumer w published its new row max in sMax[:, 0]
 BAR_SEESAW_P = 10   # seesaw: 10 + w, consumer w's P (at the pair's max) is in smem
+BAR_PRODUCER = 12   # persistent with dynamic items: within the producer warpgroup, the next item is in smem
 
 
 def rows_cols_view(acc: cute.Tensor) -> cute.Tensor:
@@ -307,6 +308,10 @@ class SparseAttentionFwdSm90:
         self.persistent = config.persistent
         if self.persistent and not self.seesaw:
             raise ValueError("persistent is implemented for the seesaw schedule only")
+        # persistent: items claimed from a global counter as CTAs get free (else bidx, bidx + grid, ...)
+        self.dynamic_items = config.dynamic_items
+        if self.dynamic_items and not self.persistent:
+            raise ValueError("dynamic_items needs persistent")
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -314,7 +319,7 @@ class SparseAttentionFwdSm90:
     @cute.jit
     def __call__(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mOut: cute.Tensor,
                  mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
-                 scale_log2: Float32, max_ctas: Int32, stream: cuda.CUstream):
+                 mItemCounter: Optional[cute.Tensor], scale_log2: Float32, max_ctas: Int32, stream: cuda.CUstream):
         BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
         # K-major, 128-byte-swizzled smem tiles (the wgmma canonical layout): rows of 64 bf16.
         atom = warpgroup.make_smem_layout_atom(
@@ -343,6 +348,9 @@ class SparseAttentionFwdSm90:
             empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
             q_bar: cute.struct.MemRange[cutlass.Int64, 1]
             q_empty: cute.struct.MemRange[cutlass.Int64, 1 if self.persistent else 0]  # Q may be refilled
+            # persistent: the item of each Q load (by parity; published with q_bar), and the producer's next
+            item_of_load: cute.struct.MemRange[Int32, 2 if self.persistent else 0]
+            next_item: cute.struct.MemRange[Int32, 2 if self.dynamic_items else 0]
             bias: cute.struct.MemRange[Float32, BN * self.stages]   # 0 or -inf per kv row and stage
             row_max: cute.struct.MemRange[Float32, BM * 2]           # per row, per consumer
             # per row, per consumer (persistent: and per item parity, see `epilogue`)
@@ -360,7 +368,7 @@ class SparseAttentionFwdSm90:
         grid_x = mQ.shape[0] * head_blocks
         if const_expr(self.persistent):
             grid_x = cutlass.min(grid_x, max_ctas)      # the launcher passes the SM count
-        self.kernel(mQ, mKV, mIdx, mOut, mLse, mSink, mTopkLen, scale_log2,
+        self.kernel(mQ, mKV, mIdx, mOut, mLse, mSink, mTopkLen, mItemCounter, scale_log2,
                     sQ_layout, sKV_layout, sP_layout, sO_layout, mma_qk, mma_pv, mma_pv_rs).launch(
             grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
 
@@ -370,7 +378,7 @@ class SparseAttentionFwdSm90:
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mOut: cute.Tensor,
                mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
-               scale_log2: Float32, sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout,
+               mItemCounter: Optional[cute.Tensor], scale_log2: Float32, sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout,
                sP_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
                mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, mma_pv_rs: cute.TiledMma):
         tidx, _, _ = cute.arch.thread_idx()
@@ -383,7 +391,12 @@ class SparseAttentionFwdSm90:
         full_bar = storage.full_bar.data_ptr()
         empty_bar = storage.empty_bar.data_ptr()
         q_bar = storage.q_bar.data_ptr()
-        q_empty = storage.q_empty.data_ptr() if const_expr(self.persistent) else None
+        sched = None
+        if const_expr(self.persistent):
+            sched = SimpleNamespace(
+                q_empty=storage.q_empty.data_ptr(), counter=mItemCounter,
+                item_of_load=storage.item_of_load.get_tensor(cute.make_layout((2,))),
+                next_item=storage.next_item.get_tensor(cute.make_layout((2,))) if self.dynamic_items else None)
         if warp_idx == 0:
             with cute.arch.elect_one():
                 if const_expr(self.seesaw):
@@ -396,9 +409,10 @@ class SparseAttentionFwdSm90:
                     for s in cutlass.range_constexpr(self.stages):
                         cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
                         cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
-                cute.arch.mbarrier_init(q_bar, 128)
+                # persistent: one more arrival, the producer thread that published the load's item
+                cute.arch.mbarrier_init(q_bar, 129 if self.persistent else 128)
                 if const_expr(self.persistent):
-                    cute.arch.mbarrier_init(q_empty, 256)   # every consumer thread is done reading Q
+                    cute.arch.mbarrier_init(sched.q_empty, 256)   # every consumer thread is done reading Q
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
@@ -417,7 +431,7 @@ class SparseAttentionFwdSm90:
         if wg_idx == 0:
             cute.arch.setmaxregister_decrease(self.producer_regs)
             if const_expr(self.seesaw):
-                self.produce_seesaw(mQ, mKV, mIdx, mTopkLen, sQ, sKV, sBias, full_bar, empty_bar, q_bar, q_empty,
+                self.produce_seesaw(mQ, mKV, mIdx, mTopkLen, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched,
                                     token, head_block, k_valid, n_tiles, tidx)
             else:
                 self.produce(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
@@ -434,11 +448,11 @@ class SparseAttentionFwdSm90:
                     sP1 = sP[None, None, 1]
                 if wg_idx == 1:
                     self.consume_seesaw(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
-                                        sSum, full_bar, empty_bar, q_bar, q_empty, mma_qk, mma_pv, mma_pv_rs,
+                                        sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
                                         scale_log2, token, head_block, n_tiles, 0, tidx - 128)
                 else:
                     self.consume_seesaw(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
-                                        sSum, full_bar, empty_bar, q_bar, q_empty, mma_qk, mma_pv, mma_pv_rs,
+                                        sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
                                         scale_log2, token, head_block, n_tiles, 1, tidx - 128)
             elif const_expr(self.alternate):
                 self.consume_alternate(mOut, mLse, mSink, sQ, sKV, sP, sO, sBias, sMax, sSum,
@@ -532,35 +546,60 @@ class SparseAttentionFwdSm90:
 
     @cute.jit
     def produce_seesaw(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor],
-                       sQ: cute.Tensor, sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, q_empty,
+                       sQ: cute.Tensor, sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, sched,
                        token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
         """The seesaw producer: tiles go in pairs (tile 2j in stage 0, 2j + 1 in stage 1) and each stage in
         two column halves. Order per pair: 0L, 1R, 0R, 1L: first the halves their owners free early (after
         their own P V), then the halves freed only once the other consumer has folded the tile in. A pair
         past the last tile holds only invalid rows (zero-filled, bias -inf), so an odd tile count just
-        computes one all-masked tile. Persistent: the same for each item in turn; the barrier phases run on
-        across items (pairs and Q loads counted from the CTA's start)."""
+        computes one all-masked tile.
+
+        Persistent: the same for each item in turn; the barrier phases run on across items (pairs and Q loads
+        counted from the CTA's start). The producer picks the items (bidx, then bidx + grid, ... or, with
+        dynamic_items, the next one of a global counter, claimed during the current item) and publishes each
+        with its Q load (`item_of_load`); past the last one it publishes the end, and the consumers stop."""
         passes = self.BN // 16
         ids = [cute.make_rmem_tensor((passes,), Int32), cute.make_rmem_tensor((passes,), Int32)]
         if const_expr(self.persistent):
-            first, stride, n_items = self.persistent_items(mQ.shape[1], mQ.shape[0])
+            item, stride, n_items = self.persistent_items(mQ.shape[1], mQ.shape[0])
+            # (smem tensors written inside staged branches are held in locals: the tracer does not follow
+            # writes through attributes)
+            item_of_load, next_item = sched.item_of_load, sched.next_item
             pair_base = Int32(0)
             q_loads = Int32(0)
-            for item in cutlass.range(first, n_items, stride, unroll=1):
+            while item < n_items:
+                claimed = Int32(0)
+                if const_expr(self.dynamic_items):
+                    if tidx == 0:     # the next item; its latency is hidden behind this item's gathers
+                        claimed = cute.arch.atomic_add(sched.counter.iterator, Int32(1), sem="relaxed", scope="gpu")
                 i_token, i_head_block, i_k_valid, i_tiles = self.item_coords(mQ.shape[1], mIdx, mTopkLen, item)
-                self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, q_empty, ids,
-                                         i_token, i_head_block, i_k_valid, i_tiles, tidx, pair_base, q_loads)
+                self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched, ids,
+                                         i_token, i_head_block, i_k_valid, i_tiles, tidx, pair_base, q_loads, item)
                 pair_base = pair_base + (i_tiles + 1) // 2
+                if const_expr(self.dynamic_items):
+                    # the claim to every producer thread (two slots: a fast thread 0 may claim again first)
+                    if tidx == 0:
+                        next_item[q_loads % 2] = claimed + stride
+                    cute.arch.barrier(barrier_id=BAR_PRODUCER, number_of_threads=128)
+                    item = next_item[q_loads % 2]
+                else:
+                    item = item + stride
                 q_loads = q_loads + 1
+            # the end: the consumers wake on this load's barrier, read an item past the last one and stop
+            cute.arch.mbarrier_wait(sched.q_empty, (q_loads % 2) ^ 1)
+            if tidx == 0:
+                item_of_load[q_loads % 2] = item
+                cute.arch.mbarrier_arrive(q_bar)
+            cute.arch.mbarrier_arrive(q_bar)
         else:
-            self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, q_empty, ids,
-                                     token, head_block, k_valid, n_tiles, tidx, Int32(0), Int32(0))
+            self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched, ids,
+                                     token, head_block, k_valid, n_tiles, tidx, Int32(0), Int32(0), Int32(0))
 
     @cute.jit
     def produce_seesaw_item(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
-                            sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, q_empty, ids,
+                            sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, sched, ids,
                             token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32,
-                            pair_base: Int32, q_loads: Int32):
+                            pair_base: Int32, q_loads: Int32, item: Int32):
         """One item of `produce_seesaw`: Q, then its pairs of tiles (barrier phases offset by pair_base)."""
         D = self.D
         copy_16B = self.gather_atom()
@@ -570,11 +609,15 @@ class SparseAttentionFwdSm90:
         kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
         n_pairs = (n_tiles + 1) // 2
         if const_expr(self.persistent):
+            item_of_load = sched.item_of_load
             # the first ids are read while the consumers finish the previous item with Q
             if n_pairs > 0:
                 self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
                 self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
-            cute.arch.mbarrier_wait(q_empty, (q_loads % 2) ^ 1)
+            cute.arch.mbarrier_wait(sched.q_empty, (q_loads % 2) ^ 1)
+            if tidx == 0:
+                item_of_load[q_loads % 2] = item           # released to the consumers by this arrival
+                cute.arch.mbarrier_arrive(q_bar)
             self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
         else:
             self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
@@ -745,7 +788,7 @@ class SparseAttentionFwdSm90:
     def consume_seesaw(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor], mIdx: cute.Tensor,
                        mTopkLen: Optional[cute.Tensor], sQ: cute.Tensor, sKV: cute.Tensor, sP0: cute.Tensor,
                        sP1: cute.Tensor, sO: cute.Tensor, sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor,
-                       full_bar, empty_bar, q_bar, q_empty, mma_qk: cute.TiledMma, mma_pv: cute.TiledMma,
+                       full_bar, empty_bar, q_bar, sched, mma_qk: cute.TiledMma, mma_pv: cute.TiledMma,
                        mma_pv_rs: cute.TiledMma, scale_log2: Float32, token: Int32, head_block: Int32,
                        n_tiles: Int32, w: cutlass.Constexpr[int], tid: Int32):
         """Consumer w of the seesaw schedule. Tiles come in pairs, 2j in stage 0 (consumer 0's) and 2j + 1
@@ -789,17 +832,19 @@ class SparseAttentionFwdSm90:
         row_max.fill(-Float32.inf)
         row_sum.fill(0.0)
         ctx = SimpleNamespace(mOut=mOut, mLse=mLse, mSink=mSink, sO=sO, sBias=sBias, sMax=sMax,
-                              full_bar=full_bar, empty_bar=empty_bar, q_bar=q_bar, q_empty=q_empty,
+                              full_bar=full_bar, empty_bar=empty_bar, q_bar=q_bar, sched=sched,
                               mma_qk=mma_qk, mma_pv=mma_pv, mma_pv_rs=mma_pv_rs, scale_log2=scale_log2,
                               thr_pv=thr_pv, tSrQ=tSrQ, tSrK=tSrK, tOrV=tOrV, tOrV_rs=tOrV_rs, tOrP_other=tOrP_other,
                               acc_O=acc_O, acc_S=acc_S, O=O, S=S, S_coord=S_coord, rP=rP, rP_a=rP_a,
                               store_atom=store_atom, tPrP=tPrP, tPsP=tPsP, leader=leader, row_max=row_max,
                               row_sum=row_sum)
         if const_expr(self.persistent):
-            first, stride, n_items = self.persistent_items(mOut.shape[1], mOut.shape[0])
+            _, _, n_items = self.persistent_items(mOut.shape[1], mOut.shape[0])
             pair_base = Int32(0)
             q_loads = Int32(0)
-            for item in cutlass.range(first, n_items, stride, unroll=1):
+            cute.arch.mbarrier_wait(q_bar, 0)
+            item = sched.item_of_load[0]
+            while item < n_items:
                 i_token, i_head_block, _, i_tiles = self.item_coords(mOut.shape[1], mIdx, mTopkLen, item)
                 acc_O.fill(0.0)
                 row_max.fill(-Float32.inf)
@@ -809,6 +854,8 @@ class SparseAttentionFwdSm90:
                                          pair_base, q_loads, w, tid)
                 pair_base = pair_base + (i_tiles + 1) // 2
                 q_loads = q_loads + 1
+                cute.arch.mbarrier_wait(q_bar, q_loads % 2)      # the next item (or the end) and its Q
+                item = sched.item_of_load[q_loads % 2]
         else:
             self.consume_seesaw_item(ctx, sSum, token, head_block, n_tiles, Int32(0), Int32(0), w, tid)
 
@@ -824,7 +871,8 @@ class SparseAttentionFwdSm90:
         row_max, row_sum, leader = ctx.row_max, ctx.row_sum, ctx.leader
         full_bar, empty_bar, sBias, sMax = ctx.full_bar, ctx.empty_bar, ctx.sBias, ctx.sMax
         n_rows = cute.size(S, mode=[0])
-        cute.arch.mbarrier_wait(ctx.q_bar, q_loads % 2)
+        if const_expr(not self.persistent):
+            cute.arch.mbarrier_wait(ctx.q_bar, 0)                # (persistent: waited for by the caller)
         n_pairs = (n_tiles + 1) // 2
         if const_expr(w == 0):
             if n_pairs > 0:
@@ -880,7 +928,7 @@ class SparseAttentionFwdSm90:
 
         if const_expr(self.persistent):
             # every S of this item has been waited for: the producer may load the next item's Q
-            cute.arch.mbarrier_arrive(ctx.q_empty)
+            cute.arch.mbarrier_arrive(ctx.sched.q_empty)
         self.epilogue(ctx.mOut, ctx.mLse, ctx.mSink, ctx.sO, sSum, ctx.thr_pv, acc_O, O, S_coord, row_max, row_sum,
                       token, head_block, w, tid, leader)
 

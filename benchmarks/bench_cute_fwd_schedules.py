@@ -104,7 +104,8 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants:
     runs = {}
     variants = [(f"cute {schedule}", dict(schedule=schedule)) for schedule in schedules]
     if with_variants:
-        variants += [(f"cute {name}", fields) for name, fields in cute_fwd.SEESAW_VARIANTS.items()]
+        variants += [(f"cute {name}", fields) for name, fields in cute_fwd.SEESAW_VARIANTS.items()
+                     if with_variants is True or name in with_variants]
     for name, fields in variants:
         config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
         runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
@@ -155,11 +156,16 @@ def main(argv=None) -> None:
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--ids", default="random", choices=["random", "sorted"])
     parser.add_argument("--schedules", default="", help="comma-separated (default: every schedule)")
-    parser.add_argument("--variants", action="store_true")
+    parser.add_argument("--variants", nargs="?", const="all", default="",
+                        help="add the seesaw variants: all of SEESAW_VARIANTS, or a comma-separated list of names")
     parser.add_argument("--flashmla", default="", help="FlashMLA library from benchmarks/flashmla_baseline/build.sh")
     args = parser.parse_args(argv)
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     schedules = [x for x in args.schedules.split(",") if x] or list(cute_fwd.SCHEDULES)
+    variant_choice = args.variants == "all" or {x for x in args.variants.split(",") if x}
+    unknown = set() if variant_choice is True else variant_choice - set(cute_fwd.SEESAW_VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; SEESAW_VARIANTS has {sorted(cute_fwd.SEESAW_VARIANTS)}")
     peak, _ = use_roofline_of(torch.cuda.get_device_name())
     cases = K_SWEEP if args.cases == "k_sweep" else HEADLINE + (MORE if args.cases == "all" else [])
     all_rows = []
@@ -170,7 +176,7 @@ def main(argv=None) -> None:
           "FlashMLA ms (published) | rel err (64 q) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
-        rows = run_case(case, args.reps, not args.no_triton, schedules, args.variants, args.ids == "sorted",
+        rows = run_case(case, args.reps, not args.no_triton, schedules, variant_choice, args.ids == "sorted",
                         flashmla_lib)
         first = rows[0]["ms"]
         published = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None

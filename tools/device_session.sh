@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: persist4 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -94,6 +94,20 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 150 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants --no-triton \
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
+    --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+persist4)  # session 15: where the persistent kernel's per-key cost comes from: the producer's address arithmetic
+           # (hoisted, or more producer registers) and the O stores from registers, each alone and with the
+           # dynamic persistent grid; checked, then the K sweep and all cases against FlashMLA
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 240 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "each_schedule or persistent" || exit 1
+  lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
+  v=direct_store,wide_producer,hoisted_addresses,persistent_dynamic,persistent_dynamic+wide_producer
+  v=$(echo "$v,persistent_dynamic+hoisted_addresses" | sed 's/\([^,]*\)/seesaw+\1/g')
+  capped 170 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants "$v" \
+    --no-triton --schedules seesaw --reps 20 --flashmla $lib
+  capped 170 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants "$v" \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
 qhint)  # session 14: Q loaded with an L2 evict_first policy (variant seesaw+q_evict_first): checked, then timed

@@ -52,9 +52,6 @@ class FwdConfig:
     # seesaw only (the others ignore it): the kv gather as cp.async with an L2 evict_last policy and a
     # 256-byte L2 prefetch, 1-4% faster than plain cp.async (BENCHMARKS.md, session 14); False for A/B runs
     l2_hints: bool = True
-    # seesaw with l2_hints only: Q's copies with an L2 evict_first policy (as FlashMLA loads Q). Off until
-    # measured on the GPU (the variant `seesaw+q_evict_first`)
-    q_evict_first: bool = False
     # seesaw only: a persistent grid (one CTA per SM looping over (token, head block) items), so the next
     # item's Q and first kv tiles load during this item's last P V and epilogue, and O goes to global memory
     # straight from registers. Off until measured on the GPU (the variant `seesaw+persistent`)
@@ -63,6 +60,13 @@ class FwdConfig:
     # instead of taking every grid-th item: SMs that run faster do more items (the variant
     # `seesaw+persistent_dynamic`)
     dynamic_items: bool = False
+    # O to global memory straight from registers (16-byte pieces after a quad transpose) instead of through
+    # shared memory; the persistent grid always does this (the variant `seesaw+direct_store`)
+    direct_store: bool = False
+    # seesaw with l2_hints only: each producer thread computes the swizzled shared address of its first kv piece
+    # once; every other piece is that plus an immediate (no swizzle arithmetic per copy: the variant
+    # `seesaw+hoisted_addresses`)
+    hoist_gather_addresses: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"
@@ -149,9 +153,19 @@ def _sm_count(device) -> int:
 
 
 SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False},   # for A/B runs
-                   "seesaw+q_evict_first": {"schedule": "seesaw", "q_evict_first": True},
                    "seesaw+persistent": {"schedule": "seesaw", "persistent": True},
-                   "seesaw+persistent_dynamic": {"schedule": "seesaw", "persistent": True, "dynamic_items": True}}
+                   "seesaw+persistent_dynamic": {"schedule": "seesaw", "persistent": True, "dynamic_items": True},
+                   "seesaw+direct_store": {"schedule": "seesaw", "direct_store": True},
+                   # 88 registers for the gather warpgroup (its address arithmetic is recomputed at 72), 208 for
+                   # each math warpgroup
+                   "seesaw+wide_producer": {"schedule": "seesaw", "producer_regs": 88, "consumer_regs": 208},
+                   "seesaw+persistent_dynamic+wide_producer": {"schedule": "seesaw", "persistent": True,
+                                                               "dynamic_items": True, "producer_regs": 88,
+                                                               "consumer_regs": 208},
+                   "seesaw+hoisted_addresses": {"schedule": "seesaw", "hoist_gather_addresses": True},
+                   "seesaw+persistent_dynamic+hoisted_addresses": {"schedule": "seesaw", "persistent": True,
+                                                                   "dynamic_items": True,
+                                                                   "hoist_gather_addresses": True}}
 
 
 def selected_variant() -> dict:

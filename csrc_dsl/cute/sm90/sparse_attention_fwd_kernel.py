@@ -51,6 +51,16 @@ Three warpgroups of 128 threads:
            1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, sessions 13 and 14). Registers: 216 per consumer
            thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
 
+Persistent seesaw (FwdConfig.persistent, off by default until it is measured to win): the grid has one CTA per
+SM, and each CTA runs (token, head block) items in turn, so the launch and the barrier setup are paid once and
+an item's start overlaps the previous item's end. The producer picks the items (static: bidx, bidx + grid, ...;
+FwdConfig.dynamic_items: the next index of a global counter, claimed while the current item runs, so that SMs
+that finish early take more) and publishes each in smem with its Q load (one extra arrival on q_bar); the
+consumers read it after waiting for Q, and an index past the last item ends them. Q is refilled as soon as
+both consumers have waited for their last S of the item (q_empty), that is during the last P V and the
+epilogue, and the next item's first kv tiles are gathered then too. O can no longer be staged in Q's smem:
+it goes out from registers (`store_rows_direct`). The kv barrier phases run on across items.
+
 Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
 
 Correctness details that are easy to miss:
@@ -247,6 +257,19 @@ def copy_row_hinted(src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Cons
 
 
 @cute.jit
+def copy_row_hinted_at(src_row: Int64, dst_addr: Int32, num_cols: cutlass.Constexpr[int], piece: Int32,
+                       valid: Boolean, policy: Int64, col_block_bytes: cutlass.Constexpr[int],
+                       first_col: cutlass.Constexpr[int] = 0):
+    """`copy_row_hinted` with the swizzled shared address of the row's first piece given (`dst_addr`, see
+    `SparseAttentionFwdSm90.gather_addresses`): the other pieces lie `col_block_bytes` apart, so every address
+    is that register plus an immediate, with no swizzle arithmetic per copy."""
+    src_bytes = Int32(16) if valid else Int32(0)
+    src_piece = src_row + Int64(piece * 16)
+    for j in cutlass.range_constexpr(first_col // 64, num_cols // 64):
+        cp_async_16B_hinted(dst_addr + Int32(j * col_block_bytes), src_piece + Int64(j * 128), src_bytes, policy)
+
+
+@cute.jit
 def copy_row(copy_16B: cute.CopyAtom, src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Constexpr[int],
              piece: Int32, valid: Boolean, first_col: cutlass.Constexpr[int] = 0):
     """This thread's 16-byte cp.async pieces of one bf16 row, columns [first_col, num_cols) (columns
@@ -306,6 +329,8 @@ class SparseAttentionFwdSm90:
         # seesaw only: one CTA per SM loops over (token, head block) items, so the gather of the next item's
         # first tiles and Q overlaps this item's last P V and epilogue (the launch and prologue are paid once)
         self.persistent = config.persistent
+        if config.hoist_gather_addresses and not (self.seesaw and config.l2_hints):
+            raise ValueError("hoist_gather_addresses is implemented for the seesaw gather with L2 hints")
         if self.persistent and not self.seesaw:
             raise ValueError("persistent is implemented for the seesaw schedule only")
         # persistent: items claimed from a global counter as CTAs get free (else bidx, bidx + grid, ...)
@@ -488,27 +513,37 @@ class SparseAttentionFwdSm90:
         return cute.make_copy_atom(
             cpasync.CopyG2SOp(cache_mode=cpasync.LoadCacheMode.GLOBAL), BFloat16, num_bits_per_copy=128)
 
+    def gather_layout_strides(self, sKV_outer) -> tuple:
+        """(row pass, column block, stage) distances in bytes between the kv smem pieces one producer thread
+        writes, checked on the layout itself (at trace time): in the 128-byte-swizzled layout the swizzle of
+        a piece depends only on its row mod 8 and its 16-byte column index, which a thread keeps for all of
+        its pieces (rows row_in_pass + 16 p), so one swizzled base address serves every piece."""
+        pass_bytes, block_bytes, stage_bytes = 16 * 128, self.BN * 128, self.BN * self.D * 2
+        for r0 in range(8):
+            for piece in range(8):
+                base = cute.crd2idx((r0, 8 * piece, 0), sKV_outer)
+                for p, j, stage in ((1, 0, 0), (0, 1, 0), (0, 0, 1), (3, self.D // 64 - 1, 1)):
+                    coord = (r0 + 16 * p, 64 * j + 8 * piece, stage)
+                    got = (cute.crd2idx(coord, sKV_outer) - base) * 2
+                    if got != p * pass_bytes + j * block_bytes + stage * stage_bytes:
+                        raise ValueError(f"unexpected kv smem layout at {coord}: {got} bytes from the row start")
+        return pass_bytes, block_bytes, stage_bytes
+
     @cute.jit
     def load_q(self, copy_16B: cute.CopyAtom, mQ: cute.Tensor, sQ: cute.Tensor, q_bar, token: Int32,
                head_block: Int32, tidx: Int32):
         """Q rows of this head block into smem (heads past H zero-filled); q_bar completes when they land.
-        With FwdConfig.q_evict_first (seesaw with L2 hints) Q goes in as evict_first: it is read once, and the kv
-        rows should not make room for it."""
+        (Q with an L2 evict_first policy, as FlashMLA loads it, was measured no faster: BENCHMARKS.md, session 15.)"""
         H = mQ.shape[1]
         row_in_pass = tidx // 8
         piece = tidx % 8
         q_base = mQ.iterator.toint()
-        hinted = self.cfg.q_evict_first and self.cfg.l2_hints and self.cfg.schedule == "seesaw"
-        q_policy = l2_policy(False) if const_expr(hinted) else Int64(0)
         for p in cutlass.range_constexpr(self.BN // 16):
             r = row_in_pass + 16 * p
             head = head_block * self.BM + r
             valid = head < H
             src_row = q_base + (Int64(token) * H + Int64(head if valid else 0)) * (self.D * 2)
-            if const_expr(hinted):
-                copy_row_hinted(src_row, sQ[r, None], self.D, piece, valid, q_policy)
-            else:
-                copy_row(copy_16B, src_row, sQ[r, None], self.D, piece, valid)
+            copy_row(copy_16B, src_row, sQ[r, None], self.D, piece, valid)
         cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
 
     @cute.jit
@@ -607,6 +642,10 @@ class SparseAttentionFwdSm90:
         kv_rows = mKV.shape[0]
         kv_base = mKV.iterator.toint()
         kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
+        if const_expr(self.cfg.hoist_gather_addresses):
+            pass_bytes, block_bytes, stage_bytes = self.gather_layout_strides(sKV.layout)
+            first = Int32(cute.local_tile(sKV[row_in_pass, None, 0], (8,), (piece,)).iterator.toint())
+            dst_base = first ^ ((first >> 3) & 0x70)          # the swizzle, once (see `copy_row_hinted`)
         n_pairs = (n_tiles + 1) // 2
         if const_expr(self.persistent):
             item_of_load = sched.item_of_load
@@ -636,7 +675,10 @@ class SparseAttentionFwdSm90:
                     src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
                     if const_expr(self.cfg.ablation != "no_gather"):
                         lo, hi = (0, self.half_cols) if half == 0 else (self.half_cols, D)
-                        if const_expr(self.cfg.l2_hints):
+                        if const_expr(self.cfg.hoist_gather_addresses):
+                            copy_row_hinted_at(src_row, dst_base + Int32(p * pass_bytes + stage * stage_bytes), hi,
+                                               piece, valid, kv_policy, block_bytes, first_col=lo)
+                        elif const_expr(self.cfg.l2_hints):
                             copy_row_hinted(src_row, sKV[r, None, stage], hi, piece, valid, kv_policy,
                                             first_col=lo)
                         else:
@@ -1088,8 +1130,8 @@ class SparseAttentionFwdSm90:
             if w == 0 and leader and head < H:
                 mLse[token, head] = lse
 
-        if const_expr(self.persistent):
-            # Q's smem holds the next item's Q by now: O goes out from registers (`store_rows_direct`)
+        if const_expr(self.persistent or self.cfg.direct_store):
+            # persistent: Q's smem holds the next item's Q by now, so O goes out from registers
             self.store_rows_direct(mOut, O, row_inv, token, head_block, w, tid)
         else:
             self.store_rows_staged(mOut, sO, thr_pv, acc_O, O, row_inv, token, head_block, w, tid)

@@ -473,8 +473,8 @@ def test_fwd_variants_compile_without_spills(variant):
 
 
 @needs_sm90
-@pytest.mark.parametrize("variant", ["seesaw+persistent", "seesaw+persistent_dynamic"])
-@pytest.mark.parametrize("max_ctas", [1, 3, 7])
+@pytest.mark.parametrize("variant", ["seesaw+persistent", "seesaw+persistent_dynamic+hoisted_addresses"])
+@pytest.mark.parametrize("max_ctas", [1, 7])
 @pytest.mark.parametrize("H", [17, 128])
 def test_fwd_persistent_many_items_per_cta(max_ctas, H, variant):
     """The persistent grid with fewer CTAs than items: each CTA runs many (token, head block) items in turn, the

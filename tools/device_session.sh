@@ -110,15 +110,16 @@ persist4)  # session 15: where the persistent kernel's per-key cost comes from: 
   capped 170 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants "$v" \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-persist5)  # session 15, one call: the variants checked and timed against FlashMLA (all cases), then the op-level GPU
-           # tests and the demo with the persistent dynamic grid + hoisted gather addresses as the op's forward
+persist5)  # session 15, one call: the variants timed against FlashMLA (all cases; each checked against the fp64 oracle
+           # before it is timed), their tests, then the op-level GPU tests and the demo with the persistent dynamic
+           # grid + hoisted gather addresses as the op's forward
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 140 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
-    -k "each_schedule or persistent" || exit 1
   v=seesaw+direct_store,seesaw+wide_producer,seesaw+hoisted_addresses,seesaw+persistent_dynamic
   capped 120 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random \
     --variants "$v,seesaw+persistent_dynamic+hoisted_addresses" --no-triton --schedules seesaw --cases all --reps 20 \
     --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
+  capped 140 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "each_schedule or persistent" || exit 1
   export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=seesaw+persistent_dynamic+hoisted_addresses
   capped 220 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
     tests/test_autograd.py tests/test_warmup.py compile_tests -k "not each_schedule and not persistent and not compiles"

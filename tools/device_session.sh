@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: persist5 | persist4 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: persist5 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -84,6 +84,17 @@ persist2)  # session 15: time = fixed + K x per_key for every variant and FlashM
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_sorted.log python -m benchmarks.bench_cute_fwd_schedules --ids sorted --variants \
     --no-triton --schedules seesaw --cases headline --reps 30 --flashmla $lib
+  ;;
+persist3)  # session 15: the persistent grid with items claimed from a counter (seesaw+persistent_dynamic), checked,
+           # then the K sweep (fixed cost and per-key cost of each) and all cases against FlashMLA, one run
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 200 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "each_schedule or persistent" || exit 1
+  lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
+  capped 150 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants --no-triton \
+    --schedules seesaw --reps 20 --flashmla $lib
+  capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
+    --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
 persist3)  # session 15: the persistent grid with items claimed from a counter (seesaw+persistent_dynamic), checked,
            # then the K sweep (fixed cost and per-key cost of each) and all cases against FlashMLA, one run

@@ -96,31 +96,6 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-persist3)  # session 15: the persistent grid with items claimed from a counter (seesaw+persistent_dynamic), checked,
-           # then the K sweep (fixed cost and per-key cost of each) and all cases against FlashMLA, one run
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 200 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
-    -k "each_schedule or persistent" || exit 1
-  lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
-  capped 150 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants --no-triton \
-    --schedules seesaw --reps 20 --flashmla $lib
-  capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
-    --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
-  ;;
-persist4)  # session 15: where the persistent kernel's per-key cost comes from: the producer's address arithmetic
-           # (hoisted, or more producer registers) and the O stores from registers, each alone and with the
-           # dynamic persistent grid; checked, then the K sweep and all cases against FlashMLA
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 240 cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
-    -k "each_schedule or persistent" || exit 1
-  lib=.device/flashmla/libflashmla_sm90_sparse_fwd.so
-  v=direct_store,wide_producer,hoisted_addresses,persistent_dynamic,persistent_dynamic+wide_producer
-  v=$(echo "$v,persistent_dynamic+hoisted_addresses" | sed 's/\([^,]*\)/seesaw+\1/g')
-  capped 170 fwd_k_sweep.log python -m benchmarks.bench_cute_fwd_schedules --cases k_sweep --variants "$v" \
-    --no-triton --schedules seesaw --reps 20 --flashmla $lib
-  capped 170 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants "$v" \
-    --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
-  ;;
 persist5)  # session 15, one call: the variants timed against FlashMLA (all cases; each checked against the fp64 oracle
            # before it is timed), their tests, then the op-level GPU tests and the demo with the persistent dynamic
            # grid + hoisted gather addresses as the op's forward

@@ -100,13 +100,14 @@ persist5)  # session 15, one call: the variants timed against FlashMLA (all case
            # before it is timed), their tests, then the op-level GPU tests and the demo with the persistent dynamic
            # grid + hoisted gather addresses as the op's forward
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  v=seesaw+direct_store,seesaw+wide_producer,seesaw+hoisted_addresses,seesaw+persistent_dynamic
+  v=seesaw+direct_store,seesaw+wide_producer,seesaw+hoisted_addresses,seesaw+direct_store+hoisted_addresses
+  v=$v,seesaw+persistent_dynamic
   capped 110 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random \
     --variants "$v,seesaw+persistent_dynamic+hoisted_addresses" --no-triton --schedules seesaw --cases all --reps 20 \
     --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
   capped ${PERSIST5_TEST_CAP:-140} cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE \
     tests/test_cute_sm90.py -k "${PERSIST5_TESTS:-each_schedule or persistent}" || exit 1
-  export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=seesaw+persistent_dynamic+hoisted_addresses
+  export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${PERSIST5_OP_VARIANT:-seesaw+persistent_dynamic+hoisted_addresses}
   capped 220 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
     tests/test_autograd.py tests/test_warmup.py compile_tests -k "not each_schedule and not persistent and not compiles"
   capped 30 demo.log python -m dsa_ops

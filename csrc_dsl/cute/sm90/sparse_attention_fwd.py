@@ -163,6 +163,8 @@ SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": Fals
                                                                "dynamic_items": True, "producer_regs": 88,
                                                                "consumer_regs": 208},
                    "seesaw+hoisted_addresses": {"schedule": "seesaw", "hoist_gather_addresses": True},
+                   "seesaw+direct_store+hoisted_addresses": {"schedule": "seesaw", "direct_store": True,
+                                                             "hoist_gather_addresses": True},
                    "seesaw+persistent_dynamic+hoisted_addresses": {"schedule": "seesaw", "persistent": True,
                                                                    "dynamic_items": True,
                                                                    "hoist_gather_addresses": True}}

@@ -65,7 +65,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
 
-from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import copy_row, rows_cols_view, wgmma
+from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import copy_row, quad_transpose, rows_cols_view, wgmma
 
 HEADS_PER_CTA = 64   # wgmma M
 DQ_BLOCK = 256       # dQ columns per wgmma (the largest wgmma N)
@@ -516,18 +516,8 @@ class SparseAttentionBwdSm90:
         lane = tid % 32
         i = (lane // 4) % 4
         # blocks[d][2p + ek]: the values for lane d, before the exchange; from lane d, after it
-        blocks = [[KV[d % 2, ek + 4 * p + 2 * (d // 2)] for p in range(2) for ek in range(2)]
-                  for d in range(4)]
-        for s in cutlass.range_constexpr(2):
-            upper = (i >> s) % 2 == 1          # this lane's bit s: it keeps the upper block of each pair
-            for d in cutlass.range_constexpr(4):
-                if const_expr(d & (1 << s) == 0):
-                    d2 = d | (1 << s)
-                    for v in cutlass.range_constexpr(4):
-                        sent = blocks[d][v] if upper else blocks[d2][v]
-                        got = cute.arch.shuffle_sync_bfly(sent, offset=4 << s)
-                        blocks[d][v] = got if upper else blocks[d][v]
-                        blocks[d2][v] = blocks[d2][v] if upper else got
+        blocks = quad_transpose([[KV[d % 2, ek + 4 * p + 2 * (d // 2)] for p in range(2) for ek in range(2)]
+                                 for d in range(4)], i, 4)
         for v in cutlass.range_constexpr(4):
             row = key_rows[v]
             write = row != 0 if const_expr(self.cfg.ablation == "none") else row == 1

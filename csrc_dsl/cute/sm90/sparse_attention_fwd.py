@@ -130,20 +130,25 @@ def sparse_attention(q, kv, indices, scale: float, d_v: int = 512, attn_sink=Non
 
 
 def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_length, max_ctas=None) -> None:
-    """max_ctas: the persistent grid's size (default: the SM count); tests pass a few to give each CTA many items."""
-    import torch
-
+    """max_ctas: the persistent grid's size (default: the SM count); tests pass a few to give each CTA many items.
+    The other variants ignore it, so they skip the lookup."""
     kernel = _CACHE.get(config)
-    item_counter = torch.zeros(1, dtype=torch.int32, device=q.device) if config.dynamic_items else None
-    kernel(q, kv, indices, out, lse, attn_sink, topk_length, item_counter, float(scale) * LOG2_E,
-           _sm_count(q.device) if max_ctas is None else max_ctas, current_stream())
+    item_counter = None
+    if config.dynamic_items:
+        import torch
+
+        item_counter = torch.zeros(1, dtype=torch.int32, device=q.device)
+    if max_ctas is None:
+        max_ctas = _sm_count(q.device) if config.persistent else 0
+    kernel(q, kv, indices, out, lse, attn_sink, topk_length, item_counter, float(scale) * LOG2_E, max_ctas,
+           current_stream())
 
 
 _SM_COUNTS: dict = {}
 
 
 def _sm_count(device) -> int:
-    """The persistent grid's size (the other variants ignore it); cached: the property lookup costs microseconds."""
+    """The persistent grid's size; cached: the property lookup costs microseconds."""
     index = device.index
     if index not in _SM_COUNTS:
         import torch

@@ -244,6 +244,25 @@ def st_global_v4(addr: Int64, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=Non
 
 
 @cute.jit
+def quad_transpose(blocks: list, index: Int32, lane_stride: cutlass.Constexpr[int]) -> list:
+    """A 4 x 4 block transpose among 4 lanes `lane_stride` apart (lane index bits 0 and 1 of `index`), in two
+    butterfly stages of `shfl.bfly`: blocks[d] (a list of values) is what this lane holds for lane d before,
+    and what lane d held for this lane after. Used to turn wgmma accumulator fragments into 16-byte stores
+    (the forward's O, the backward's dkv)."""
+    for s in cutlass.range_constexpr(2):
+        upper = (index >> s) % 2 == 1          # this lane's bit s: it keeps the upper block of each pair
+        for d in cutlass.range_constexpr(4):
+            if const_expr(d & (1 << s) == 0):
+                d2 = d | (1 << s)
+                for v in cutlass.range_constexpr(len(blocks[d])):
+                    sent = blocks[d][v] if upper else blocks[d2][v]
+                    got = cute.arch.shuffle_sync_bfly(sent, offset=lane_stride << s)
+                    blocks[d][v] = got if upper else blocks[d][v]
+                    blocks[d2][v] = blocks[d2][v] if upper else got
+    return blocks
+
+
+@cute.jit
 def copy_row_hinted(src_row: Int64, dst_row: cute.Tensor, num_cols: cutlass.Constexpr[int], piece: Int32,
                     valid: Boolean, policy: Int64, first_col: cutlass.Constexpr[int] = 0):
     """`copy_row` through `cp_async_16B_hinted`, for a destination in the 128-byte-swizzled wgmma layout: the
@@ -261,7 +280,7 @@ def copy_row_hinted_at(src_row: Int64, dst_addr: Int32, num_cols: cutlass.Conste
                        valid: Boolean, policy: Int64, col_block_bytes: cutlass.Constexpr[int],
                        first_col: cutlass.Constexpr[int] = 0):
     """`copy_row_hinted` with the swizzled shared address of the row's first piece given (`dst_addr`, see
-    `SparseAttentionFwdSm90.gather_addresses`): the other pieces lie `col_block_bytes` apart, so every address
+    `SparseAttentionFwdSm90.gather_layout_strides`): the other pieces lie `col_block_bytes` apart, so every address
     is that register plus an immediate, with no swizzle arithmetic per copy."""
     src_bytes = Int32(16) if valid else Int32(0)
     src_piece = src_row + Int64(piece * 16)
@@ -1191,16 +1210,9 @@ class SparseAttentionFwdSm90:
             row_addr = out_base + ((Int64(token) * H + Int64(head)) * DV + Int64(w * NW)) * 2
             for m in cutlass.range_constexpr(n_groups // 4):
                 # blocks[d]: the word for lane d before the exchange; the word from lane d after it
-                blocks = [pack_bf16x2(O[i, 2 * (4 * m + d)] * row_inv[i], O[i, 2 * (4 * m + d) + 1] * row_inv[i])
-                          for d in range(4)]
-                for st in cutlass.range_constexpr(2):
-                    upper = (t >> st) % 2 == 1
-                    for d in cutlass.range_constexpr(4):
-                        if const_expr(d & (1 << st) == 0):
-                            d2 = d | (1 << st)
-                            sent = blocks[d] if upper else blocks[d2]
-                            got = cute.arch.shuffle_sync_bfly(sent, offset=1 << st)
-                            blocks[d] = got if upper else blocks[d]
-                            blocks[d2] = blocks[d2] if upper else got
+                blocks = quad_transpose(
+                    [[pack_bf16x2(O[i, 2 * (4 * m + d)] * row_inv[i], O[i, 2 * (4 * m + d) + 1] * row_inv[i])]
+                     for d in range(4)], t, 1)
                 if head < H:
-                    st_global_v4(row_addr + Int64((4 * m + t) * 16), blocks[0], blocks[1], blocks[2], blocks[3])
+                    st_global_v4(row_addr + Int64((4 * m + t) * 16), blocks[0][0], blocks[1][0], blocks[2][0],
+                                 blocks[3][0])

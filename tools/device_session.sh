@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: persist5 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: persist6 | persist5 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -110,6 +110,21 @@ persist5)  # session 15, one call: the variants timed against FlashMLA (all case
   export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${PERSIST5_OP_VARIANT:-seesaw+persistent_dynamic+hoisted_addresses}
   capped 220 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
     tests/test_autograd.py tests/test_warmup.py compile_tests -k "not each_schedule and not persistent and not compiles"
+  capped 30 demo.log python -m dsa_ops
+  ;;
+persist6)  # session 16, one call of at most ~420 s (budget left after failed starts): persist5 trimmed. Variants
+           # timed against FlashMLA (each checked against the fp64 oracle first), their tests (stops on failure),
+           # then the forward's op-level tests and the demo with PERSIST6_OP_VARIANT as the op's forward
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  v=seesaw+hoisted_addresses,seesaw+direct_store+hoisted_addresses,seesaw+persistent_dynamic
+  capped 100 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random \
+    --variants "$v,seesaw+persistent_dynamic+hoisted_addresses" --no-triton --schedules seesaw --cases all --reps 20 \
+    --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
+  capped 110 cute_fwd_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "(hoisted or persistent) and not compile" || exit 1
+  export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${PERSIST6_OP_VARIANT:-seesaw+persistent_dynamic+hoisted_addresses}
+  capped 140 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
+    compile_tests -k "not each_schedule and not persistent and not compiles and not bwd and not backward"
   capped 30 demo.log python -m dsa_ops
   ;;
 qhint)  # session 14: Q loaded with an L2 evict_first policy (variant seesaw+q_evict_first): checked, then timed

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: persist6 | persist5 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -96,25 +96,10 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-persist5)  # session 15, one call: the variants timed against FlashMLA (all cases; each checked against the fp64 oracle
-           # before it is timed), their tests, then the op-level GPU tests and the demo with the persistent dynamic
-           # grid + hoisted gather addresses as the op's forward
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  v=seesaw+direct_store,seesaw+wide_producer,seesaw+hoisted_addresses,seesaw+direct_store+hoisted_addresses
-  v=$v,seesaw+persistent_dynamic
-  capped 110 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random \
-    --variants "$v,seesaw+persistent_dynamic+hoisted_addresses" --no-triton --schedules seesaw --cases all --reps 20 \
-    --flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so
-  capped ${PERSIST5_TEST_CAP:-140} cute_fwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE \
-    tests/test_cute_sm90.py -k "${PERSIST5_TESTS:-each_schedule or persistent}" || exit 1
-  export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${PERSIST5_OP_VARIANT:-seesaw+persistent_dynamic+hoisted_addresses}
-  capped 220 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
-    tests/test_autograd.py tests/test_warmup.py compile_tests -k "not each_schedule and not persistent and not compiles"
-  capped 30 demo.log python -m dsa_ops
-  ;;
-persist6)  # session 16, one call of at most ~420 s (budget left after failed starts): persist5 trimmed. Variants
-           # timed against FlashMLA (each checked against the fp64 oracle first), their tests (stops on failure),
-           # then the forward's op-level tests and the demo with PERSIST6_OP_VARIANT as the op's forward
+persist6)  # sessions 15-16, one call of at most ~420 s: the forward variants timed against FlashMLA (each checked
+           # against the fp64 oracle first), their tests (stops on failure), then the forward's op-level tests and
+           # the demo with PERSIST6_OP_VARIANT as the op's forward. Replaces session 15's persist5 (never run), which
+           # also timed direct_store and wide_producer alone: `bench_cute_fwd_schedules --variants a,b` does that
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   v=seesaw+hoisted_addresses,seesaw+direct_store+hoisted_addresses,seesaw+persistent_dynamic
   capped 100 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random \

@@ -92,6 +92,38 @@ def test_shipped_configs_are_static_and_cover_the_op():
     assert compile_cache.cache_for(configs[0]) is bwd._CACHE
 
 
+@pytest.mark.parametrize("D", [576, 512])
+def test_pair_column_order_round_trips(D):
+    """`dkv_write="pair"` stores the accumulator's columns permuted within each 64-column block; `dkv_output`
+    puts them back. Checked against the kernel's rule written out per lane: lane 4g + q of warp w sends, for
+    r, e in {0, 1}, latent column 16w + 8r + 2(g // 2) + e at stored column 16w + 4(g // 2) + 2r + e."""
+    order = bwd.pair_column_order(D)
+    expected = torch.empty(D, dtype=torch.long)
+    for block in range(D // 64):
+        for w in range(4):
+            for g in range(8):
+                for r in range(2):
+                    for e in range(2):
+                        expected[64 * block + 16 * w + 4 * (g // 2) + 2 * r + e] = \
+                            64 * block + 16 * w + 8 * r + 2 * (g // 2) + e
+    assert torch.equal(order, expected)
+    latent = torch.randn(7, D)
+    stored = latent[:, order]
+    assert torch.equal(bwd.dkv_output(stored, "pair", torch.float32), latent)
+    assert torch.equal(bwd.dkv_output(stored, "pair", torch.bfloat16), latent.to(torch.bfloat16))
+    assert torch.equal(bwd.dkv_output(latent, "vector", torch.bfloat16), latent.to(torch.bfloat16))
+
+
+def test_selected_dkv_write(monkeypatch):
+    monkeypatch.delenv(bwd.ENV_DKV_WRITE, raising=False)
+    assert bwd.selected_dkv_write() == bwd.BwdConfig.dkv_write
+    monkeypatch.setenv(bwd.ENV_DKV_WRITE, "pair")
+    assert bwd.selected_dkv_write() == "pair"
+    monkeypatch.setenv(bwd.ENV_DKV_WRITE, "butterfly")
+    with pytest.raises(ValueError, match="expected one of"):
+        bwd.selected_dkv_write()
+
+
 def test_supports_is_false_off_gpu():
     T, H, D, S, K = 2, 4, 576, 8, 4
     q = torch.randn(T, H, D).to(torch.bfloat16)
@@ -269,8 +301,11 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
                                     bwd.BwdConfig(576, 512, False, dkv_write="scalar"),
                                     bwd.BwdConfig(576, 512, False, dkv_write="vector"),
                                     bwd.BwdConfig(576, 512, True, dkv_write="vector"),
-                                    bwd.BwdConfig(576, 512, False, overlap_dkv=False)],
-                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det", "serial_dkv"])
+                                    bwd.BwdConfig(576, 512, False, overlap_dkv=False),
+                                    bwd.BwdConfig(576, 512, False, dkv_write="pair"),
+                                    bwd.BwdConfig(576, 512, True, dkv_write="pair")],
+                         ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det", "serial_dkv",
+                              "pair_dkv", "pair_dkv_det"])
 def test_bwd_variants_compile_without_spills(config):
     """The benchmark's variants (dkv products kept but never written; the other dkv write paths) compile
     without spills; addresses computed per tile leave no thread-index reads in the write path, and vector
@@ -285,7 +320,7 @@ def test_bwd_variants_compile_without_spills(config):
         if config.dkv_write != "scalar":
             # a few thread-index reads per consumer, not one per written key ("scalar": 72)
             assert ops["S2R"] <= 8
-        if config.dkv_write == "vector" and config.ablation == "none":
+        if config.dkv_write in ("vector", "pair") and config.ablation == "none":
             # 16 values per thread and dkv^T block, 4 per instruction (the consumers' code is compiled
             # once each, so every block counts once); the dQ epilogue also stores 16-byte pieces.
             dkv_pieces = 4 * (config.head_dim // 64)
@@ -294,6 +329,9 @@ def test_bwd_variants_compile_without_spills(config):
                 assert sass.count("STG.E.128") == dkv_pieces + epilogue_pieces
             else:
                 assert sass.count("REDG.E.ADD.F32x4") == dkv_pieces
+            # the lane exchange: two butterfly stages of 16 values ("vector"), or one of 8 ("pair")
+            shuffles_per_block = 16 if config.dkv_write == "vector" else 8
+            assert fake_compile.count_opcodes(sass, "SHFL")["SHFL"] == shuffles_per_block * (config.head_dim // 64)
 
 
 # ======================================================================================================
@@ -466,7 +504,8 @@ def test_bwd_dkv_write_paths_agree(H):
     head_blocks = (H + 63) // 64
     results = {}
     variants = {"scalar": {"dkv_write": "scalar"}, "tiled": {"dkv_write": "tiled"},
-                "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False}}
+                "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False},
+                "pair": {"dkv_write": "pair"}}
     for mode, options in variants.items():
         for deterministic in (True, False):
             config = bwd.BwdConfig(D, 512, deterministic, **options)
@@ -474,9 +513,10 @@ def test_bwd_dkv_write_paths_agree(H):
             # deterministic: per-slot partial rows (skipped slots stay 0); fast: the fp32 [S, D] sums
             target = torch.zeros(head_blocks * T * K if deterministic else S, D, device="cuda")
             bwd._launch(config, q, kv, idx, dout, l2, delta, lengths, dq, target, D ** -0.5)
-            results[mode, deterministic] = (dq, target)
+            # "pair" stores the columns in another order: back to latent order, fp32 kept bit for bit
+            results[mode, deterministic] = (dq, bwd.dkv_output(target, config.dkv_write, torch.float32))
     torch.cuda.synchronize()
-    for mode in ("tiled", "vector", "serial"):
+    for mode in ("tiled", "vector", "serial", "pair"):
         for deterministic in (True, False):
             (dq_m, t_m), (dq_s, t_s) = results[mode, deterministic], results["scalar", deterministic]
             assert torch.equal(dq_m, dq_s)
@@ -485,6 +525,19 @@ def test_bwd_dkv_write_paths_agree(H):
             else:
                 assert rel_err(t_m, t_s.double()) <= 1e-5, mode          # fp32 sums in another order
             assert t_m.abs().sum() > 0
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("H,D,K", [(100, 576, 300), (128, 512, 2048)])
+def test_bwd_op_with_pair_dkv_write(H, D, K, deterministic, monkeypatch):
+    """The op with `dkv_write="pair"` (permuted accumulator columns, put back by the launcher) against the
+    oracle: tile edges, sink, topk_length, duplicates, both head dims and modes."""
+    monkeypatch.setenv(bwd.ENV_DKV_WRITE, "pair")
+    q, kv, idx, sink, lengths, dout = make_inputs(T=8, H=H, D=D, S=777, K=K, seed=H + K, sink=True,
+                                                  topk_length=True, dup=0.2)
+    lengths[:4] = torch.tensor([0, 1, 33, 65], dtype=torch.int32)
+    check(q, kv, idx, D ** -0.5, 512, sink, lengths, dout, deterministic)
 
 
 @needs_sm90

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,17 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+bwdpair)  # session 17, about 300 s: the backward's dkv write "pair" (one lane-exchange stage, permuted accumulator
+         # columns): its GPU tests (stops on failure), the kernel alone against "vector" (the default) alternated
+         # twice in one run, then the op with it against cuDNN (benchmarks.run --headline, same run)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 150 bwd_pair_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
+    -k "pair or paths_agree or variants" || exit 1
+  capped 120 bwd_pair_kernel.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
+    --ablation kernel pair_dkv kernel pair_dkv
+  capped 150 bwd_pair_vs_cudnn.log env DSA_OPS_CUTE_SPARSE_BWD_DKV_WRITE=pair python -m benchmarks.run --headline \
+    --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
   ;;
 persist6)  # sessions 15-16, one call of at most ~420 s: the forward variants timed against FlashMLA (each checked
            # against the fp64 oracle first), their tests (stops on failure), then the forward's op-level tests and

@@ -92,7 +92,9 @@ class BwdConfig:
     # How each thread sends its dkv values (the kernel's `write_dkv*`): "scalar" one 4-byte value per
     # instruction with the address computed per write, "tiled" the same with each key's address computed
     # once per tile (3.4% faster on the H200, 2026-12-04), "vector" 16-byte pieces after a lane
-    # transpose, so that a warp instruction covers 64 contiguous bytes of a key instead of 32.
+    # transpose, so that a warp instruction covers 64 contiguous bytes of a key instead of 32; "pair" the
+    # same pieces after one exchange stage instead of two, the fp32 accumulator's columns stored in
+    # `pair_column_order` (put back by `dkv_output`). Not measured yet, so not the default.
     dkv_write: str = "vector"
     # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
     # each block is computed, waited for and sent in turn (False).
@@ -100,6 +102,44 @@ class BwdConfig:
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
+
+
+ENV_DKV_WRITE = "DSA_OPS_CUTE_SPARSE_BWD_DKV_WRITE"   # tests and benchmarks: run the op with another path
+DKV_WRITES = ("scalar", "tiled", "vector", "pair")
+
+
+def selected_dkv_write() -> str:
+    """The dkv write path the op runs with: BwdConfig's default, or `ENV_DKV_WRITE`'s choice."""
+    text = os.environ.get(ENV_DKV_WRITE, "").strip() or BwdConfig.dkv_write
+    if text not in DKV_WRITES:
+        raise ValueError(f"{ENV_DKV_WRITE}={text!r}: expected one of {DKV_WRITES}")
+    return text
+
+
+def pair_column_order(head_dim: int):
+    """For `dkv_write="pair"`: stored column i of the fp32 accumulator holds latent column order[i]. Per block
+    of 64 columns, stored 16w + 4p + 2r + e holds latent 16w + 8r + 2p + e (w, p < 4; r, e < 2): the four
+    values a lane sends in one 16-byte piece (the kernel's `write_dkv_pair`)."""
+    import torch
+
+    w, p, r, e = torch.meshgrid(*(torch.arange(n) for n in (4, 4, 2, 2)), indexing="ij")
+    block = (16 * w + 8 * r + 2 * p + e).reshape(64)
+    return torch.cat([64 * b + block for b in range(head_dim // 64)])
+
+
+def dkv_output(dkv_acc, dkv_write: str, dtype):
+    """The fp32 [S, D] accumulator as the op's dkv: cast to `dtype`, columns put back in latent order for
+    "pair" (one copy kernel either way)."""
+    if dkv_write != "pair":
+        return dkv_acc.to(dtype)
+    import torch
+
+    rows, head_dim = dkv_acc.shape
+    out = torch.empty(rows, head_dim, dtype=dtype, device=dkv_acc.device)
+    # stored (block, w, p, r, e) -> latent (block, w, r, p, e)
+    out.view(rows, head_dim // 64, 4, 2, 4, 2).copy_(
+        dkv_acc.view(rows, head_dim // 64, 4, 4, 2, 2).transpose(3, 4))
+    return out
 
 
 def shipped_configs() -> list[BwdConfig]:
@@ -170,10 +210,11 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
 
     if topk_length is None:
         topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=device)
-    config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic))
+    config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic),
+                       dkv_write=selected_dkv_write())
     if not deterministic:
         _launch(config, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_acc, scale)
-        return dq, dkv_acc.to(kv.dtype), d_sink
+        return dq, dkv_output(dkv_acc, config.dkv_write, kv.dtype), d_sink
 
     # Deterministic: per-slot partial rows for a chunk of queries, then an ordered per-row sum.
     from csrc_dsl.triton import sparse_attention_bwd as triton_bwd
@@ -197,7 +238,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
             triton_bwd._reduce_kernel[(num_kv_rows, math.ceil(head_dim / reduce_block_d))](
                 part[hb], sorted_slots, bounds, dkv_acc, t_begin * topk, num_kv_rows,
                 D=head_dim, BLOCK_D=reduce_block_d, BLOCK_E=16, num_warps=2)
-    return dq, dkv_acc.to(kv.dtype), d_sink
+    return dq, dkv_output(dkv_acc, config.dkv_write, kv.dtype), d_sink
 
 
 def row_terms(out, dout, lse, attn_sink, grad_lse=None):
@@ -323,6 +364,7 @@ _KERNEL_VARIANTS = {
     "kernel": {},
     "scalar_dkv": {"dkv_write": "scalar"},
     "tiled_dkv": {"dkv_write": "tiled"},
+    "pair_dkv": {"dkv_write": "pair"},
     "serial_dkv": {"overlap_dkv": False},
     "no_dkv_write": {"ablation": "no_dkv_write"},
     "no_dkv": {"ablation": "no_dkv"},

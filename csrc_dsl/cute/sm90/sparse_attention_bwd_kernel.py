@@ -85,7 +85,7 @@ class SparseAttentionBwdSm90:
     def __init__(self, config):
         if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
             raise ValueError(f"unknown ablation {config.ablation!r}")
-        if config.dkv_write not in ("scalar", "tiled", "vector"):
+        if config.dkv_write not in ("scalar", "tiled", "vector", "pair"):
             raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
         if config.block_n != 32 or config.num_stages != 2:
             raise ValueError("this kernel is written for block_n = 32 and 2 stages")
@@ -345,6 +345,8 @@ class SparseAttentionBwdSm90:
         if const_expr(self.cfg.dkv_write == "vector"):
             lane = tid % 32
             dkv_col = 16 * (tid // 32) + 8 * ((lane // 4) % 2) + 4 * (lane // 16)
+        if const_expr(self.cfg.dkv_write == "pair"):
+            dkv_col = 16 * (tid // 32) + 4 * ((tid % 32) // 8)     # stored column (`pair_column_order`)
 
         # Per-row constants of this thread's heads (padding heads: L2 = +inf, so P = dS = 0).
         row_const = cute.make_rmem_tensor((n_rows,), Float32)
@@ -451,6 +453,11 @@ class SparseAttentionBwdSm90:
             for p in cutlass.range_constexpr(2):
                 for ek in cutlass.range_constexpr(2):
                     slots[2 * p + ek] = 8 * (2 * p + (lane // 8) % 2) + 2 * (lane % 4) + ek
+        elif const_expr(self.cfg.dkv_write == "pair"):
+            lane = tid % 32
+            slots = cute.make_rmem_tensor((4,), Int32)
+            for j in cutlass.range_constexpr(4):
+                slots[j] = 8 * j + 2 * (lane % 4) + (lane // 4) % 2
         else:
             slots = cute.make_rmem_tensor((cute.size(KV_coord, mode=[1]),), Int32)
             for j in cutlass.range_constexpr(cute.size(slots)):
@@ -463,6 +470,8 @@ class SparseAttentionBwdSm90:
         """One dkv^T block to global memory by the configured path (`BwdConfig.dkv_write`)."""
         if const_expr(self.cfg.dkv_write == "vector"):
             self.write_dkv_vector(KV, key_rows, col0, tid)
+        elif const_expr(self.cfg.dkv_write == "pair"):
+            self.write_dkv_pair(KV, key_rows, col0, tid)
         else:
             self.write_dkv(KV, KV_coord, key_rows, dkv_base, col0)
 
@@ -519,19 +528,48 @@ class SparseAttentionBwdSm90:
         blocks = quad_transpose([[KV[d % 2, ek + 4 * p + 2 * (d // 2)] for p in range(2) for ek in range(2)]
                                  for d in range(4)], i, 4)
         for v in cutlass.range_constexpr(4):
-            row = key_rows[v]
-            write = row != 0 if const_expr(self.cfg.ablation == "none") else row == 1
-            if write:
-                ptr = cute.make_ptr(Float32, row + col0 * 4, cute.AddressSpace.gmem, assumed_align=16)
-                if const_expr(self.deterministic):
-                    piece = cute.make_rmem_tensor((4,), Float32)
-                    for k in cutlass.range_constexpr(4):
-                        piece[k] = blocks[k][v]
-                    cute.autovec_copy(piece, cute.make_tensor(ptr, cute.make_layout((4,))))
-                else:
-                    vec = mlir_vector.from_elements(ir.VectorType.get([4], Float32.mlir_type),
-                                                    [Float32(blocks[k][v]).ir_value() for k in range(4)])
-                    cute.arch.red(ptr, vec, op="add", dtype="f32", sem="relaxed", scope="gpu")
+            piece = cute.make_rmem_tensor((4,), Float32)
+            for k in cutlass.range_constexpr(4):
+                piece[k] = blocks[k][v]
+            self.write_dkv_piece(piece, key_rows[v], col0)
+
+    @cute.jit
+    def write_dkv_pair(self, KV: cute.Tensor, key_rows: cute.Tensor, col0: int, tid: Int32):
+        """This thread's values of one dkv^T block as four 16-byte pieces, like `write_dkv_vector`, after one
+        exchange stage instead of two, because the accumulator's columns are stored in another order
+        (`pair_column_order`; the launcher puts them back while casting to bf16).
+
+        Lane 4g + q of warp w holds KV[r, 2j + c]: latent column 16w + g + 8r, key 8j + 2q + c. Lanes g and
+        g ^ 1 (lane xor 4) hold neighbouring columns of the same keys; each gives the other the two values
+        (r = 0, 1) of the key it does not send itself: an even g keeps key c = 0, an odd g key c = 1. Then a
+        lane holds columns 16w + 8r + 2p + e (p = g // 2; e, r in {0, 1}) of its key, which the stored
+        order puts next to each other at 16w + 4p + 2r + e: one 16-byte piece per key, a warp instruction
+        covering 64 contiguous bytes of each of 8 keys, as with "vector", for half its shuffles."""
+        odd = (tid // 4) % 2 == 1
+        for j in cutlass.range_constexpr(4):
+            piece = cute.make_rmem_tensor((4,), Float32)
+            for r in cutlass.range_constexpr(2):
+                own_c0, own_c1 = KV[r, 2 * j], KV[r, 2 * j + 1]
+                sent = own_c0 if odd else own_c1
+                kept = own_c1 if odd else own_c0
+                got = cute.arch.shuffle_sync_bfly(sent, offset=4)
+                piece[2 * r] = got if odd else kept          # column e = 0 (even g)
+                piece[2 * r + 1] = kept if odd else got      # column e = 1 (odd g)
+            self.write_dkv_piece(piece, key_rows[j], col0)
+
+    @cute.jit
+    def write_dkv_piece(self, piece: cute.Tensor, row: Int64, col0: int):
+        """One 16-byte piece (4 fp32) at address `row` + the block's column offset: `red.global.add.v4.f32`,
+        or `st.global.v4` in deterministic mode. `row` 0: an invalid key, nothing is written."""
+        write = row != 0 if const_expr(self.cfg.ablation == "none") else row == 1
+        if write:
+            ptr = cute.make_ptr(Float32, row + col0 * 4, cute.AddressSpace.gmem, assumed_align=16)
+            if const_expr(self.deterministic):
+                cute.autovec_copy(piece, cute.make_tensor(ptr, cute.make_layout((4,))))
+            else:
+                vec = mlir_vector.from_elements(ir.VectorType.get([4], Float32.mlir_type),
+                                                [Float32(piece[k]).ir_value() for k in range(4)])
+                cute.arch.red(ptr, vec, op="add", dtype="f32", sem="relaxed", scope="gpu")
 
     @cute.jit
     def epilogue(self, mdQ: cute.Tensor, sQ: cute.Tensor, thr_dq: cute.ThrMma, thr_dqr: cute.ThrMma,

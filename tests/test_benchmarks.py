@@ -18,6 +18,7 @@ import torch
 
 import dsa_ops  # noqa: F401
 from benchmarks import common, run
+from csrc_dsl.cute import common as cute_common
 from dsa_ops import dispatch
 from dsa_ops.reference import attention as ref_attention
 
@@ -301,3 +302,18 @@ def test_k_sweep_fit_recovers_the_fixed_cost(capsys):
              line.startswith("| 64")]
     # H=128: 4096 * 2 CTAs over 128 SMs = 64 waves; H=64: 32 waves
     assert lines == ["| 128 | ours | 0.180 | 2.81 | 1.843 |", "| 64 | theirs | 0.050 | 1.56 | 0.922 |"]
+
+
+@pytest.mark.skipif(not cute_common.is_available(), reason=str(cute_common.unavailable_reason()))
+def test_bulk_reduction_kernel_compiles_to_tma_reductions():
+    """`bench_dkv_reduction --bulk`'s kernel builds for sm_90a with no GPU, and each piece is one TMA bulk
+    reduction (UBLKRED) per chunk of the row, fenced and double-buffered (a bulk-group wait per buffer)."""
+    from benchmarks.bulk_reduction_kernel import BulkReduceBench, fake_arguments
+    from csrc_dsl.cute.common import fake_compile
+
+    ptx, cubin = fake_compile.compile_fake(BulkReduceBench(576, 64, 32), *fake_arguments())
+    assert "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32" in ptx
+    assert "cp.async.bulk.wait_group.read" in ptx
+    sass = fake_compile.sass(cubin)
+    if sass is not None:
+        assert fake_compile.count_opcodes(sass, "UBLKRED")["UBLKRED"] == 576 // 64

@@ -96,9 +96,10 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-bwdpair)  # session 17, about 300 s: the backward's dkv write "pair" (one lane-exchange stage, permuted accumulator
+bwdpair)  # session 17, about 330 s: the backward's dkv write "pair" (one lane-exchange stage, permuted accumulator
          # columns): its GPU tests (stops on failure), the kernel alone against "vector" (the default) alternated
-         # twice in one run, then the op with it against cuDNN (benchmarks.run --headline, same run)
+         # twice in one run, the op with it against cuDNN (benchmarks.run --headline, same run), then the L2 rate
+         # of fp32 reductions by the threads and by the TMA unit (bench_dkv_reduction --bulk)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 150 bwd_pair_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
     -k "pair or paths_agree or variants" || exit 1
@@ -106,6 +107,8 @@ bwdpair)  # session 17, about 300 s: the backward's dkv write "pair" (one lane-e
     --ablation kernel pair_dkv kernel pair_dkv
   capped 150 bwd_pair_vs_cudnn.log env DSA_OPS_CUTE_SPARSE_BWD_DKV_WRITE=pair python -m benchmarks.run --headline \
     --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
+  # the L2 reduction rate by piece width, threads' red.v4 against the TMA unit's bulk reductions, same run
+  capped 90 dkv_reduction.log python -m benchmarks.bench_dkv_reduction --bulk
   ;;
 persist6)  # sessions 15-16, one call of at most ~420 s: the forward variants timed against FlashMLA (each checked
            # against the fp64 oracle first), their tests (stops on failure), then the forward's op-level tests and

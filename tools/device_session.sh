@@ -102,7 +102,7 @@ bwdpair)  # session 17, about 330 s: the backward's dkv write "pair" (one lane-e
          # of fp32 reductions by the threads and by the TMA unit (bench_dkv_reduction --bulk)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 150 bwd_pair_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
-    -k "pair or paths_agree or variants" || exit 1
+    -k "(pair or paths_agree) and not compile" || exit 1
   capped 120 bwd_pair_kernel.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
     --ablation kernel pair_dkv kernel pair_dkv
   capped 150 bwd_pair_vs_cudnn.log env DSA_OPS_CUTE_SPARSE_BWD_DKV_WRITE=pair python -m benchmarks.run --headline \

@@ -35,7 +35,11 @@ H=64; L2 takes them faster the longer the contiguous piece of a row that one war
   - "vector" (default): a 4 x 4 block transpose across lanes (16 shuffles per 16 values) so that each
     instruction is a 16-byte `red.v4` and a warp covers 64 bytes of 8 keys: 9.29 / 9.34 / 18.68 ms;
     with `overlap_dkv` (default; two dkv accumulators, a block's wgmmas running while the block before is
-    sent) 9.21 / 9.32 / 18.53 ms against 9.30 / 9.46 / 19.17 without, in one run.
+    sent) 9.21 / 9.32 / 18.53 ms against 9.30 / 9.46 / 19.17 without, in one run;
+  - "pair" (session 17, compiled and unit-tested on the CPU, not yet run on a GPU): the same 16-byte pieces
+    after one lane exchange instead of two, because the fp32 accumulator stores each 64-column block's
+    columns permuted (`pair_column_order`), which `dkv_output` undoes in the bf16 cast (SASS at D = 576:
+    SHFL 144 -> 72, FSEL 448 -> 232).
 Tried and NOT kept, because none was faster (docs/experiments/*.patch, numbers in BENCHMARKS.md):
   - (H100) 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, with the
     two dkv accumulators of `overlap_dkv`: within noise then (with 64-byte pieces, overlap gains 1-3%);

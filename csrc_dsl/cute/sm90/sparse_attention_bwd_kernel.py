@@ -29,7 +29,8 @@ Three warpgroups of 128 threads; the kv rows come in tiles of BN = 32 top-k slot
               dkv^T block b (64 latent columns x 32 keys), for the blocks b = c, c+2, ...:
                   = Q_b^T dS' (+ dO_b^T P when the block is among the first d_v columns)
               then the values go to global memory: fast mode reductions (`red.global.add.v4.f32`
-              after a lane transpose, `write_dkv_vector`) into the fp32 [S, D] accumulator at row id;
+              after a lane transpose, `write_dkv_vector`, or after one lane exchange into permuted
+              columns, `write_dkv_pair`) into the fp32 [S, D] accumulator at row id;
               deterministic mode plain stores into a per-slot partial row ((head_block * T + token) * K
               + slot), which the launcher sums in slot order. Two accumulators (`overlap_dkv`): block
               b's wgmmas run while block b - 2 is being sent.

@@ -547,16 +547,19 @@ class SparseAttentionBwdSm90:
         order puts next to each other at 16w + 4p + 2r + e: one 16-byte piece per key, a warp instruction
         covering 64 contiguous bytes of each of 8 keys, as with "vector", for half its shuffles."""
         odd = (tid // 4) % 2 == 1
+        # every exchange before the first write: a write sits in a branch (invalid keys), which the shuffles
+        # cannot move across, so interleaving them leaves each shuffle's latency exposed (measured: 16% slower)
+        pieces = cute.make_rmem_tensor((4, 4), Float32)
         for j in cutlass.range_constexpr(4):
-            piece = cute.make_rmem_tensor((4,), Float32)
             for r in cutlass.range_constexpr(2):
                 own_c0, own_c1 = KV[r, 2 * j], KV[r, 2 * j + 1]
                 sent = own_c0 if odd else own_c1
                 kept = own_c1 if odd else own_c0
                 got = cute.arch.shuffle_sync_bfly(sent, offset=4)
-                piece[2 * r] = got if odd else kept          # column e = 0 (even g)
-                piece[2 * r + 1] = kept if odd else got      # column e = 1 (odd g)
-            self.write_dkv_piece(piece, key_rows[j], col0)
+                pieces[2 * r, j] = got if odd else kept          # column e = 0 (even g)
+                pieces[2 * r + 1, j] = kept if odd else got      # column e = 1 (odd g)
+        for j in cutlass.range_constexpr(4):
+            self.write_dkv_piece(pieces[None, j], key_rows[j], col0)
 
     @cute.jit
     def write_dkv_piece(self, piece: cute.Tensor, row: Int64, col0: int):

@@ -20,6 +20,9 @@ LOG2_E = 1.4426950408889634
 
 SCHEDULES = ("split_keys", "alternate", "seesaw")
 DEFAULT_SCHEDULE = "seesaw"   # 1.23-1.29x split_keys on the H100 (BENCHMARKS.md, session 13)
+# The op's forward: seesaw on a persistent grid with items claimed from a counter and hoisted gather addresses,
+# 1.03-1.14x plain seesaw at every benchmark shape on the H100, same run (BENCHMARKS.md, session 17)
+DEFAULT_VARIANT = "seesaw+persistent_dynamic+hoisted_addresses"
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE"   # tests and benchmarks: run the other schedule
 SUPPORTED_HEAD_DIMS = (512, 576)
 SUPPORTED_DV = (512,)
@@ -176,9 +179,9 @@ SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": Fals
 
 
 def selected_variant() -> dict:
-    """The FwdConfig fields the op runs with: the default schedule, or `ENV_SCHEDULE`'s choice (a schedule
-    name, or a name of SEESAW_VARIANTS)."""
-    text = os.environ.get(ENV_SCHEDULE, "").strip() or DEFAULT_SCHEDULE
+    """The FwdConfig fields the op runs with: DEFAULT_VARIANT, or `ENV_SCHEDULE`'s choice (a schedule name, or
+    a name of SEESAW_VARIANTS)."""
+    text = os.environ.get(ENV_SCHEDULE, "").strip() or DEFAULT_VARIANT
     if text in SEESAW_VARIANTS:
         return dict(SEESAW_VARIANTS[text])
     if text not in SCHEDULES:

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s17op | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s17fwd | s17op | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,13 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+s17fwd)  # session 17, about 200 s: the forward's op-level GPU tests (CUDA graphs, torch.compile, dispatch) and the
+         # demo with the new default forward, seesaw+persistent_dynamic+hoisted_addresses (the first half of s17op)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 150 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
+    compile_tests -k "not each_schedule and not persistent and not compiles and not bwd and not backward"
+  capped 30 demo.log python -m dsa_ops
   ;;
 s17op)  # session 17, about 400 s: the forward's op-level GPU tests and the demo with the new default forward
         # (seesaw+persistent_dynamic+hoisted_addresses), then the backward's "pair" dkv write again after moving its

@@ -96,11 +96,14 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s17fwd)  # session 17, about 200 s: the forward's op-level GPU tests (CUDA graphs, torch.compile, dispatch) and the
-         # demo with the new default forward, seesaw+persistent_dynamic+hoisted_addresses (the first half of s17op)
+s17fwd)  # session 17, at most 250 s: the forward's GPU tests through the op (oracle, CUDA graph, determinism), the
+         # torch.compile and CUDA-graph tests of compile_tests, and the demo, with the new default forward
+         # (seesaw+persistent_dynamic+hoisted_addresses)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 150 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
-    compile_tests -k "not each_schedule and not persistent and not compiles and not bwd and not backward"
+  capped 100 fwd_op_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
+    -k "fwd and not spills and not each_schedule and not persistent"
+  capped 120 compile_graph_tests.log python -m pytest -q -p no:cacheprovider -rfE compile_tests/test_compile.py \
+    compile_tests/test_examples.py -k "graph"
   capped 30 demo.log python -m dsa_ops
   ;;
 s17op)  # session 17, about 400 s: the forward's op-level GPU tests and the demo with the new default forward

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s17fwd | s17op | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -96,23 +96,21 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s17fwd)  # session 17, at most 250 s: the forward's GPU tests through the op (oracle, CUDA graph, determinism), the
-         # torch.compile and CUDA-graph tests of compile_tests, and the demo, with the new default forward
-         # (seesaw+persistent_dynamic+hoisted_addresses)
+s17fwd|s18)  # session 17's next step. s17fwd, at most 250 s: the forward's GPU tests through the op (oracle, CUDA
+             # graph, determinism), the torch.compile and CUDA-graph tests of compile_tests, and the demo, with
+             # S17_FWD_VARIANT (default seesaw+persistent_dynamic+hoisted_addresses, the fastest variant in session 17)
+             # as the op's forward: if they pass, it becomes DEFAULT_VARIANT. s18, about 400 s: the same, then the
+             # backward's "pair" dkv write again (its shuffles now ahead of the writes): its tests and the kernel
+             # alone against "vector", alternated twice in one run
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  export DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE=${S17_FWD_VARIANT:-seesaw+persistent_dynamic+hoisted_addresses}
   capped 100 fwd_op_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
     -k "fwd and not spills and not each_schedule and not persistent"
   capped 120 compile_graph_tests.log python -m pytest -q -p no:cacheprovider -rfE compile_tests/test_compile.py \
     compile_tests/test_examples.py -k "graph"
   capped 30 demo.log python -m dsa_ops
-  ;;
-s17op)  # session 17, about 400 s: the forward's op-level GPU tests and the demo with the new default forward
-        # (seesaw+persistent_dynamic+hoisted_addresses), then the backward's "pair" dkv write again after moving its
-        # shuffles ahead of the writes: its tests and the kernel alone against "vector", alternated, one run
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 150 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90.py tests/test_dispatch.py \
-    compile_tests -k "not each_schedule and not persistent and not compiles and not bwd and not backward"
-  capped 30 demo.log python -m dsa_ops
+  unset DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE
+  [ "$phase" = s18 ] || exit 0
   capped 100 bwd_pair_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
     -k "(pair or paths_agree) and not compile"
   capped 100 bwd_pair_kernel.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \

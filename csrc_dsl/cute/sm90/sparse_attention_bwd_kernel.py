@@ -66,6 +66,7 @@ from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
 
+from csrc_dsl.cute.sm90.sparse_attention_bwd import DKV_WRITES
 from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import copy_row, quad_transpose, rows_cols_view, wgmma
 
 HEADS_PER_CTA = 64   # wgmma M
@@ -86,7 +87,7 @@ class SparseAttentionBwdSm90:
     def __init__(self, config):
         if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
             raise ValueError(f"unknown ablation {config.ablation!r}")
-        if config.dkv_write not in ("scalar", "tiled", "vector", "pair"):
+        if config.dkv_write not in DKV_WRITES:
             raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
         if config.block_n != 32 or config.num_stages != 2:
             raise ValueError("this kernel is written for block_n = 32 and 2 stages")
@@ -346,7 +347,7 @@ class SparseAttentionBwdSm90:
         if const_expr(self.cfg.dkv_write == "vector"):
             lane = tid % 32
             dkv_col = 16 * (tid // 32) + 8 * ((lane // 4) % 2) + 4 * (lane // 16)
-        if const_expr(self.cfg.dkv_write == "pair"):
+        elif const_expr(self.cfg.dkv_write == "pair"):
             dkv_col = 16 * (tid // 32) + 4 * ((tid % 32) // 8)     # stored column (`pair_column_order`)
 
         # Per-row constants of this thread's heads (padding heads: L2 = +inf, so P = dS = 0).

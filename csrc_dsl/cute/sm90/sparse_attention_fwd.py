@@ -21,10 +21,9 @@ LOG2_E = 1.4426950408889634
 SCHEDULES = ("split_keys", "alternate", "seesaw")
 DEFAULT_SCHEDULE = "seesaw"   # 1.23-1.29x split_keys on the H100 (BENCHMARKS.md, session 13)
 # The op's forward: a schedule or a name of SEESAW_VARIANTS. "seesaw+persistent_dynamic+hoisted_addresses" was
-# 1.03-1.14x plain seesaw at every benchmark shape on the H100 (BENCHMARKS.md, session 17) and passed its kernel
-# tests there; it becomes the default once the op-level GPU tests (CUDA graphs, torch.compile: device phase
-# `s17fwd`) have run with it, which no GPU was left for in session 17.
-DEFAULT_VARIANT = DEFAULT_SCHEDULE
+# 1.03-1.14x plain seesaw at every benchmark shape on the H100 (BENCHMARKS.md, session 17); its op-level GPU tests
+# (oracle, CUDA graphs, torch.compile, the demo) passed in session 18, so the op runs it.
+DEFAULT_VARIANT = "seesaw+persistent_dynamic+hoisted_addresses"
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE"   # tests and benchmarks: run the other schedule
 SUPPORTED_HEAD_DIMS = (512, 576)
 SUPPORTED_DV = (512,)
@@ -59,7 +58,8 @@ class FwdConfig:
     l2_hints: bool = True
     # seesaw only: a persistent grid (one CTA per SM looping over (token, head block) items), so the next
     # item's Q and first kv tiles load during this item's last P V and epilogue, and O goes to global memory
-    # straight from registers. Off until measured on the GPU (the variant `seesaw+persistent`)
+    # straight from registers (the variant `seesaw+persistent`; the op's default, DEFAULT_VARIANT, adds
+    # dynamic_items and hoist_gather_addresses)
     persistent: bool = False
     # persistent only: each CTA claims its next item from a global counter (zeroed per launch) as it gets free,
     # instead of taking every grid-th item: SMs that run faster do more items (the variant

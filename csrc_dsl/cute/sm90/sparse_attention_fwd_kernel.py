@@ -51,9 +51,10 @@ Three warpgroups of 128 threads:
            1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, sessions 13 and 14). Registers: 216 per consumer
            thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
 
-Persistent seesaw (FwdConfig.persistent, off by default until it is measured to win): the grid has one CTA per
-SM, and each CTA runs (token, head block) items in turn, so the launch and the barrier setup are paid once and
-an item's start overlaps the previous item's end. The producer picks the items (static: bidx, bidx + grid, ...;
+Persistent seesaw (FwdConfig.persistent; with dynamic_items and hoisted gather addresses it is the op's default
+since session 18, 1.03-1.14x the one-CTA-per-item grid on the H100): the grid has one CTA per SM, and each CTA
+runs (token, head block) items in turn, so the launch and the barrier setup are paid once and an item's start
+overlaps the previous item's end. The producer picks the items (static: bidx, bidx + grid, ...;
 FwdConfig.dynamic_items: the next index of a global counter, claimed while the current item runs, so that SMs
 that finish early take more) and publishes each in smem with its Q load (one extra arrival on q_bar); the
 consumers read it after waiting for Q, and an index past the last item ends them. Q is refilled as soon as

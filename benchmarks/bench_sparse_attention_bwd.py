@@ -2,7 +2,8 @@
 backward, and cuDNN frontend's DSA backward when it is installed.
 
     python -m benchmarks.bench_sparse_attention_bwd            # T=4096 S=8192 K=2048 D=576, H=64,128
-    python -m benchmarks.bench_sparse_attention_bwd --heads 128 --configs h64,h64_n64
+    python -m benchmarks.bench_sparse_attention_bwd --heads 128 --modes fast --profile \
+        --configs "default;default,DKV_PREFETCH=1,DKV_STAGES=1"
 
 CUDA only. Prints one markdown row per (shape, mode): time, baseline time, speedup over the
 baseline, TFLOP/s with FLOPs = 2*T*H*K*(3*D + 2*d_v) (SPEC section 5), and % of 760 TFLOP/s
@@ -149,7 +150,10 @@ def main(argv=None):
     parser.add_argument("--d-v", type=int, default=512)
     parser.add_argument("--sink", action="store_true", help="use an attention sink")
     parser.add_argument("--configs", type=str, default="",
-                        help=f"comma list of names from CONFIGS to time (sets {triton_bwd.CONFIG_ENV})")
+                        help=f"configs to time, each a {triton_bwd.CONFIG_ENV} value (a name from CONFIGS, "
+                             "then KEY=VALUE overrides): a comma list of names, or specs separated by ';'")
+    parser.add_argument("--modes", type=str, default="fast,deterministic",
+                        help="comma list of the dkv modes to time: fast, deterministic")
     parser.add_argument("--no-baseline", action="store_true", help="skip the torch baseline")
     parser.add_argument("--profile", action="store_true",
                         help="also print the time of each kernel (torch.profiler)")
@@ -166,7 +170,11 @@ def main(argv=None):
     print("| shape | impl | mode | ms | baseline ms | speedup | TFLOP/s | % of 760 | check |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
-    configs = [c for c in args.configs.split(",") if c] or [""]
+    separator = ";" if ";" in args.configs or "=" in args.configs else ","
+    configs = [c.strip() for c in args.configs.split(separator) if c.strip()] or [""]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not set(modes) <= {"fast", "deterministic"}:
+        raise SystemExit(f"--modes: expected fast and/or deterministic, got {args.modes!r}")
     for num_heads in [int(h) for h in args.heads.split(",")]:
         q, kv, dout, indices, attn_sink = make_inputs(args.tokens, args.kv_rows, num_heads,
                                                       args.topk, args.head_dim, args.d_v, args.sink)
@@ -193,8 +201,8 @@ def main(argv=None):
             if config:
                 os.environ[triton_bwd.CONFIG_ENV] = config
             impl = f"triton {config or 'default'}"
-            for deterministic in (False, True):
-                mode = "deterministic" if deterministic else "fast"
+            for mode in modes:
+                deterministic = mode == "deterministic"
                 try:
                     result = triton_bwd.sparse_attention_backward(*call_args, deterministic)
                 except Exception as exc:  # noqa: BLE001 - report and go on with the sweep

@@ -212,20 +212,26 @@ def test_deterministic_is_bitwise_repeatable():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("prefetch", [0, 1], ids=["pipelined", "prefetch"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
-def test_query_chunks_and_head_blocks(monkeypatch, deterministic):
+def test_query_chunks_and_head_blocks(monkeypatch, deterministic, prefetch):
     # A tiny workspace budget forces one query per chunk (several launches, and in the
     # deterministic mode several reduction passes over the same kv rows); BLOCK_H=16 with H=20
-    # gives two head blocks, the second one partly masked.
+    # gives two head blocks, the second one partly masked. DKV_PREFETCH=1: the dkv kernel's
+    # register prefetch, over two tiles of 16 slots (21 slots, fewer where topk_length says so).
     case, refs = make_case(num_tokens=5, num_kv_rows=12, num_heads=20, topk=21, head_dim=80,
                            d_v=64, dtype=SMALL_DTYPE, seed=21, sink=True, with_topk_length=True,
                            lonely_rows=(3,))
     monkeypatch.setenv(WORKSPACE_ENV, "0")
-    monkeypatch.setenv(CONFIG_ENV, "default,BLOCK_H=16,DKV_BLOCK_D=32,DKV_BLOCK_N=16,DQ_BLOCK_N=16")
+    config = "default,BLOCK_H=16,DKV_BLOCK_D=32,DKV_BLOCK_N=16,DQ_BLOCK_N=16"
+    monkeypatch.setenv(CONFIG_ENV, config + f",DKV_PREFETCH={prefetch},DKV_STAGES={2 - prefetch}")
     first = check(case, refs, deterministic)
     if deterministic:
         again = run(case, deterministic)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+        if prefetch:  # the same partial rows, summed in the same order: the same bits
+            monkeypatch.setenv(CONFIG_ENV, config)
+            assert all(torch.equal(a, b) for a, b in zip(first, run(case, deterministic)))
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s18b | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,18 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+s18b)  # session 18, about 300 s: the Triton backward's dkv kernel with its register prefetch (DKV_PREFETCH) and
+       # register caps against the default, per kernel (torch.profiler), H = 64 and 128, cuDNN in the same run; then
+       # the Triton backward's tests with the two prefetch settings forced for every call that does not set its own
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  pf="default,DKV_PREFETCH=1,DKV_STAGES=1"
+  capped 300 triton_bwd_sweep.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;$pf;$pf,DKV_MAXNREG=128;$pf,DKV_BLOCK_N=32;default,DKV_BLOCK_N=32,DKV_WARPS=4,DKV_STAGES=3;dkv256_32"
+  for cfg in "$pf,DKV_MAXNREG=128" "$pf,DKV_BLOCK_N=32"; do
+    DSA_SPARSE_ATTN_BWD_CONFIG="$cfg" capped 120 "triton_bwd_tests_${cfg//[,=]/_}.log" python -m pytest -q \
+      -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  done
   ;;
 s17fwd|s18)  # session 17's next step. s17fwd, at most 250 s: the forward's GPU tests through the op (oracle, CUDA
              # graph, determinism), the torch.compile and CUDA-graph tests of compile_tests, and the demo, with

@@ -101,10 +101,10 @@ s18b)  # session 18, about 300 s: the Triton backward's dkv kernel with its regi
        # the Triton backward's tests with the two prefetch settings forced for every call that does not set its own
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   pf="default,DKV_PREFETCH=1,DKV_STAGES=1"
-  capped 300 triton_bwd_sweep.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;$pf;$pf,DKV_MAXNREG=128;$pf,DKV_BLOCK_N=32;default,DKV_BLOCK_N=32,DKV_WARPS=4,DKV_STAGES=3;dkv256_32"
+  capped 240 triton_bwd_sweep.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;$pf;$pf,DKV_MAXNREG=128;$pf,DKV_BLOCK_N=32;default,DKV_BLOCK_N=32,DKV_WARPS=4,DKV_STAGES=3"
   for cfg in "$pf,DKV_MAXNREG=128" "$pf,DKV_BLOCK_N=32"; do
-    DSA_SPARSE_ATTN_BWD_CONFIG="$cfg" capped 120 "triton_bwd_tests_${cfg//[,=]/_}.log" python -m pytest -q \
+    DSA_SPARSE_ATTN_BWD_CONFIG="$cfg" capped 100 "triton_bwd_tests_${cfg//[,=]/_}.log" python -m pytest -q \
       -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   done
   ;;

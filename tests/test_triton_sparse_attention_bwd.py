@@ -6,6 +6,7 @@ The oracle is torch.autograd in fp64 through a naive differentiable forward writ
 its out / lse are the kernel's inputs, as they would be in training.
 """
 
+import json
 import os
 
 import torch
@@ -20,6 +21,7 @@ from csrc_dsl.triton.sparse_attention_bwd import (  # noqa: E402
     WORKSPACE_ENV,
     sparse_attention_backward,
 )
+from tests.sm90_compile import run_compiled  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -410,3 +412,22 @@ def test_row_dot_matches_fp64(rows, n):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * n ** 0.5)
     with pytest.raises(ValueError, match="contiguous"):
         row_dot(a[..., ::2], b[..., ::2])
+
+
+def test_dkv_settings_compile_for_sm90():
+    """The dkv kernel's settings (default, DKV_PREFETCH, with DKV_MAXNREG=128, with 32-slot tiles) compiled for
+    sm_90 at H = 64 and 128 (tools/sparse_bwd_compile_check.py): no spills, shared memory inside an H100 block; the
+    prefetch issues the next tile's loads before the tile's wgmmas and atomics; the register cap fits two CTAs per
+    SM at H = 128, where the default's 167 registers fit one."""
+    from tools.sparse_fwd_compile_check import SM90_MAX_SHARED
+
+    stdout = run_compiled("import json; from tools.sparse_bwd_compile_check import dkv_rows; "
+                          "print(json.dumps(dkv_rows()))")
+    rows = json.loads(stdout.strip().splitlines()[-1])
+    assert len(rows) == 8
+    for name, heads, regs, stack, shared, ctas, order in rows:
+        assert stack == 0 and shared <= SM90_MAX_SHARED and ctas >= 1, (name, heads, regs, stack, shared)
+        if "PREFETCH=1" in name:
+            assert None not in order.values() and order["load"] < order["wgmma"] < order["atomic"], (name, order)
+        if "MAXNREG=128" in name:
+            assert regs <= 128 and ctas >= 2, (name, heads, regs, ctas)

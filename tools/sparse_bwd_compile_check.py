@@ -1,0 +1,128 @@
+"""Compile the Triton sparse-attention backward's kernels for sm_90 without a GPU and report, per setting, the
+registers, stack (spills) and shared memory a launch requests, CTAs per SM those allow, and for the dkv kernel
+where its loop issues the next tile's loads relative to its atomics.
+
+    TRITON_INTERPRET=0 python -m tools.sparse_bwd_compile_check
+
+Why the dkv kernel's load placement matters (2026-12-07, Triton 3.9 PTX): with Triton's own pipelining
+(num_stages=2) the loop waits for its dS / P copies (`cp.async.wait_group 0`) at the top and issues the next
+tile's copies only after this tile's `red.global` atomics, so each tile's load latency is exposed; DKV_PREFETCH=1
+issues plain loads of the next tile at the top of the loop body, before the tile's wgmmas. And at H = 128 the
+default takes 167 registers, one 8-warp CTA per SM; DKV_MAXNREG=128 allows two.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from csrc_dsl.triton import sparse_attention_bwd as bwd  # noqa: E402
+from tools.sparse_fwd_compile_check import SM90_MAX_SHARED  # noqa: E402
+from tools.topk_compile_check import cubin_resources  # noqa: E402
+
+REGISTERS_PER_SM = 65536
+POINTERS = {"lse_ptr": "*fp32", "sink_ptr": "*fp32", "grad_lse_ptr": "*fp32", "dsink_part_ptr": "*fp32",
+            "indices_ptr": "*i32", "topk_length_ptr": "*i32", "dkv_ptr": "*fp32", "dq_ptr": "*bf16"}
+ALIGNED_INTS = ("num_heads", "topk", "ws_stride")
+
+
+def _compile(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int = 0):
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if signature[n].startswith("*") or n in ALIGNED_INTS}
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):
+    """The dkv kernel's value-column launch (with the dout^T P term) for bf16 inputs, fast mode."""
+    heads_block = max(16, bwd._next_pow2(num_heads))
+    block_d = min(config["DKV_BLOCK_D"], max(16, bwd._next_pow2(d_v)))
+    constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
+                      DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
+                      BLOCK_N=config["DKV_BLOCK_N"], PREFETCH=bool(config["DKV_PREFETCH"]))
+    return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"], config["DKV_MAXNREG"])
+
+
+def compile_scores_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):
+    block_h = max(16, min(config["BLOCK_H"], bwd._next_pow2(num_heads)))
+    constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
+                      HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
+                      DOT_PRECISION="tf32", BLOCK_H=block_h, BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD)
+    return _compile(bwd._scores_kernel, constexprs, config["SCORE_WARPS"], config["SCORE_STAGES"])
+
+
+def loop_order(ptx: str) -> dict:
+    """Line numbers, inside the kernel's main loop (the first `$L__BB` block that branches back to itself), of the
+    first wgmma, the first 16-byte tile load (`cp.async` or `ld.global.v4`: dS / P, not the 4-byte ids) and the
+    first atomic."""
+    loop = re.search(r"^(\$L__BB\d+_\d+):.*?^\s*@%p\d+ bra\s+\1;", ptx, re.S | re.M)
+    body = loop.group(0).splitlines() if loop else []
+
+    def first(pattern):
+        return next((i for i, line in enumerate(body) if re.search(pattern, line)), None)
+
+    return dict(wgmma=first(r"wgmma\.mma_async"), load=first(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg"),
+                atomic=first(r"red\.global|atom\.global"))
+
+
+def setting(overrides: str) -> dict:
+    """CONFIGS["default"] with "KEY=VALUE,..." overrides (the CONFIG_ENV syntax without the name)."""
+    config = dict(bwd.CONFIGS["default"])
+    for item in filter(None, (part.strip() for part in overrides.split(","))):
+        key, value = item.split("=")
+        config[key] = int(value)
+    return config
+
+
+SETTINGS = ("", "DKV_PREFETCH=1,DKV_STAGES=1", "DKV_PREFETCH=1,DKV_STAGES=1,DKV_MAXNREG=128",
+            "DKV_PREFETCH=1,DKV_STAGES=1,DKV_BLOCK_N=32")
+
+
+def dkv_rows() -> list:
+    """[setting, H, regs, stack, shared, CTAs per SM, loop order] of the dkv kernel for every SETTINGS entry."""
+    rows = []
+    for overrides in SETTINGS:
+        config = setting(overrides)
+        for num_heads in (64, 128):
+            kernel = compile_dkv_for_sm90(config, num_heads)
+            r = cubin_resources(kernel)
+            shared = kernel.metadata.shared
+            ctas = min(REGISTERS_PER_SM // (r["reg"] * 32 * config["DKV_WARPS"]), SM90_MAX_SHARED // max(shared, 1))
+            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], shared, ctas,
+                         loop_order(kernel.asm["ptx"])])
+    return rows
+
+
+def main():
+    print(f"triton {triton.__version__}, target sm_90, D = 576, d_v = 512, bf16")
+    print("| dkv setting | H | regs | stack B | shared B | CTAs/SM | loop: first load / wgmma / atomic (line) |")
+    print("| --- " * 7 + "|")
+    for name, heads, regs, stack, shared, ctas, order in dkv_rows():
+        print(f"| {name} | {heads} | {regs} | {stack} | {shared} | {ctas} "
+              f"| {order['load']} / {order['wgmma']} / {order['atomic']} |")
+    for heads in (64, 128):
+        kernel = compile_scores_for_sm90(bwd.CONFIGS["default"], heads)
+        r = cubin_resources(kernel)
+        print(f"scores kernel, H={heads}: {r['reg']} registers, {r['stack']} B stack, "
+              f"{kernel.metadata.shared} B shared")
+
+
+if __name__ == "__main__":
+    main()

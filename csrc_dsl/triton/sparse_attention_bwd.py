@@ -306,10 +306,13 @@ def _dkv_kernel(
                                             tl.minimum(start + BLOCK_N, last_start), BLOCK_N,
                                             WITH_P_TERM)
         else:
-            ds, p = _load_ws_tile(ds_ptr, p_ptr, ws_rows, head_mask, start, BLOCK_N, WITH_P_TERM)
+            ws_offsets = ws_rows[:, None] + slots[None, :]
+            ds = tl.load(ds_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
         # [BLOCK_D, BLOCK_N]: transposed so that M is a column block (>= 64 for Hopper's wgmma).
         dkv_t = tl.dot(tl.trans(q_block), ds, input_precision=DOT_PRECISION)
         if WITH_P_TERM:
+            if not PREFETCH:
+                p = tl.load(p_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
             dkv_t = tl.dot(tl.trans(dout_block), p, dkv_t, input_precision=DOT_PRECISION)
         if static_cols:
             mask = slot_valid[None, :]

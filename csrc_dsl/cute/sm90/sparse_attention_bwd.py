@@ -39,8 +39,10 @@ H=64; L2 takes them faster the longer the contiguous piece of a row that one war
   - "pair" (session 17, off): the same 16-byte pieces after one lane exchange instead of two, because the
     fp32 accumulator stores each 64-column block's columns permuted (`pair_column_order`), which
     `dkv_output` undoes in the bf16 cast (SASS at D = 576: SHFL 144 -> 72, FSEL 448 -> 232). Its GPU tests
-    pass (H100); its first version was 16% slower than "vector" at H=64 (10.63 vs 9.16 ms, the shuffles
-    stuck behind each write's branch); the fixed one (all shuffles first) is not timed yet.
+    pass (H100), but it is slower than "vector" at H=64: 10.63 vs 9.16 ms with the shuffles between the
+    writes (session 17), 10.89 vs 9.22 ms with all shuffles first (session 18). A plausible cause (SASS,
+    not profiled): its reductions send the accumulator registers themselves, which the next block's
+    first HGMMA overwrites, so that HGMMA waits until they are read.
 Tried and NOT kept, because none was faster (docs/experiments/*.patch, numbers in BENCHMARKS.md):
   - (H100) 16-byte `red.v4` after a 4 x 4 lane transpose that still left 32-byte pieces per key, with the
     two dkv accumulators of `overlap_dkv`: within noise then (with 64-byte pieces, overlap gains 1-3%);
@@ -99,7 +101,7 @@ class BwdConfig:
     # once per tile (3.4% faster on the H200, 2026-12-04), "vector" 16-byte pieces after a lane
     # transpose, so that a warp instruction covers 64 contiguous bytes of a key instead of 32; "pair" the
     # same pieces after one exchange stage instead of two, the fp32 accumulator's columns stored in
-    # `pair_column_order` (put back by `dkv_output`). Off: its first version measured slower (the module docstring).
+    # `pair_column_order` (put back by `dkv_output`). Off: both versions measured slower (the module docstring).
     dkv_write: str = "vector"
     # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
     # each block is computed, waited for and sent in turn (False).

@@ -3,7 +3,7 @@ backward, and cuDNN frontend's DSA backward when it is installed.
 
     python -m benchmarks.bench_sparse_attention_bwd            # T=4096 S=8192 K=2048 D=576, H=64,128
     python -m benchmarks.bench_sparse_attention_bwd --heads 128 --modes fast --profile \
-        --configs "default;default,DKV_PREFETCH=1,DKV_STAGES=1"
+        --configs "default;default,DKV_BLOCK_N=64"
 
 CUDA only. Prints one markdown row per (shape, mode): time, baseline time, speedup over the
 baseline, TFLOP/s with FLOPs = 2*T*H*K*(3*D + 2*d_v) (SPEC section 5), and % of 760 TFLOP/s

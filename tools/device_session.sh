@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s19c | s19 | s18b | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -96,21 +96,10 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s18b)  # session 18, at most 240 s, no staging needed (cuDNN is timed only if staged): the Triton backward's dkv kernel
-       # with its register prefetch (DKV_PREFETCH) and a register cap against the default, per kernel (torch.profiler),
-       # H = 64 and 128; then the Triton backward's GPU tests with the prefetch setting forced for every call that does
-       # not set its own (S18B_TESTS=all: the whole file, else the realistic-shape and bitwise tests only)
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  pf="default,DKV_PREFETCH=1,DKV_STAGES=1"
-  capped 150 triton_bwd_sweep.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;$pf,DKV_MAXNREG=128;$pf,DKV_BLOCK_N=32"
-  sel=(-k cuda); [ "${S18B_TESTS:-}" = all ] && sel=()
-  DSA_SPARSE_ATTN_BWD_CONFIG="$pf,DKV_MAXNREG=128" capped 80 triton_bwd_tests.log python -m pytest -q \
-    -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py "${sel[@]}"
-  ;;
 s19c)  # session 19, at most 280 s, after the three staging calls: the CuTe-DSL forward's cluster pair (two CTAs of a
        # token sharing their gathered rows), its oracle tests first (a hang or failure stops here), then every
-       # benchmark case timed against the op's default variant in one run
+       # benchmark case timed against the op's default variant in one run. Slower, so the variant is now
+       # docs/experiments/cute-fwd-cluster-pair.patch: apply it (on b47f7e1) before running this phase
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 120 cluster_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
     -k "cluster and not compile" || exit 1
@@ -118,15 +107,15 @@ s19c)  # session 19, at most 280 s, after the three staging calls: the CuTe-DSL 
     --variants "seesaw+persistent_dynamic+hoisted_addresses,seesaw+persistent_dynamic+hoisted_addresses+cluster_pair" \
     --schedules seesaw --cases headline --reps 20
   ;;
-s19)  # session 19, at most 300 s, no staging needed: s18b's sweep widened with the settings that Triton 3.6 (the
-      # device's) compiles to two CTAs per SM at H = 128 (tools/sparse_bwd_compile_check), then the whole Triton backward test file with the
-      # prefetch with 32-slot tiles forced for every call that does not set its own configuration
+s19b)  # session 19, at most 300 s, no staging needed: the Triton dkv kernel's tile settings around the new default
+       # (32-slot tiles) that Triton 3.6 compiles to more CTAs per SM, the old 64-slot default in the same run, fast
+       # and deterministic, per kernel; then the whole Triton backward test file with the default
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  pf="default,DKV_PREFETCH=1,DKV_STAGES=1"
-  capped 200 triton_bwd_sweep.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;$pf;$pf,DKV_MAXNREG=128;$pf,DKV_BLOCK_N=32;$pf,DKV_BLOCK_D=64;default,DKV_BLOCK_N=32;$pf,DKV_BLOCK_N=32,DKV_BLOCK_D=256"
-  DSA_SPARSE_ATTN_BWD_CONFIG="$pf,DKV_BLOCK_N=32" capped 90 triton_bwd_tests.log python -m pytest -q \
-    -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  capped 160 triton_bwd_sweep.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,DKV_BLOCK_N=64;default,DKV_BLOCK_N=16;default,DKV_STAGES=1;default,DKV_BLOCK_D=64,DKV_WARPS=4;default,DKV_BLOCK_N=16,DKV_STAGES=3"
+  capped 60 triton_bwd_det.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --modes deterministic --configs "default;default,DKV_BLOCK_N=64"
+  capped 80 triton_bwd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   ;;
 s17fwd|s18)  # session 17's next step. s17fwd, at most 250 s: the forward's GPU tests through the op (oracle, CUDA
              # graph, determinism), the torch.compile and CUDA-graph tests of compile_tests, and the demo, with

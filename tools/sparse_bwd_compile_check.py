@@ -1,19 +1,16 @@
 """Compile the Triton sparse-attention backward's kernels for sm_90 without a GPU and report, per setting, the
-registers, stack (spills) and shared memory a launch requests, CTAs per SM those allow, and for the dkv kernel
-where its loop issues the next tile's loads relative to its atomics.
+registers, stack (spills) and shared memory a launch requests, and the CTAs per SM those allow.
 
     TRITON_INTERPRET=0 python -m tools.sparse_bwd_compile_check
 
-Why the dkv kernel's load placement matters (2026-12-07, Triton 3.9 PTX): with Triton's own pipelining
-(num_stages=2) the loop waits for its dS / P copies (`cp.async.wait_group 0`) at the top and issues the next
-tile's copies only after this tile's `red.global` atomics, so each tile's load latency is exposed; DKV_PREFETCH=1
-issues plain loads of the next tile at the top of the loop body, before the tile's wgmmas. And at H = 128 the
-default takes 167 registers, one 8-warp CTA per SM; DKV_MAXNREG=128 allows two.
+Why the dkv kernel's CTAs per SM matter (2026-12-07, H100): each of its programs loads a dS / P tile, multiplies,
+and sends the tile's atomics in turn, so one CTA per SM leaves the tensor cores and the L2 reductions idle in turn.
+With 64-slot tiles it fits one CTA per SM at H = 128 (Triton 3.6: 147 KB of shared memory; Triton 3.9: 167
+registers); with 32-slot tiles, the default since session 19, two, and the kernel ran 1.3x faster (BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,7 +53,7 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     block_d = min(config["DKV_BLOCK_D"], max(16, bwd._next_pow2(d_v)))
     constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
                       DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
-                      BLOCK_N=config["DKV_BLOCK_N"], PREFETCH=bool(config["DKV_PREFETCH"]))
+                      BLOCK_N=config["DKV_BLOCK_N"])
     return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"], config["DKV_MAXNREG"])
 
 
@@ -68,20 +65,6 @@ def compile_scores_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: i
     return _compile(bwd._scores_kernel, constexprs, config["SCORE_WARPS"], config["SCORE_STAGES"])
 
 
-def loop_order(ptx: str) -> dict:
-    """Line numbers, inside the kernel's main loop (the first `$L__BB` block that branches back to itself), of the
-    first wgmma, the first 16-byte tile load (`cp.async` or `ld.global.v4`: dS / P, not the 4-byte ids) and the
-    first atomic."""
-    loop = re.search(r"^(\$L__BB\d+_\d+):.*?^\s*@%p\d+ bra\s+\1;", ptx, re.S | re.M)
-    body = loop.group(0).splitlines() if loop else []
-
-    def first(pattern):
-        return next((i for i, line in enumerate(body) if re.search(pattern, line)), None)
-
-    return dict(wgmma=first(r"wgmma\.mma_async"), load=first(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg"),
-                atomic=first(r"red\.global|atom\.global"))
-
-
 def setting(overrides: str) -> dict:
     """CONFIGS["default"] with "KEY=VALUE,..." overrides (the CONFIG_ENV syntax without the name)."""
     config = dict(bwd.CONFIGS["default"])
@@ -91,12 +74,11 @@ def setting(overrides: str) -> dict:
     return config
 
 
-SETTINGS = ("", "DKV_PREFETCH=1,DKV_STAGES=1", "DKV_PREFETCH=1,DKV_STAGES=1,DKV_MAXNREG=128",
-            "DKV_PREFETCH=1,DKV_STAGES=1,DKV_BLOCK_N=32")
+SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before session 19
 
 
 def dkv_rows() -> list:
-    """[setting, H, regs, stack, shared, CTAs per SM, loop order] of the dkv kernel for every SETTINGS entry."""
+    """[setting, H, regs, stack, shared, CTAs per SM] of the dkv kernel for every SETTINGS entry."""
     rows = []
     for overrides in SETTINGS:
         config = setting(overrides)
@@ -105,18 +87,16 @@ def dkv_rows() -> list:
             r = cubin_resources(kernel)
             shared = kernel.metadata.shared
             ctas = min(REGISTERS_PER_SM // (r["reg"] * 32 * config["DKV_WARPS"]), SM90_MAX_SHARED // max(shared, 1))
-            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], shared, ctas,
-                         loop_order(kernel.asm["ptx"])])
+            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], shared, ctas])
     return rows
 
 
 def main():
     print(f"triton {triton.__version__}, target sm_90, D = 576, d_v = 512, bf16")
-    print("| dkv setting | H | regs | stack B | shared B | CTAs/SM | loop: first load / wgmma / atomic (line) |")
-    print("| --- " * 7 + "|")
-    for name, heads, regs, stack, shared, ctas, order in dkv_rows():
-        print(f"| {name} | {heads} | {regs} | {stack} | {shared} | {ctas} "
-              f"| {order['load']} / {order['wgmma']} / {order['atomic']} |")
+    print("| dkv setting | H | regs | stack B | shared B | CTAs/SM |")
+    print("| --- " * 6 + "|")
+    for name, heads, regs, stack, shared, ctas in dkv_rows():
+        print(f"| {name} | {heads} | {regs} | {stack} | {shared} | {ctas} |")
     for heads in (64, 128):
         kernel = compile_scores_for_sm90(bwd.CONFIGS["default"], heads)
         r = cubin_resources(kernel)

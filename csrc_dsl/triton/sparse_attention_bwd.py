@@ -61,14 +61,18 @@ import triton.language as tl
 # BLOCK_H:   heads per program in kernels 1 and 3 (the M of their products).
 # SCORE_*:   kernel 1 (scores): kv rows per tile, warps, pipeline stages.
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages, and
-#            PREFETCH (1: the next tile's dS / P loaded into registers ahead, see _dkv_kernel),
-#            MAXNREG (registers per thread, 0: Triton's choice; 128 fits two 8-warp CTAs per SM).
+#            MAXNREG (registers per thread; 0: Triton's choice). 32-slot tiles, not 64: at H = 128
+#            Triton 3.6 then fits two CTAs per SM instead of one (114 KB of shared memory instead of
+#            147 KB), and the kernel took 10.9 ms instead of 14.3 (H = 64: 7.3 instead of 8.5; H100,
+#            BENCHMARKS.md session 19). DET_BLOCK_N: the same in deterministic mode, where the
+#            kernel stores its rows instead of adding them and 64-slot tiles measured faster at
+#            H = 64 (27.3 ms against 29.0 for the whole backward; H = 128: 39.3 against 38.7).
 # DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages.
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
 _H100 = dict(
     BLOCK_H=64,
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
-    DKV_BLOCK_D=128, DKV_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2, DKV_PREFETCH=0, DKV_MAXNREG=0,
+    DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2, DKV_MAXNREG=0,
     DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
 )
@@ -79,7 +83,7 @@ CONFIGS = {
     "dkv256_32_s3": dict(_H100, DKV_BLOCK_D=256, DKV_BLOCK_N=32, DKV_STAGES=3),
     "dkv512_32": dict(_H100, DKV_BLOCK_D=512, DKV_BLOCK_N=32),
     "dkv512_16": dict(_H100, DKV_BLOCK_D=512, DKV_BLOCK_N=16),
-    "dkv128_64_s3": dict(_H100, DKV_STAGES=3),
+    "dkv128_64_s3": dict(_H100, DKV_BLOCK_N=64, DKV_STAGES=3),
     "dq_n32": dict(_H100, DQ_BLOCK_N=32, DQ_STAGES=3),
 }
 
@@ -114,10 +118,10 @@ def pick_config(num_heads: int) -> dict:
         config[key] = int(value)
     # Heads per program: a power of two >= 16 (tl.dot needs >= 16), no more than needed.
     config["BLOCK_H"] = max(16, min(config["BLOCK_H"], _next_pow2(num_heads)))
-    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DQ_BLOCK_N", "DKV_BLOCK_D"):
+    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N", "DKV_BLOCK_D"):
         if config[key] < 16 or config[key] & (config[key] - 1):
             raise ValueError(f"{key} must be a power of two >= 16, got {config[key]}")
-    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DQ_BLOCK_N"):
+    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N"):
         if _WS_PAD % config[key]:
             raise ValueError(f"{key} must divide {_WS_PAD}, got {config[key]}")
     return config
@@ -243,38 +247,18 @@ def _scores_kernel(
 # Kernel 2: dkv = q^T dS + dout^T P, all heads at once
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _load_ws_tile(ds_ptr, p_ptr, ws_rows, head_mask, start, BLOCK_N: tl.constexpr,
-                  WITH_P: tl.constexpr):
-    """(dS, P) of the slots [start, start + BLOCK_N) of the workspace rows ws_rows; without WITH_P,
-    P is dS again (unused; Triton cannot return None). Masked by head only (a mask along the row
-    would stop the loads' vectorization): the caller keeps the tile inside the padded row."""
-    offsets = ws_rows[:, None] + (start + tl.arange(0, BLOCK_N))[None, :]
-    ds = tl.load(ds_ptr + offsets, mask=head_mask[:, None], other=0.0)
-    if WITH_P:
-        p = tl.load(p_ptr + offsets, mask=head_mask[:, None], other=0.0)
-    else:
-        p = ds
-    return ds, p
-
-
-@triton.jit
 def _dkv_kernel(
     q_ptr, dout_ptr, p_ptr, ds_ptr, indices_ptr, topk_length_ptr, dkv_ptr,
     t_start, num_heads, num_kv_rows, topk, ws_stride,
     D: tl.constexpr, D_V: tl.constexpr, COL_START: tl.constexpr, COL_END: tl.constexpr,
     WITH_P_TERM: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEADS_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Columns [col0, col0 + BLOCK_D) of dkv (col0 = COL_START + program_id(0) * BLOCK_D, all
     < COL_END) for the slots of query t_start + program_id(1). WITH_P_TERM: add dout^T P (value
     columns). DETERMINISTIC: store rows to the partial buffer dkv_ptr [chunk * K, D] instead of
-    adding into the accumulator dkv_ptr [S, D].
-
-    PREFETCH: load the next tile's dS and P into registers before this tile's products and writes.
-    Triton's own pipelining (num_stages) issues the next tile's copies only after this tile's
-    atomics (it does not move a load across them) and waits for them at the top of the next
-    iteration, so their latency is exposed once per tile (PTX of the sm_90 compile)."""
+    adding into the accumulator dkv_ptr [S, D]."""
     col0 = COL_START + tl.program_id(0) * BLOCK_D
     t_local = tl.program_id(1).to(tl.int64)
     t = t_start + t_local
@@ -292,27 +276,16 @@ def _dkv_kernel(
 
     num_slots = _num_slots(topk_length_ptr, t, topk, HAS_TOPK_LENGTH)
     ws_rows = (t_local * num_heads + heads) * ws_stride
-    if PREFETCH:
-        # The last tile's prefetch reloads that tile (never read) instead of leaving the row.
-        last_start = tl.maximum(num_slots - 1, 0) // BLOCK_N * BLOCK_N
-        ds_next, p_next = _load_ws_tile(ds_ptr, p_ptr, ws_rows, head_mask, 0, BLOCK_N, WITH_P_TERM)
     for start in range(0, num_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         # Slots past num_slots read the zeros that _scores_kernel wrote there.
-        if PREFETCH:
-            ds, p = ds_next, p_next
-            ds_next, p_next = _load_ws_tile(ds_ptr, p_ptr, ws_rows, head_mask,
-                                            tl.minimum(start + BLOCK_N, last_start), BLOCK_N,
-                                            WITH_P_TERM)
-        else:
-            ws_offsets = ws_rows[:, None] + slots[None, :]
-            ds = tl.load(ds_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
+        ws_offsets = ws_rows[:, None] + slots[None, :]
+        ds = tl.load(ds_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
         # [BLOCK_D, BLOCK_N]: transposed so that M is a column block (>= 64 for Hopper's wgmma).
         dkv_t = tl.dot(tl.trans(q_block), ds, input_precision=DOT_PRECISION)
         if WITH_P_TERM:
-            if not PREFETCH:
-                p = tl.load(p_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
+            p = tl.load(p_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
             dkv_t = tl.dot(tl.trans(dout_block), p, dkv_t, input_precision=DOT_PRECISION)
         if static_cols:
             mask = slot_valid[None, :]
@@ -536,7 +509,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
                 t_begin, num_heads, num_kv_rows, topk, ws_stride,
                 D=head_dim, D_V=d_v, COL_START=col_start, COL_END=col_end, WITH_P_TERM=with_p,
                 DETERMINISTIC=bool(deterministic), HEADS_BLOCK=heads_block, BLOCK_D=block_d,
-                BLOCK_N=config["DKV_BLOCK_N"], PREFETCH=bool(config["DKV_PREFETCH"]),
+                BLOCK_N=config["DKV_DET_BLOCK_N" if deterministic else "DKV_BLOCK_N"],
                 num_warps=config["DKV_WARPS"], num_stages=config["DKV_STAGES"],
                 **({"maxnreg": config["DKV_MAXNREG"]} if config["DKV_MAXNREG"] else {}), **common)
 

@@ -9,7 +9,7 @@ sparse_attention_fwd_kernel.py, imported only when a variant is compiled.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -72,11 +72,6 @@ class FwdConfig:
     # once; every other piece is that plus an immediate (no swizzle arithmetic per copy: the variant
     # `seesaw+hoisted_addresses`)
     hoist_gather_addresses: bool = False
-    # persistent with hoisted addresses only: for 64 < H <= 128 the two CTAs of a token run as a 2-CTA cluster and
-    # each gathers half of every kv tile, copying it into the other's shared memory, so the kv rows are read from
-    # L2 once per token instead of twice (the kernel's docstring). `_launch` applies it to H > 64 only, with static
-    # items (dynamic_items dropped); H <= 64 runs the config without it.
-    cluster_pair: bool = False
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
     # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
     ablation: str = "none"
@@ -84,20 +79,9 @@ class FwdConfig:
 
 def shipped_configs() -> list[FwdConfig]:
     """Every variant the op can dispatch to; CI compiles all of them (tests/test_cute_sm90.py)."""
-    configs = [FwdConfig(head_dim, d_v, has_sink, has_topk_length, **selected_variant())
-               for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV
-               for has_sink in (False, True) for has_topk_length in (False, True)]
-    # a cluster-pair variant compiles to two kernels: the cluster one (H > 64) and the plain one (H <= 64)
-    return list(dict.fromkeys(config_for_heads(config, heads) for config in configs for heads in (64, 128)))
-
-
-def config_for_heads(config: FwdConfig, num_heads: int) -> FwdConfig:
-    """The kernel that runs `config` for num_heads: cluster_pair needs two head blocks per token and static items."""
-    if not config.cluster_pair:
-        return config
-    if num_heads > 64:
-        return replace(config, dynamic_items=False)
-    return replace(config, cluster_pair=False)
+    return [FwdConfig(head_dim, d_v, has_sink, has_topk_length, **selected_variant())
+            for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV
+            for has_sink in (False, True) for has_topk_length in (False, True)]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -153,7 +137,6 @@ def sparse_attention(q, kv, indices, scale: float, d_v: int = 512, attn_sink=Non
 def _launch(config: FwdConfig, q, kv, indices, out, lse, scale, attn_sink, topk_length, max_ctas=None) -> None:
     """max_ctas: the persistent grid's size (default: the SM count); tests pass a few to give each CTA many items.
     The other variants ignore it, so they skip the lookup."""
-    config = config_for_heads(config, q.shape[1])
     kernel = _CACHE.get(config)
     item_counter = None
     if config.dynamic_items:
@@ -194,11 +177,7 @@ SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": Fals
                                                              "hoist_gather_addresses": True},
                    "seesaw+persistent_dynamic+hoisted_addresses": {"schedule": "seesaw", "persistent": True,
                                                                    "dynamic_items": True,
-                                                                   "hoist_gather_addresses": True},
-                   # H > 64: static items in 2-CTA clusters that share their gathered rows; H <= 64: as above
-                   "seesaw+persistent_dynamic+hoisted_addresses+cluster_pair": {
-                       "schedule": "seesaw", "persistent": True, "dynamic_items": True,
-                       "hoist_gather_addresses": True, "cluster_pair": True}}
+                                                                   "hoist_gather_addresses": True}}
 
 
 def selected_variant() -> dict:

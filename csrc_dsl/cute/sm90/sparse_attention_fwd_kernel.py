@@ -62,19 +62,6 @@ both consumers have waited for their last S of the item (q_empty), that is durin
 epilogue, and the next item's first kv tiles are gathered then too. O can no longer be staged in Q's smem:
 it goes out from registers (`store_rows_direct`). The kv barrier phases run on across items.
 
-Cluster pair (FwdConfig.cluster_pair, persistent with static items, for 64 < H <= 128): the two CTAs of a token
-run as a cluster of 2 (ranks 0 and 1 = head blocks 0 and 1; the static items bidx, bidx + grid, ... keep both
-CTAs of a cluster on the same token, as the grid is even). Each CTA gathers only rows [32 r, 32 r + 32) of every kv
-tile (r its rank) with cp.async, then copies them into the other CTA's shared memory at the same offsets with
-`cp.async.bulk` (shared::cta to shared::cluster): in the 128-byte-swizzled layout those rows of a 64-column block
-are 4 KB of contiguous bytes, swizzled the same way in both CTAs. So a token's kv rows are read from L2 once instead
-of twice. Per (stage, half): the cp.async copies arrive on `own_landed`; one producer thread (BULK_TID) waits for
-them, fences, sends the 4 KB blocks of that half to the peer (completing bytes on the peer's full barrier), waits
-until the copies have read their source (the owner's P_0 later overwrites stage 0's RoPE columns), and arrives on
-its own full barrier with the bytes it expects from the peer. The empty barriers count both CTAs' consumers (every
-release also arrives on the peer's barrier), since the peer writes into this CTA's stages. It sends each half one
-half later (after the next half's cp.async), so that its wait finds the copies mostly landed.
-
 Scores are kept in log2 units (scale * log2 e folded in) so softmax uses exp2.
 
 Correctness details that are easy to miss:
@@ -115,7 +102,6 @@ BAR_OWN_P = 6       # alternate: 6 + w, within warpgroup w (128 threads): its P 
 BAR_SEESAW_MAX = 8  # seesaw: 8 + w, consumer w published its new row max in sMax[:, 0]
 BAR_SEESAW_P = 10   # seesaw: 10 + w, consumer w's P (at the pair's max) is in smem
 BAR_PRODUCER = 12   # persistent with dynamic items: within the producer warpgroup, the next item is in smem
-BULK_TID = 96       # cluster pair: the producer thread that sends this CTA's kv rows to the peer (warp 3, lane 0)
 
 
 def rows_cols_view(acc: cute.Tensor) -> cute.Tensor:
@@ -240,20 +226,6 @@ def cp_async_16B_hinted(dst_addr: Int32, src_addr: Int64, src_bytes: Int32, poli
                            Int32(src_bytes).ir_value(loc=loc, ip=ip), Int64(policy).ir_value(loc=loc, ip=ip)],
                     "cp.async.cg.shared.global.L2::cache_hint.L2::256B [$0], [$1], 16, $2, $3;", "r,l,r,l",
                     has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
-
-
-@dsl_user_op
-def bulk_copy_to_peer(smem_addr: Int32, num_bytes: int, bar_addr: Int32, peer: Int32, *, loc=None, ip=None):
-    """cp.async.bulk of num_bytes from this CTA's shared memory at smem_addr to the same address in the shared
-    memory of CTA `peer` of the cluster, completing num_bytes of transactions on the peer's mbarrier at bar_addr
-    (both addresses mapped with `mapa`). Bulk copies read the source through the async proxy: the caller fences
-    generic-proxy writes (cp.async) first."""
-    llvm.inline_asm(None, [Int32(smem_addr).ir_value(loc=loc, ip=ip), Int32(bar_addr).ir_value(loc=loc, ip=ip),
-                           Int32(peer).ir_value(loc=loc, ip=ip)],
-                    "{ .reg .b32 dst, bar; mapa.shared::cluster.u32 dst, $0, $2; mapa.shared::cluster.u32 bar, $1, $2; "
-                    f"cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [dst], [$0], {num_bytes}, [bar]; }}",
-                    "r,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT,
-                    loc=loc, ip=ip)
 
 
 @dsl_user_op
@@ -385,12 +357,6 @@ class SparseAttentionFwdSm90:
         self.dynamic_items = config.dynamic_items
         if self.dynamic_items and not self.persistent:
             raise ValueError("dynamic_items needs persistent")
-        # cluster pair: the two CTAs of a token share their gathered rows (module docstring); the launcher uses it
-        # for 64 < H <= 128 only, where every token has exactly two head blocks
-        self.cluster = config.cluster_pair
-        if self.cluster and not (self.persistent and not self.dynamic_items and config.hoist_gather_addresses):
-            raise ValueError("cluster_pair is implemented for the persistent seesaw with static items and hoisted "
-                             "gather addresses")
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -425,8 +391,6 @@ class SparseAttentionFwdSm90:
         class SharedStorage:
             full_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
             empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage]
-            # cluster pair: this CTA's own cp.async rows of a (stage, half) have landed
-            own_landed: cute.struct.MemRange[cutlass.Int64, self.stages * self.bars_per_stage if self.cluster else 0]
             q_bar: cute.struct.MemRange[cutlass.Int64, 1]
             q_empty: cute.struct.MemRange[cutlass.Int64, 1 if self.persistent else 0]  # Q may be refilled
             # persistent: the item of each Q load (by parity; published with q_bar), and the producer's next
@@ -449,13 +413,9 @@ class SparseAttentionFwdSm90:
         grid_x = mQ.shape[0] * head_blocks
         if const_expr(self.persistent):
             grid_x = cutlass.min(grid_x, max_ctas)      # the launcher passes the SM count
-        if const_expr(self.cluster):
-            # whole clusters (both CTAs of a cluster take the same tokens), at least one
-            grid_x = cutlass.max(grid_x // 2, 1) * 2
         self.kernel(mQ, mKV, mIdx, mOut, mLse, mSink, mTopkLen, mItemCounter, scale_log2,
                     sQ_layout, sKV_layout, sP_layout, sO_layout, mma_qk, mma_pv, mma_pv_rs).launch(
-            grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], cluster=[2 if self.cluster else 1, 1, 1],
-            stream=stream, min_blocks_per_mp=1)
+            grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
 
     # -------------------------------------------------------------------------------------------
     # Device side
@@ -479,8 +439,6 @@ class SparseAttentionFwdSm90:
         sched = None
         if const_expr(self.persistent):
             sched = SimpleNamespace(
-                own_landed=storage.own_landed.data_ptr() if self.cluster else None,
-                peer=cute.arch.block_idx_in_cluster() ^ 1 if self.cluster else None,
                 q_empty=storage.q_empty.data_ptr(), counter=mItemCounter,
                 item_of_load=storage.item_of_load.get_tensor(cute.make_layout((2,))),
                 next_item=storage.next_item.get_tensor(cute.make_layout((2,))) if self.dynamic_items else None)
@@ -490,15 +448,8 @@ class SparseAttentionFwdSm90:
                     for s in cutlass.range_constexpr(self.stages):
                         for half in cutlass.range_constexpr(2):
                             # the half a stage is loaded first (0: L, 1: R) also publishes its bias
-                            bias_arrivals = 128 if half == s else 0
-                            if const_expr(self.cluster):
-                                # the sender thread's arrival (after its own rows landed) + the peer's bytes
-                                cute.arch.mbarrier_init(full_bar + 2 * s + half, bias_arrivals + 1)
-                                cute.arch.mbarrier_init(sched.own_landed + 2 * s + half, 128)
-                                cute.arch.mbarrier_init(empty_bar + 2 * s + half, 256)   # this CTA's and the peer's
-                            else:
-                                cute.arch.mbarrier_init(full_bar + 2 * s + half, 128 + bias_arrivals)
-                                cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
+                            cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
+                            cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
                 else:
                     for s in cutlass.range_constexpr(self.stages):
                         cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
@@ -508,12 +459,7 @@ class SparseAttentionFwdSm90:
                 if const_expr(self.persistent):
                     cute.arch.mbarrier_init(sched.q_empty, 256)   # every consumer thread is done reading Q
         cute.arch.mbarrier_init_fence()
-        if const_expr(self.cluster):
-            # the peer's barriers are initialised before this CTA arrives on them or copies into its smem
-            cute.arch.cluster_arrive()
-            cute.arch.cluster_wait()
-        else:
-            cute.arch.sync_threads()
+        cute.arch.sync_threads()
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
@@ -561,10 +507,6 @@ class SparseAttentionFwdSm90:
                 self.consume(mOut, mLse, mSink, sQ, sKV, sP[None, None, 0], sO, sBias, sMax, sSum,
                              full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
                              token, head_block, n_tiles, wg_idx - 1, tidx - 128)
-        if const_expr(self.cluster):
-            # neither CTA exits while the other may still arrive on its barriers or copy into its smem
-            cute.arch.cluster_arrive()
-            cute.arch.cluster_wait()
 
     @cute.jit
     def item_coords(self, H: Int32, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor], item: Int32):
@@ -741,11 +683,9 @@ class SparseAttentionFwdSm90:
             if n_pairs > 0:
                 self.load_slot_ids(mIdx, ids[0], token, 0, k_valid, row_in_pass)
                 self.load_slot_ids(mIdx, ids[1], token, 1, k_valid, row_in_pass)
-        order = ((0, 0), (1, 1), (0, 1), (1, 0))
         for j in cutlass.range(n_pairs, unroll=1):
             phase = (pair_base + j) % 2
-            for k in cutlass.range_constexpr(4):
-                stage, half = order[k]
+            for stage, half in ((0, 0), (1, 1), (0, 1), (1, 0)):
                 bar = 2 * stage + half
                 cute.arch.mbarrier_wait(empty_bar + bar, phase ^ 1)
                 for p in cutlass.range_constexpr(passes):
@@ -753,16 +693,11 @@ class SparseAttentionFwdSm90:
                     kv_id = ids[stage][p]
                     valid = kv_id >= 0 and kv_id < kv_rows
                     src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
-                    # cluster pair: rows [32 r, 32 r + 32) come from this CTA, the others from the peer
-                    own_row = True
-                    if const_expr(self.cluster):
-                        own_row = p // 2 == 1 - sched.peer
                     if const_expr(self.cfg.ablation != "no_gather"):
                         lo, hi = (0, self.half_cols) if half == 0 else (self.half_cols, D)
                         if const_expr(self.cfg.hoist_gather_addresses):
-                            if own_row:
-                                copy_row_hinted_at(src_row, dst_base + Int32(p * pass_bytes + stage * stage_bytes),
-                                                   hi, piece, valid, kv_policy, block_bytes, first_col=lo)
+                            copy_row_hinted_at(src_row, dst_base + Int32(p * pass_bytes + stage * stage_bytes), hi,
+                                               piece, valid, kv_policy, block_bytes, first_col=lo)
                         elif const_expr(self.cfg.l2_hints):
                             copy_row_hinted(src_row, sKV[r, None, stage], hi, piece, valid, kv_policy,
                                             first_col=lo)
@@ -771,41 +706,12 @@ class SparseAttentionFwdSm90:
                     if const_expr(half == stage):
                         if piece == 0:
                             sBias[r, stage] = Float32(0.0) if valid else -Float32.inf
-                if const_expr(self.cluster):
-                    cute.arch.cp_async_mbarrier_arrive_noinc(sched.own_landed + bar)
-                    if const_expr(k > 0):
-                        if tidx == BULK_TID:       # the previous half, whose copies have had a half to land
-                            self.send_half_to_peer(sKV, full_bar, sched, order[k - 1], phase)
-                else:
-                    cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + bar)
+                cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + bar)
                 if const_expr(half == stage):
                     cute.arch.mbarrier_arrive(full_bar + bar)      # the bias of this stage's tile
-            if const_expr(self.cluster):
-                if tidx == BULK_TID:
-                    self.send_half_to_peer(sKV, full_bar, sched, order[3], phase)
             if j + 1 < n_pairs:
                 self.load_slot_ids(mIdx, ids[0], token, 2 * j + 2, k_valid, row_in_pass)
                 self.load_slot_ids(mIdx, ids[1], token, 2 * j + 3, k_valid, row_in_pass)
-
-    @cute.jit
-    def send_half_to_peer(self, sKV: cute.Tensor, full_bar, sched, stage_half: tuple, phase: Int32):
-        """Cluster pair, one thread: once this CTA's rows of (stage, half) have landed, copy them into the peer's
-        smem (same offsets; the peer's full barrier counts the bytes), wait until the copies have read them, and
-        arrive on this CTA's full barrier expecting the peer's rows of that half (module docstring)."""
-        stage, half = stage_half
-        bar = 2 * stage + half
-        pass_bytes, block_bytes, stage_bytes = self.gather_layout_strides(sKV.layout)
-        rows_bytes = 2 * pass_bytes                           # 32 rows of one 64-column block: 4 KB, contiguous
-        first_block, end_block = (0, self.half_cols // 64) if half == 0 else (self.half_cols // 64, self.D // 64)
-        rank = 1 - sched.peer
-        base = Int32(sKV.iterator.toint()) + Int32(stage * stage_bytes) + rank * rows_bytes
-        cute.arch.mbarrier_wait(sched.own_landed + bar, phase)
-        cute.arch.fence_proxy("async.shared", space="cta")   # cp.async writes -> the bulk copy's reads
-        for b in cutlass.range_constexpr(first_block, end_block):
-            bulk_copy_to_peer(base + Int32(b * block_bytes), rows_bytes, Int32((full_bar + bar).toint()), sched.peer)
-        cute.arch.cp_async_bulk_commit_group()
-        cute.arch.cp_async_bulk_wait_group(0, read=True)
-        cute.arch.mbarrier_arrive_and_expect_tx(full_bar + bar, (end_block - first_block) * rows_bytes)
 
     @cute.jit
     def load_slot_ids(self, mIdx: cute.Tensor, slot_ids: cute.Tensor, token: Int32, tile: Int32,
@@ -1048,7 +954,7 @@ class SparseAttentionFwdSm90:
             wgmma(mma_pv_rs, acc_O, rP_a, tOrV_rs[None, None, None, w], zero_init=False, wait=False)
             if const_expr(w == 0):
                 warpgroup.wait_group(0)
-                self.release(ctx.sched, empty_bar + 0)                  # V_0L: consumer 0 is done with it
+                cute.arch.mbarrier_arrive(empty_bar + 0)                  # V_0L: consumer 0 is done with it
                 # the pair's max, from consumer 1: move P_0 and O_0 to it
                 cute.arch.barrier(barrier_id=BAR_SEESAW_MAX + 1, number_of_threads=256)
                 for i in cutlass.range_constexpr(n_rows):
@@ -1065,12 +971,12 @@ class SparseAttentionFwdSm90:
                     # S of the next pair's tile while P_1 V_1L runs; its L half first (freed earliest)
                     self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 1 - phase, 0, 0)
                     warpgroup.wait_group(1)
-                    self.release(ctx.sched, empty_bar + 2)              # V_1L (and P_1) folded in
+                    cute.arch.mbarrier_arrive(empty_bar + 2)              # V_1L (and P_1) folded in
                     self.seesaw_scores(mma_qk, acc_S, tSrQ, tSrK, full_bar, 1 - phase, 0, 1)
                     warpgroup.wait_group(0)
                 else:
                     warpgroup.wait_group(0)
-                    self.release(ctx.sched, empty_bar + 2)
+                    cute.arch.mbarrier_arrive(empty_bar + 2)
             else:
                 cute.copy(store_atom, tPrP, tPsP)
                 cute.arch.barrier(barrier_id=BAR_SEESAW_P + 0, number_of_threads=256)
@@ -1078,25 +984,15 @@ class SparseAttentionFwdSm90:
                 cute.arch.fence_proxy("async.shared", space="cta")     # st.matrix P -> the other's wgmma
                 cute.arch.barrier_arrive(barrier_id=BAR_SEESAW_P + 1, number_of_threads=256)
                 warpgroup.wait_group(1)
-                self.release(ctx.sched, empty_bar + 3)                  # V_1R: consumer 1 is done with it
+                cute.arch.mbarrier_arrive(empty_bar + 3)                  # V_1R: consumer 1 is done with it
                 warpgroup.wait_group(0)
-                self.release(ctx.sched, empty_bar + 1)                  # V_0R and P_0 folded in
+                cute.arch.mbarrier_arrive(empty_bar + 1)                  # V_0R and P_0 folded in
 
         if const_expr(self.persistent):
             # every S of this item has been waited for: the producer may load the next item's Q
             cute.arch.mbarrier_arrive(ctx.sched.q_empty)
         self.epilogue(ctx.mOut, ctx.mLse, ctx.mSink, ctx.sO, sSum, ctx.thr_pv, acc_O, O, S_coord, row_max, row_sum,
                       token, head_block, w, tid, leader)
-
-    @cute.jit
-    def release(self, sched, bar):
-        """A consumer is done reading a kv half-stage: arrive on its empty barrier (cluster pair: on the peer's
-        too, as the peer copies its rows into this CTA's stage). The remote arrival keeps the default CTA scope, as
-        CUTLASS's multicast pipelines release their stages: the reads it orders are this thread's finished wgmmas,
-        and a cluster-scope release would add a MEMBAR.ALL.GPU before each arrival (SASS)."""
-        cute.arch.mbarrier_arrive(bar)
-        if const_expr(self.cluster):
-            cute.arch.mbarrier_arrive(bar, sched.peer)
 
     @cute.jit
     def seesaw_scores(self, mma_qk: cute.TiledMma, acc_S: cute.Tensor, tSrQ: cute.Tensor, tSrK: cute.Tensor,

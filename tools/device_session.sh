@@ -99,7 +99,7 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
 s19c)  # session 19, at most 280 s, after the three staging calls: the CuTe-DSL forward's cluster pair (two CTAs of a
        # token sharing their gathered rows), its oracle tests first (a hang or failure stops here), then every
        # benchmark case timed against the op's default variant in one run. Slower, so the variant is now
-       # docs/experiments/cute-fwd-cluster-pair.patch: apply it (on b47f7e1) before running this phase
+       # docs/experiments/cute-fwd-cluster-pair.patch: apply it (on 3669640) before running this phase
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 120 cluster_pytest.log python -m pytest -x -q -p no:cacheprovider -rfE tests/test_cute_sm90.py \
     -k "cluster and not compile" || exit 1

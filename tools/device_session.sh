@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,14 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+s19v)  # session 19's closing check, at most 500 s, after the three staging calls: the op-level GPU tests (dispatch,
+       # autograd, warmup, torch.compile and CUDA graphs) and the Triton backward's file with the session's defaults,
+       # then the demo
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 450 gpu_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_dispatch.py tests/test_autograd.py \
+    tests/test_warmup.py tests/test_triton_sparse_attention_bwd.py tests/test_against_cudnn.py compile_tests
+  capped 40 demo.log python -m dsa_ops
   ;;
 s19c)  # session 19, at most 280 s, after the three staging calls: the CuTe-DSL forward's cluster pair (two CTAs of a
        # token sharing their gathered rows), its oracle tests first (a hang or failure stops here), then every

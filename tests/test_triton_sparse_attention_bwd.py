@@ -224,7 +224,8 @@ def test_query_chunks_and_head_blocks(monkeypatch, deterministic):
                            d_v=64, dtype=SMALL_DTYPE, seed=21, sink=True, with_topk_length=True,
                            lonely_rows=(3,))
     monkeypatch.setenv(WORKSPACE_ENV, "0")
-    monkeypatch.setenv(CONFIG_ENV, "default,BLOCK_H=16,DKV_BLOCK_D=32,DKV_BLOCK_N=16,DKV_DET_BLOCK_N=16,DQ_BLOCK_N=16")
+    monkeypatch.setenv(CONFIG_ENV, "default,BLOCK_H=16,DKV_BLOCK_D=32,DKV_BLOCK_N=16,"
+                                   "DKV_DET_BLOCK_N=16,DQ_BLOCK_N=16")
     first = check(case, refs, deterministic)
     if deterministic:
         again = run(case, deterministic)

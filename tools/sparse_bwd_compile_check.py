@@ -28,7 +28,7 @@ POINTERS = {"lse_ptr": "*fp32", "sink_ptr": "*fp32", "grad_lse_ptr": "*fp32", "d
 ALIGNED_INTS = ("num_heads", "topk", "ws_stride")
 
 
-def _compile(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int = 0):
+def _compile(fn, constexprs: dict, num_warps: int, num_stages: int):
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -41,10 +41,8 @@ def _compile(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if signature[n].startswith("*") or n in ALIGNED_INTS}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    if maxnreg:
-        options["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):
@@ -54,7 +52,7 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
                       DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
                       BLOCK_N=config["DKV_BLOCK_N"])
-    return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"], config["DKV_MAXNREG"])
+    return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"])
 
 
 def compile_scores_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):

@@ -60,11 +60,10 @@ import triton.language as tl
 # --------------------------------------------------------------------------------------------
 # BLOCK_H:   heads per program in kernels 1 and 3 (the M of their products).
 # SCORE_*:   kernel 1 (scores): kv rows per tile, warps, pipeline stages.
-# DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages, and
-#            MAXNREG (registers per thread; 0: Triton's choice). 32-slot tiles, not 64: at H = 128
-#            Triton 3.6 then fits two CTAs per SM instead of one (114 KB of shared memory instead of
-#            147 KB), and the kernel took 10.9 ms instead of 14.3 (H = 64: 7.3 instead of 8.5; H100,
-#            BENCHMARKS.md session 19). DET_BLOCK_N: the same in deterministic mode, where the
+# DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
+#            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
+#            of shared memory instead of 147 KB), and the kernel took 10.9 ms instead of 14.3
+#            (H = 64: 7.3 instead of 8.5; H100, BENCHMARKS.md session 19). DET_BLOCK_N: the same in deterministic mode, where the
 #            kernel stores its rows instead of adding them and 64-slot tiles measured faster at
 #            H = 64 (27.3 ms against 29.0 for the whole backward; H = 128: 39.3 against 38.7).
 # DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages.
@@ -72,7 +71,7 @@ import triton.language as tl
 _H100 = dict(
     BLOCK_H=64,
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
-    DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2, DKV_MAXNREG=0,
+    DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
     DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
 )
@@ -510,8 +509,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
                 D=head_dim, D_V=d_v, COL_START=col_start, COL_END=col_end, WITH_P_TERM=with_p,
                 DETERMINISTIC=bool(deterministic), HEADS_BLOCK=heads_block, BLOCK_D=block_d,
                 BLOCK_N=config["DKV_DET_BLOCK_N" if deterministic else "DKV_BLOCK_N"],
-                num_warps=config["DKV_WARPS"], num_stages=config["DKV_STAGES"],
-                **({"maxnreg": config["DKV_MAXNREG"]} if config["DKV_MAXNREG"] else {}), **common)
+                num_warps=config["DKV_WARPS"], num_stages=config["DKV_STAGES"], **common)
 
         _dq_kernel[head_grid](
             kv, ds_ws, indices, length_arg, dq,

@@ -16,10 +16,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from csrc_dsl.triton import sparse_attention_bwd as bwd  # noqa: E402
-from tools.sparse_fwd_compile_check import SM90_MAX_SHARED  # noqa: E402
+from tools.sparse_fwd_compile_check import SM90_MAX_SHARED, compile_launch_for_sm90  # noqa: E402
 from tools.topk_compile_check import cubin_resources  # noqa: E402
 
 REGISTERS_PER_SM = 65536
@@ -29,20 +28,7 @@ ALIGNED_INTS = ("num_heads", "topk", "ws_stride")
 
 
 def _compile(fn, constexprs: dict, num_warps: int, num_stages: int):
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = POINTERS.get(name, "*bf16")
-        else:
-            signature[name] = "fp32" if name == "scale" else "i32"
-    names = list(signature)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in ALIGNED_INTS}
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compile_launch_for_sm90(fn, constexprs, POINTERS, ("scale",), ALIGNED_INTS, num_warps, num_stages)
 
 
 def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):
@@ -55,21 +41,12 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"])
 
 
-def compile_scores_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):
-    block_h = max(16, min(config["BLOCK_H"], bwd._next_pow2(num_heads)))
+def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
+    """The score kernel for bf16 inputs with a sink; `config` from `pick_config` (its BLOCK_H fitted to H)."""
     constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
                       HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
-                      DOT_PRECISION="tf32", BLOCK_H=block_h, BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD)
+                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD)
     return _compile(bwd._scores_kernel, constexprs, config["SCORE_WARPS"], config["SCORE_STAGES"])
-
-
-def setting(overrides: str) -> dict:
-    """CONFIGS["default"] with "KEY=VALUE,..." overrides (the CONFIG_ENV syntax without the name)."""
-    config = dict(bwd.CONFIGS["default"])
-    for item in filter(None, (part.strip() for part in overrides.split(","))):
-        key, value = item.split("=")
-        config[key] = int(value)
-    return config
 
 
 SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before session 19
@@ -79,8 +56,8 @@ def dkv_rows() -> list:
     """[setting, H, regs, stack, shared, CTAs per SM] of the dkv kernel for every SETTINGS entry."""
     rows = []
     for overrides in SETTINGS:
-        config = setting(overrides)
         for num_heads in (64, 128):
+            config = bwd.pick_config(num_heads, overrides)
             kernel = compile_dkv_for_sm90(config, num_heads)
             r = cubin_resources(kernel)
             shared = kernel.metadata.shared
@@ -96,7 +73,7 @@ def main():
     for name, heads, regs, stack, shared, ctas in dkv_rows():
         print(f"| {name} | {heads} | {regs} | {stack} | {shared} | {ctas} |")
     for heads in (64, 128):
-        kernel = compile_scores_for_sm90(bwd.CONFIGS["default"], heads)
+        kernel = compile_scores_for_sm90(bwd.pick_config(heads, ""))
         r = cubin_resources(kernel)
         print(f"scores kernel, H={heads}: {r['reg']} registers, {r['stack']} B stack, "
               f"{kernel.metadata.shared} B shared")

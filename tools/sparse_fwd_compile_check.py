@@ -39,22 +39,30 @@ def compile_fwd_for_sm90(config: fwd.FwdConfig, dim: int = 576, d_v: int = 512, 
     constexprs = dict(DIM=dim, D_V=d_v, BLOCK_DV=block_dv, D_TAIL=tail, BLOCK_TAIL=block_tail,
                       BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N, HAS_SINK=True, HAS_TOPK_LENGTH=False,
                       PAGED=paged, SPLIT=split, DOT_PRECISION="tf32", INT64_ROWS=False)
+    pointers = dict(POINTERS, out_ptr="*fp32") if split else POINTERS   # split-K partials are fp32
+    return compile_launch_for_sm90(fn, constexprs, pointers, ("qk_scale_log2",), ALIGNED_INTS, config.num_warps,
+                                   config.num_stages)
+
+
+def compile_launch_for_sm90(fn, constexprs: dict, pointers: dict, float_args, aligned_ints, num_warps: int,
+                            num_stages: int):
+    """`fn` compiled for sm_90 as a launch would specialize it: `constexprs` fixed, pointers typed by `pointers`
+    (others bf16), the `float_args` fp32, other arguments i32; every pointer and the `aligned_ints` divisible by
+    16. Shared with tools/sparse_bwd_compile_check.py."""
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in POINTERS:
-            signature[name] = POINTERS[name]
+        elif name.endswith("_ptr"):
+            signature[name] = pointers.get(name, "*bf16")
         else:
-            signature[name] = "fp32" if name == "qk_scale_log2" else "i32"
-    if split:
-        signature["out_ptr"] = "*fp32"  # split-K partials are fp32
+            signature[name] = "fp32" if name in float_args else "i32"
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-             if signature[n].startswith("*") or n in ALIGNED_INTS}
+             if signature[n].startswith("*") or n in aligned_ints}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
+                                                                                   num_stages=num_stages))
 
 
 def score_wgmma_count(kernel, block_n: int = 64) -> int:

@@ -101,10 +101,11 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def pick_config(num_heads: int) -> dict:
-    """The tile configuration for a call: CONFIGS["default"], overridable through CONFIG_ENV."""
+def pick_config(num_heads: int, spec: str | None = None) -> dict:
+    """The tile configuration for a call: CONFIGS["default"], overridable through CONFIG_ENV (or
+    through `spec`, in the same syntax, which tools pass instead of setting the environment)."""
     config = dict(CONFIGS["default"])
-    override = os.environ.get(CONFIG_ENV, "").strip()
+    override = (os.environ.get(CONFIG_ENV, "") if spec is None else spec).strip()
     for item in [part.strip() for part in override.split(",") if part.strip()]:
         if "=" not in item:
             if item not in CONFIGS:

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_sparse_attention              # every case, markdown table
     python -m benchmarks.bench_sparse_attention --sweep      # also time every entry of CONFIGS per case
+                                                             # (each checked against the oracle first)
     python -m benchmarks.bench_sparse_attention --cases fwd  # only cases whose name contains "fwd"
 
 Each case is checked against an fp64 oracle (on a slice of its queries) before it is timed.
@@ -129,10 +130,21 @@ def bench_sparse_attention(case: Case, args) -> dict:
     flops = 2 * case.T * case.H * case.K * (case.D + case.d_v)
     row = dict(ours=ours, base=base, tflops=flops / ours / 1e9, err=err)
     if args.sweep:
-        row["sweep"] = {name: time_ms(lambda c=cfg: fwd._sparse_mqa_forward(q, kv, idx, scale, case.d_v, sink,
-                                                                          None, config=c))
-                        for name, cfg in fwd.CONFIGS.items() if _fits(fwd, cfg, q, kv, idx, case)}
+        row["sweep"] = {}
+        for name, cfg in fwd.CONFIGS.items():
+            if args.configs and name not in args.configs.split(","):
+                continue
+            if cfg.BLOCK_H > max(16, triton_next_pow2(case.H)) or not _fits(fwd, cfg, q, kv, idx, case):
+                continue
+            run = lambda c=cfg: fwd._sparse_mqa_forward(q, kv, idx, scale, case.d_v, sink, None, config=c)
+            out_c, lse_c = run()
+            check(out_c[:n_check], lse_c[:n_check], *ref, f"{case.name}, config {name}")  # raises if wrong
+            row["sweep"][name] = time_ms(run)
     return row
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def _fits(fwd, cfg, q, kv, idx, case) -> bool:
@@ -197,6 +209,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="", help="only cases whose name contains this text")
     parser.add_argument("--sweep", action="store_true", help="also time every entry of CONFIGS")
+    parser.add_argument("--configs", default="", help="with --sweep: only these CONFIGS names (comma-separated)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_sparse_attention needs CUDA")

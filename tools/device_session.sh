@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,16 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+s20a)  # session 20, at most 480 s, no staging needed: the Triton forward and backward with each tile's kv row ids
+       # loaded one step ahead (Triton's pipeliner then issues the gather num_stages - 1 tiles ahead, where the ids
+       # loaded in the step made it an indirect load issued only after the previous tile's products), deeper
+       # pipelines that this allows, against the defaults in the same run; every setting checked before it is timed
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 200 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V" --sweep --configs \
+    h64_n64_w8_s2,h64_n64_w8_s2_ahead,h64_n32_w8_s3_ahead,h64_n32_w8_s4_ahead,h64_n16_w8_s4_ahead,h64_n16_w8_s5_ahead,h32_n64_w8_s3_ahead,h32_n32_w4_s3_ahead,h32_n32_w4_s4_ahead,h32_n64_w4_s2
+  capped 260 triton_bwd_ahead.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,IDS_AHEAD=1;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=4;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=3;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=4"
   ;;
 s19q)  # session 19, at most 150 s, no staging needed: the Triton dq kernel with 16 warps (126 registers under Triton 3.6,
        # where the default's 8 warps take 255 with a small spill) and 32-slot tiles, fast mode, per kernel

@@ -140,6 +140,7 @@ def bench_sparse_attention(case: Case, args) -> dict:
             out_c, lse_c = run()
             check(out_c[:n_check], lse_c[:n_check], *ref, f"{case.name}, config {name}")  # raises if wrong
             row["sweep"][name] = time_ms(run)
+            print(f"  [{case.name}] {name}: {row['sweep'][name]:.3f} ms", flush=True)
     return row
 
 

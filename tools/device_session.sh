@@ -102,9 +102,9 @@ s20a)  # session 20, at most 480 s, no staging needed: the Triton forward and ba
        # pipelines that this allows, against the defaults in the same run; every setting checked before it is timed
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 200 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V" --sweep --configs \
-    h64_n64_w8_s2,h64_n64_w8_s2_ahead,h64_n32_w8_s3_ahead,h64_n32_w8_s4_ahead,h64_n16_w8_s4_ahead,h64_n16_w8_s5_ahead,h32_n64_w8_s3_ahead,h32_n32_w4_s3_ahead,h32_n32_w4_s4_ahead,h32_n64_w4_s2
+    h64_n64_w8_s2,h64_n64_w8_s2_ahead,h64_n32_w8_s3_ahead,h64_n32_w8_s4_ahead,h64_n16_w8_s4_ahead,h32_n64_w8_s3_ahead,h32_n32_w4_s3_ahead,h32_n64_w4_s2
   capped 260 triton_bwd_ahead.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;default,IDS_AHEAD=1;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=4;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=3;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=4"
+    --profile --modes fast --configs "default;default,IDS_AHEAD=1;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=4;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=3;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=4;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3"
   ;;
 s19q)  # session 19, at most 150 s, no staging needed: the Triton dq kernel with 16 warps (126 registers under Triton 3.6,
        # where the default's 8 warps take 255 with a small spill) and 32-slot tiles, fast mode, per kernel

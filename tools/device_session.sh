@@ -96,19 +96,19 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s20a)  # session 20, at most 560 s, no staging needed: the Triton forward and backward with each tile's kv row ids
+s20a)  # session 20, at most 400 s, no staging needed: the Triton forward and backward with each tile's kv row ids
        # loaded one step ahead (Triton's pipeliner then issues the gather num_stages - 1 tiles ahead, where the ids
        # loaded in the step made it an indirect load issued only after the previous tile's products), deeper
        # pipelines that this allows, against the defaults in the same run; every setting checked before it is timed;
        # then both files' GPU tests with the likeliest new settings forced through the environment
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 150 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V3.2" --sweep --configs \
-    h64_n64_w8_s2,h64_n64_w8_s2_ahead,h64_n32_w8_s3_ahead,h64_n16_w8_s4_ahead
-  capped 200 triton_bwd_ahead.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,DQ_BLOCK_N=32,DQ_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3"
-  capped 90 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3" \
+  capped 120 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V3.2" --sweep --configs \
+    h64_n64_w8_s2,h64_n32_w8_s3_ahead,h64_n16_w8_s4_ahead
+  capped 150 triton_bwd_ahead.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3"
+  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
-  capped 90 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
+  capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
   ;;
 s19q)  # session 19, at most 150 s, no staging needed: the Triton dq kernel with 16 warps (126 registers under Triton 3.6,

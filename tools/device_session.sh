@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -110,6 +110,15 @@ s20a)  # session 20, at most 400 s, no staging needed: the Triton forward and ba
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
+  ;;
+s20b)  # session 20, at most 200 s, no staging needed: the Triton score kernel on 64-slot tiles (one stage: two do not
+       # fit next to Q and dO), m64n64 wgmmas instead of m64n32 (half the shared-memory reads of the Q / dO operand
+       # per slot), on 4 and 8 warps, against the default in the same run; then the test file with the first of them
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 120 triton_bwd_score64.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,SCORE_BLOCK_N=64,SCORE_STAGES=1,SCORE_WARPS=8"
+  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,SCORE_BLOCK_N=64,SCORE_STAGES=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   ;;
 s19q)  # session 19, at most 150 s, no staging needed: the Triton dq kernel with 16 warps (126 registers under Triton 3.6,
        # where the default's 8 warps take 255 with a small spill) and 32-slot tiles, fast mode, per kernel

@@ -214,9 +214,8 @@ def test_deterministic_is_bitwise_repeatable():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("ids_ahead", [0, 1], ids=["ids_in_step", "ids_ahead"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
-def test_query_chunks_and_head_blocks(monkeypatch, deterministic, ids_ahead):
+def test_query_chunks_and_head_blocks(monkeypatch, deterministic):
     # A tiny workspace budget forces one query per chunk (several launches, and in the
     # deterministic mode several reduction passes over the same kv rows); BLOCK_H=16 with H=20
     # gives two head blocks, the second one partly masked; two dkv tiles of 16 slots (21 slots,
@@ -226,7 +225,7 @@ def test_query_chunks_and_head_blocks(monkeypatch, deterministic, ids_ahead):
                            lonely_rows=(3,))
     monkeypatch.setenv(WORKSPACE_ENV, "0")
     monkeypatch.setenv(CONFIG_ENV, "default,BLOCK_H=16,DKV_BLOCK_D=32,DKV_BLOCK_N=16,"
-                                   f"DKV_DET_BLOCK_N=16,DQ_BLOCK_N=16,IDS_AHEAD={ids_ahead}")
+                                   "DKV_DET_BLOCK_N=16,DQ_BLOCK_N=16")
     first = check(case, refs, deterministic)
     if deterministic:
         again = run(case, deterministic)

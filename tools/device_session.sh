@@ -96,7 +96,8 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s20a)  # session 20, at most 400 s, no staging needed: the Triton forward and backward with each tile's kv row ids
+s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/triton-ids-ahead.patch applied (not
+       # kept: slower): the Triton forward and backward with each tile's kv row ids
        # loaded one step ahead (Triton's pipeliner then issues the gather num_stages - 1 tiles ahead, where the ids
        # loaded in the step made it an indirect load issued only after the previous tile's products), deeper
        # pipelines that this allows, against the defaults in the same run; every setting checked before it is timed;

@@ -45,8 +45,7 @@ def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
     """The score kernel for bf16 inputs with a sink; `config` from `pick_config` (its BLOCK_H fitted to H)."""
     constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
                       HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
-                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD,
-                      IDS_AHEAD=bool(config["IDS_AHEAD"]))
+                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD)
     return _compile(bwd._scores_kernel, constexprs, config["SCORE_WARPS"], config["SCORE_STAGES"])
 
 

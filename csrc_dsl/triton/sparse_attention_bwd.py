@@ -72,7 +72,7 @@ _H100 = dict(
     BLOCK_H=64,
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
-    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, IDS_AHEAD=0,
+    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
 )
 CONFIGS = {
@@ -170,7 +170,7 @@ def _scores_kernel(
     D: tl.constexpr, D_V: tl.constexpr, DV_BLOCK: tl.constexpr, D_ROPE: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr, IDS_AHEAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr,
 ):
     t_local = tl.program_id(0).to(tl.int64)  # row of the workspace chunk
     t = t_start + t_local
@@ -222,14 +222,9 @@ def _scores_kernel(
     # pipelining their loads.
     ws_rows = (t_local * num_heads + heads) * ws_stride
     padded_slots = tl.minimum(tl.cdiv(num_slots, WS_PAD) * WS_PAD, ws_stride)
-    next_ids, next_valid = _slot_ids(indices_ptr, t, topk, tl.arange(0, BLOCK_N), num_slots, num_kv_rows)
     for start in range(0, padded_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        if IDS_AHEAD:
-            ids, slot_valid = next_ids, next_valid
-            next_ids, next_valid = _slot_ids(indices_ptr, t, topk, slots + BLOCK_N, num_slots, num_kv_rows)
-        else:
-            ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
+        ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         kv_value = _load_2d(kv_ptr, kv_rows, slot_valid, 0, D_V, DV_BLOCK, dv_exact)
         scores = tl.dot(q_value, tl.trans(kv_value), input_precision=DOT_PRECISION)
@@ -313,7 +308,7 @@ def _dq_kernel(
     t_start, num_heads, num_kv_rows, topk, ws_stride,
     D: tl.constexpr, D_V: tl.constexpr, DV_BLOCK: tl.constexpr, D_ROPE: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, IDS_AHEAD: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     t_local = tl.program_id(0).to(tl.int64)
     t = t_start + t_local
@@ -326,20 +321,9 @@ def _dq_kernel(
         dq_rope = tl.zeros([BLOCK_H, D_ROPE], dtype=tl.float32)
     num_slots = _num_slots(topk_length_ptr, t, topk, HAS_TOPK_LENGTH)
     ws_rows = (t_local * num_heads + heads) * ws_stride
-    # The kv row ids of each tile are loaded one iteration ahead and carried into the next. Loaded
-    # in the iteration that gathers with them, they make the gather an indirect load, and Triton's
-    # pipeliner then divides its stages between the two loads: at 3 stages the gather of tile i + 1
-    # was issued only after tile i's products, so nothing hid its latency. Carried, the gather's
-    # address is a loop argument (like the pointers of a plain matmul) and it is issued
-    # num_stages - 1 tiles ahead.
-    next_ids, next_valid = _slot_ids(indices_ptr, t, topk, tl.arange(0, BLOCK_N), num_slots, num_kv_rows)
     for start in range(0, num_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        if IDS_AHEAD:
-            ids, slot_valid = next_ids, next_valid
-            next_ids, next_valid = _slot_ids(indices_ptr, t, topk, slots + BLOCK_N, num_slots, num_kv_rows)
-        else:
-            ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
+        ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         ds = tl.load(ds_ptr + ws_rows[:, None] + slots[None, :], mask=head_mask[:, None],
                      other=0.0)  # zeros past num_slots (see _scores_kernel)
@@ -512,7 +496,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
             dsink_part, t_begin, num_heads, num_kv_rows, topk, ws_stride, float(scale),
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
             HAS_SINK=attn_sink is not None, HAS_GRAD_LSE=grad_lse is not None, BLOCK_H=block_h,
-            BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD, IDS_AHEAD=bool(config["IDS_AHEAD"]),
+            BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD,
             num_warps=config["SCORE_WARPS"], num_stages=config["SCORE_STAGES"], **common)
 
         dkv_target = partial if deterministic else dkv_acc
@@ -532,7 +516,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
             kv, ds_ws, indices, length_arg, dq,
             t_begin, num_heads, num_kv_rows, topk, ws_stride,
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
-            BLOCK_H=block_h, BLOCK_N=config["DQ_BLOCK_N"], IDS_AHEAD=bool(config["IDS_AHEAD"]),
+            BLOCK_H=block_h, BLOCK_N=config["DQ_BLOCK_N"],
             num_warps=config["DQ_WARPS"], num_stages=config["DQ_STAGES"], **common)
 
         if deterministic:

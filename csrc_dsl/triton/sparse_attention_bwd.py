@@ -63,9 +63,10 @@ import triton.language as tl
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
 #            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
 #            of shared memory instead of 147 KB), and the kernel took 10.9 ms instead of 14.3
-#            (H = 64: 7.3 instead of 8.5; H100, BENCHMARKS.md session 19). DET_BLOCK_N: the same in deterministic mode, where the
-#            kernel stores its rows instead of adding them and 64-slot tiles measured faster at
-#            H = 64 (27.3 ms against 29.0 for the whole backward; H = 128: 39.3 against 38.7).
+#            (H = 64: 7.3 instead of 8.5; H100, BENCHMARKS.md session 19). DET_BLOCK_N: the
+#            same in deterministic mode, where the kernel stores its rows instead of adding them
+#            and 64-slot tiles measured faster at H = 64 (27.3 ms against 29.0 for the whole
+#            backward; H = 128: 39.3 against 38.7).
 # DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages.
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
 _H100 = dict(
@@ -224,6 +225,8 @@ def _scores_kernel(
     padded_slots = tl.minimum(tl.cdiv(num_slots, WS_PAD) * WS_PAD, ws_stride)
     for start in range(0, padded_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
+        # ids loaded in the step that gathers with them: a step ahead, the gather pipelines deeper
+        # but only on smaller tiles, measured slower (docs/experiments/triton-ids-ahead.patch)
         ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         kv_value = _load_2d(kv_ptr, kv_rows, slot_valid, 0, D_V, DV_BLOCK, dv_exact)
@@ -323,6 +326,8 @@ def _dq_kernel(
     ws_rows = (t_local * num_heads + heads) * ws_stride
     for start in range(0, num_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
+        # ids loaded in the step that gathers with them: a step ahead, the gather pipelines deeper
+        # but only on smaller tiles, measured slower (docs/experiments/triton-ids-ahead.patch)
         ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         ds = tl.load(ds_ptr + ws_rows[:, None] + slots[None, :], mask=head_mask[:, None],

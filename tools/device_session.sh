@@ -112,6 +112,36 @@ s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/tri
   capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
   ;;
+s20b)  # next session (prepared in session 20, not yet run), at most 260 s, no staging needed, fast mode, per kernel,
+       # against the default in the same run:
+       # - the score kernel on 64-slot tiles (one stage: two do not fit next to Q and dO), m64n64 wgmmas instead of
+       #   m64n32: a third fewer shared-memory bytes per slot for its SS wgmmas (Q / dO reread once per tile), on 4
+       #   and 8 warps (Triton 3.6: 255 registers with a 48-byte spill / 214, 213 / 217 KB of shared memory);
+       # - the dkv kernel on 256-column blocks (value part: 2 programs per token instead of 4, so the dS / P
+       #   workspace is read 3 + 2 times per token instead of 5 + 4), on 8 and 16 warps (one CTA per SM at H = 128)
+       # then the test file with the score kernel's 64-slot tiles forced
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 180 triton_bwd_tiles.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,SCORE_BLOCK_N=64,SCORE_STAGES=1,SCORE_WARPS=8;default,DKV_BLOCK_D=256;default,DKV_BLOCK_D=256,DKV_WARPS=16"
+  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,SCORE_BLOCK_N=64,SCORE_STAGES=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  ;;
+s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/triton-ids-ahead.patch applied (not
+       # kept: slower): the Triton forward and backward with each tile's kv row ids
+       # loaded one step ahead (Triton's pipeliner then issues the gather num_stages - 1 tiles ahead, where the ids
+       # loaded in the step made it an indirect load issued only after the previous tile's products), deeper
+       # pipelines that this allows, against the defaults in the same run; every setting checked before it is timed;
+       # then both files' GPU tests with the likeliest new settings forced through the environment
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 120 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V3.2" --sweep --configs \
+    h64_n64_w8_s2,h64_n32_w8_s3_ahead,h64_n16_w8_s4_ahead
+  capped 150 triton_bwd_ahead.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3"
+  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
+  ;;
 s20b)  # session 20, at most 200 s, no staging needed: the Triton score kernel on 64-slot tiles (one stage: two do not
        # fit next to Q and dO), m64n64 wgmmas instead of m64n32 (half the shared-memory reads of the Q / dO operand
        # per slot), on 4 and 8 warps, against the default in the same run; then the test file with the first of them

@@ -112,7 +112,7 @@ s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/tri
   capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
   ;;
-s20b)  # next session (prepared in session 20, not yet run), at most 260 s, no staging needed, fast mode, per kernel,
+s20b)  # next session (prepared in session 20, not yet run), at most 480 s, no staging needed, fast mode, per kernel,
        # against the default in the same run:
        # - the score kernel on 64-slot tiles (one stage: two do not fit next to Q and dO), m64n64 wgmmas instead of
        #   m64n32: a third fewer shared-memory bytes per slot for its SS wgmmas (Q / dO reread once per tile), on 4
@@ -125,6 +125,12 @@ s20b)  # next session (prepared in session 20, not yet run), at most 260 s, no s
     --profile --modes fast --configs "default;default,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,SCORE_BLOCK_N=64,SCORE_STAGES=1,SCORE_WARPS=8;default,DKV_BLOCK_D=256;default,DKV_BLOCK_D=256,DKV_WARPS=16"
   capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,SCORE_BLOCK_N=64,SCORE_STAGES=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  # where the score kernel's time goes (its 4600 cycles per 32-slot tile at H = 128 are about 3x what its
+  # shared-memory reads need): ncu of one launch, stall reasons by SASS opcode
+  capped 200 ncu_scores.log ncu --clock-control none -k regex:_scores_kernel --launch-skip 1 --launch-count 1 \
+    --set full -f -o "$OUT/scores_h128" python -m benchmarks.bench_sparse_attention_bwd --heads 128 --no-baseline \
+    --modes fast --configs default
+  ncu_report scores_h128 25
   ;;
 s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/triton-ids-ahead.patch applied (not
        # kept: slower): the Triton forward and backward with each tile's kv row ids

@@ -1,8 +1,9 @@
 """Sparse MQA attention benchmarks: the Triton kernels vs a chunked torch baseline (CUDA only).
 
     python -m benchmarks.bench_sparse_attention              # every case, markdown table
-    python -m benchmarks.bench_sparse_attention --sweep      # also time every entry of CONFIGS per case
-                                                             # (each checked against the oracle first)
+    python -m benchmarks.bench_sparse_attention --sweep      # also time every entry of CONFIGS per case (each
+                                                             # checked against the oracle first; head blocks
+                                                             # wider than the case's heads skipped)
     python -m benchmarks.bench_sparse_attention --cases fwd  # only cases whose name contains "fwd"
 
 Each case is checked against an fp64 oracle (on a slice of its queries) before it is timed.
@@ -134,7 +135,7 @@ def bench_sparse_attention(case: Case, args) -> dict:
         for name, cfg in fwd.CONFIGS.items():
             if args.configs and name not in args.configs.split(","):
                 continue
-            if cfg.BLOCK_H > max(16, triton_next_pow2(case.H)) or not _fits(fwd, cfg, q, kv, idx, case):
+            if cfg.BLOCK_H > max(16, _next_pow2(case.H)) or not _fits(fwd, cfg, q, kv, idx, case):
                 continue
             run = lambda c=cfg: fwd._sparse_mqa_forward(q, kv, idx, scale, case.d_v, sink, None, config=c)
             out_c, lse_c = run()
@@ -144,7 +145,7 @@ def bench_sparse_attention(case: Case, args) -> dict:
     return row
 
 
-def triton_next_pow2(n: int) -> int:
+def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 

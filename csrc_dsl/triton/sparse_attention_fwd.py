@@ -244,9 +244,9 @@ def _sparse_mqa_fwd_kernel(
     for start in range(lo, hi, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         slot_ok = slots < hi
-        # The gather below depends on these ids, so Triton's pipeliner gives it no lead at 2 stages. Loading the
-        # ids a step ahead lets it run deeper, but only smaller tiles then fit: measured slower (H100, session 20,
-        # docs/experiments/triton-ids-ahead.patch).
+        # The gather below depends on these ids, so Triton's pipeliner issues it only at the end of the previous
+        # step (no tile of lead at 2 stages). With the ids loaded a step ahead it runs deeper, but only smaller
+        # tiles then fit: measured slower (H100, session 20, docs/experiments/triton-ids-ahead.patch).
         ids = tl.load(idx_ptr + t64 * topk + slots, mask=slot_ok, other=-1)
         valid, rows = _gather_rows(ids, slot_ok, num_kv_rows, seq_id, seq_lens_ptr, block_table_ptr,
                                    max_pages, page_size, PAGED, INT64_ROWS)

@@ -116,7 +116,8 @@ s20b)  # next session (prepared in session 20, not yet run), at most 480 s, no s
        # against the default in the same run:
        # - the score kernel on 64-slot tiles (one stage: two do not fit next to Q and dO), m64n64 wgmmas instead of
        #   m64n32: a third fewer shared-memory bytes per slot for its SS wgmmas (Q / dO reread once per tile), on 4
-       #   and 8 warps (Triton 3.6: 255 registers with a 48-byte spill / 214, 213 / 217 KB of shared memory);
+       #   and 8 warps (Triton 3.6: 255 registers with a 48-byte spill, all of it before the tile loop in the SASS /
+#   214 registers; 213 / 217 KB of shared memory);
        # - the dkv kernel on 256-column blocks (value part: 2 programs per token instead of 4, so the dS / P
        #   workspace is read 3 + 2 times per token instead of 5 + 4), on 8 and 16 warps (one CTA per SM at H = 128)
        # then the test file with the score kernel's 64-slot tiles forced

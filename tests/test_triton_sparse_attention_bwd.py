@@ -214,6 +214,20 @@ def test_deterministic_is_bitwise_repeatable():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("stacked", [0, 1], ids=["two_products", "stacked"])
+@pytest.mark.parametrize("head_dim,d_v", [(80, 64), (576, 512)])
+def test_score_product_64_head_block(monkeypatch, stacked, head_dim, d_v):
+    # H = 40: one 64-head block, partly masked, the block where SCORE_STACKED applies (S and dP as
+    # one product over q and dO stacked in M; dO has no rope part). Lonely row, invalid and
+    # duplicate ids, topk_length, sink; K spans two score tiles and a partial one.
+    case, refs = make_case(num_tokens=3, num_kv_rows=30, num_heads=40, topk=70, head_dim=head_dim,
+                           d_v=d_v, dtype=SMALL_DTYPE, seed=31 + head_dim, sink=True,
+                           with_topk_length=True, lonely_rows=(1,))
+    monkeypatch.setenv(CONFIG_ENV, f"default,SCORE_STACKED={stacked}")
+    dq, dkv, d_sink = check(case, refs, deterministic=False)
+    assert dq[1].abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_query_chunks_and_head_blocks(monkeypatch, deterministic):
     # A tiny workspace budget forces one query per chunk (several launches, and in the
@@ -424,3 +438,17 @@ def test_dkv_settings_compile_for_sm90():
         assert stack == 0 and shared <= SM90_MAX_SHARED and ctas >= 1, (name, heads, regs, stack, shared)
         if name == "default":
             assert ctas >= 2, (name, heads, regs, shared, ctas)
+
+
+def test_score_kernel_default_compiles_for_sm90():
+    """The score kernel's default setting compiled for sm_90 at H = 64 and 128 with this Triton: no spills, shared
+    memory inside an H100 block (its Q and dO take 136 KB; the stacked product, SCORE_STACKED, fits only under
+    Triton 3.6, see tools/sparse_bwd_compile_check.score_rows)."""
+    from tools.sparse_fwd_compile_check import SM90_MAX_SHARED
+
+    stdout = run_compiled("import json; from tools.sparse_bwd_compile_check import score_rows; "
+                          "print(json.dumps(score_rows(('',))))")
+    rows = json.loads(stdout.strip().splitlines()[-1])
+    assert len(rows) == 2
+    for name, heads, regs, stack, shared in rows:
+        assert stack == 0 and shared <= SM90_MAX_SHARED, (name, heads, regs, stack, shared)

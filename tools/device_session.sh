@@ -96,38 +96,24 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/triton-ids-ahead.patch applied (not
-       # kept: slower): the Triton forward and backward with each tile's kv row ids
-       # loaded one step ahead (Triton's pipeliner then issues the gather num_stages - 1 tiles ahead, where the ids
-       # loaded in the step made it an indirect load issued only after the previous tile's products), deeper
-       # pipelines that this allows, against the defaults in the same run; every setting checked before it is timed;
-       # then both files' GPU tests with the likeliest new settings forced through the environment
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 120 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V3.2" --sweep --configs \
-    h64_n64_w8_s2,h64_n32_w8_s3_ahead,h64_n16_w8_s4_ahead
-  capped 150 triton_bwd_ahead.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3;default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3"
-  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,IDS_AHEAD=1,SCORE_BLOCK_N=16,SCORE_STAGES=3,DQ_BLOCK_N=32,DQ_STAGES=3" \
-    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
-  capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
-    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
-  ;;
 s20b)  # next session (prepared in session 20, not yet run), at most 480 s, no staging needed, fast mode, per kernel,
        # against the default in the same run:
-       # - the score kernel on 64-slot tiles (one stage: two do not fit next to Q and dO), m64n64 wgmmas instead of
-       #   m64n32: a third fewer shared-memory bytes per slot for its SS wgmmas (Q / dO reread once per tile), on 4
-       #   and 8 warps (Triton 3.6: 255 registers with a 48-byte spill, all of it before the tile loop in the SASS /
-#   214 registers; 213 / 217 KB of shared memory);
+       # - the score kernel's stacked product (SCORE_STACKED=1): S and dP as one [128 x 32] product over q and dO
+       #   stacked in M, on 8 warps, so that each warpgroup runs one of the two wgmma chains (36 wgmmas each instead
+       #   of one warpgroup running all 68) and its exp / stores, with one exchange of the halves per tile (Triton 3.6:
+       #   186 registers, no spill, 229376 B of shared memory: fits the H100's 232448); also on 64-slot tiles;
+       # - the score kernel on 64-slot tiles (one stage: two do not fit next to Q and dO), m64n64 wgmmas: a third
+       #   fewer shared-memory bytes per slot (Triton 3.6: 255 registers, a 48-byte spill, all of it before the tile
+       #   loop in the SASS; 213 KB of shared memory);
        # - the dkv kernel on 256-column blocks (value part: 2 programs per token instead of 4, so the dS / P
-       #   workspace is read 3 + 2 times per token instead of 5 + 4), on 8 and 16 warps (one CTA per SM at H = 128)
-       # then the test file with the score kernel's 64-slot tiles forced
+       #   workspace is read 3 + 2 times per token instead of 5 + 4; one CTA per SM at H = 128)
+       # then the test file with the stacked product forced, then an ncu profile of the default score kernel (its
+       # 4600 cycles per 32-slot tile at H = 128 are about 3x what its shared-memory reads need)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 180 triton_bwd_tiles.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;default,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,SCORE_BLOCK_N=64,SCORE_STAGES=1,SCORE_WARPS=8;default,DKV_BLOCK_D=256;default,DKV_BLOCK_D=256,DKV_WARPS=16"
-  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,SCORE_BLOCK_N=64,SCORE_STAGES=1" \
+    --profile --modes fast --configs "default;default,SCORE_STACKED=1;default,SCORE_STACKED=1,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,DKV_BLOCK_D=256"
+  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,SCORE_STACKED=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
-  # where the score kernel's time goes (its 4600 cycles per 32-slot tile at H = 128 are about 3x what its
-  # shared-memory reads need): ncu of one launch, stall reasons by SASS opcode
   capped 200 ncu_scores.log ncu --clock-control none -k regex:_scores_kernel --launch-skip 1 --launch-count 1 \
     --set full -f -o "$OUT/scores_h128" python -m benchmarks.bench_sparse_attention_bwd --heads 128 --no-baseline \
     --modes fast --configs default
@@ -148,15 +134,6 @@ s20a)  # session 20, at most 400 s, no staging needed, with docs/experiments/tri
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   capped 60 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG="BLOCK_H=64,BLOCK_N=32,num_warps=8,num_stages=3,ids_ahead=1" \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
-  ;;
-s20b)  # session 20, at most 200 s, no staging needed: the Triton score kernel on 64-slot tiles (one stage: two do not
-       # fit next to Q and dO), m64n64 wgmmas instead of m64n32 (half the shared-memory reads of the Q / dO operand
-       # per slot), on 4 and 8 warps, against the default in the same run; then the test file with the first of them
-  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-  capped 120 triton_bwd_score64.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast --configs "default;default,SCORE_BLOCK_N=64,SCORE_STAGES=1;default,SCORE_BLOCK_N=64,SCORE_STAGES=1,SCORE_WARPS=8"
-  capped 70 triton_bwd_tests.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,SCORE_BLOCK_N=64,SCORE_STAGES=1" \
-    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   ;;
 s19q)  # session 19, at most 150 s, no staging needed: the Triton dq kernel with 16 warps (126 registers under Triton 3.6,
        # where the default's 8 warps take 255 with a small spill) and 32-slot tiles, fast mode, per kernel

@@ -45,8 +45,10 @@ def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
     """The score kernel for bf16 inputs with a sink; `config` from `pick_config` (its BLOCK_H fitted to H)."""
     constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
                       HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
-                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD)
-    return _compile(bwd._scores_kernel, constexprs, config["SCORE_WARPS"], config["SCORE_STAGES"])
+                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD,
+                      STACKED=bool(config["SCORE_STACKED"]))
+    warps = 8 if config["SCORE_STACKED"] else config["SCORE_WARPS"]
+    return _compile(bwd._scores_kernel, constexprs, warps, config["SCORE_STAGES"])
 
 
 SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before session 19
@@ -66,17 +68,27 @@ def dkv_rows() -> list:
     return rows
 
 
+def score_rows(settings=("", "SCORE_STACKED=1")) -> list:
+    """[setting, H, regs, stack, shared] of the score kernel for each setting (default: the default and the stacked
+    product, which Triton 3.6 fits in 186 registers and 229376 B of shared memory, and Triton 3.9 does not: 255
+    registers, a 336-byte spill, 237568 B, more than an H100 block may have)."""
+    rows = []
+    for overrides in settings:
+        for num_heads in (64, 128):
+            kernel = compile_scores_for_sm90(bwd.pick_config(num_heads, overrides))
+            r = cubin_resources(kernel)
+            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], kernel.metadata.shared])
+    return rows
+
+
 def main():
     print(f"triton {triton.__version__}, target sm_90, D = 576, d_v = 512, bf16")
     print("| dkv setting | H | regs | stack B | shared B | CTAs/SM |")
     print("| --- " * 6 + "|")
     for name, heads, regs, stack, shared, ctas in dkv_rows():
         print(f"| {name} | {heads} | {regs} | {stack} | {shared} | {ctas} |")
-    for heads in (64, 128):
-        kernel = compile_scores_for_sm90(bwd.pick_config(heads, ""))
-        r = cubin_resources(kernel)
-        print(f"scores kernel, H={heads}: {r['reg']} registers, {r['stack']} B stack, "
-              f"{kernel.metadata.shared} B shared")
+    for name, heads, regs, stack, shared in score_rows():
+        print(f"scores kernel ({name}), H={heads}: {regs} registers, {stack} B stack, {shared} B shared")
 
 
 if __name__ == "__main__":

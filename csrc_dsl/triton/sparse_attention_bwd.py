@@ -59,7 +59,10 @@ import triton.language as tl
 # Tile configuration
 # --------------------------------------------------------------------------------------------
 # BLOCK_H:   heads per program in kernels 1 and 3 (the M of their products).
-# SCORE_*:   kernel 1 (scores): kv rows per tile, warps, pipeline stages.
+# SCORE_*:   kernel 1 (scores): kv rows per tile, warps, pipeline stages. SCORE_STACKED=1: S and
+#            dP as one product over q and dO stacked in M, on 8 warps, for 64-head blocks (each
+#            warpgroup runs one of the two wgmma chains instead of one warpgroup running both);
+#            off until timed on a GPU (Triton 3.6 fits it in 229376 B of shared memory, 3.9 not).
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
 #            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
 #            of shared memory instead of 147 KB), and the kernel took 10.9 ms instead of 14.3
@@ -71,7 +74,7 @@ import triton.language as tl
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
 _H100 = dict(
     BLOCK_H=64,
-    SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
+    SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2, SCORE_STACKED=0,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
     DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
@@ -171,7 +174,7 @@ def _scores_kernel(
     D: tl.constexpr, D_V: tl.constexpr, DV_BLOCK: tl.constexpr, D_ROPE: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr, STACKED: tl.constexpr,
 ):
     t_local = tl.program_id(0).to(tl.int64)  # row of the workspace chunk
     t = t_start + t_local
@@ -211,9 +214,28 @@ def _scores_kernel(
             grad_lse = grad_lse * (1.0 + tl.exp(sink - lse))
         delta = delta - tl.where(row_has_keys, grad_lse, 0.0)
 
-    q_value = _load_2d(q_ptr, q_rows, head_mask, 0, D_V, DV_BLOCK, dv_exact)
-    if HAS_ROPE:
-        q_rope = _load_2d(q_ptr, q_rows, head_mask, D_V, D, D_ROPE, False)
+    if STACKED:
+        # One [2 * BLOCK_H, BLOCK_N] product gives S (rows < BLOCK_H) and dP (the rest): A stacks
+        # q and dO of the same heads, so on 8 warps each warpgroup owns one of the two products.
+        stack_rows = tl.arange(0, 2 * BLOCK_H)
+        stack_heads = tl.program_id(1) * BLOCK_H + stack_rows % BLOCK_H
+        stack_ok = stack_heads < num_heads
+        is_q_row = stack_rows < BLOCK_H
+        stack_base = tl.where(is_q_row, q_ptr + (t * num_heads + stack_heads) * D,
+                              dout_ptr + (t * num_heads + stack_heads) * D_V)
+        value_cols = tl.arange(0, DV_BLOCK)
+        stacked_value = tl.load(stack_base[:, None] + value_cols[None, :],
+                                mask=stack_ok[:, None] & (value_cols < D_V)[None, :], other=0.0)
+        if HAS_ROPE:
+            # dO has no rope part: its rows are zeros here and add nothing to dP.
+            rope_cols = D_V + tl.arange(0, D_ROPE)
+            stacked_rope = tl.load(stack_base[:, None] + rope_cols[None, :],
+                                   mask=(stack_ok & is_q_row)[:, None] & (rope_cols < D)[None, :],
+                                   other=0.0)
+    else:
+        q_value = _load_2d(q_ptr, q_rows, head_mask, 0, D_V, DV_BLOCK, dv_exact)
+        if HAS_ROPE:
+            q_rope = _load_2d(q_ptr, q_rows, head_mask, D_V, D, D_ROPE, False)
 
     num_slots = _num_slots(topk_length_ptr, t, topk, HAS_TOPK_LENGTH)
     scale_log2 = scale * 1.4426950408889634
@@ -230,13 +252,21 @@ def _scores_kernel(
         ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         kv_value = _load_2d(kv_ptr, kv_rows, slot_valid, 0, D_V, DV_BLOCK, dv_exact)
-        scores = tl.dot(q_value, tl.trans(kv_value), input_precision=DOT_PRECISION)
-        if HAS_ROPE:
-            kv_rope = _load_2d(kv_ptr, kv_rows, slot_valid, D_V, D, D_ROPE, False)
-            # A separate product, added: a dot feeding another dot makes Triton put all warps
-            # along M, which for M = 64 on 8 warps computes the value part twice.
-            scores += tl.dot(q_rope, tl.trans(kv_rope), input_precision=DOT_PRECISION)
-        dp = tl.dot(dout, tl.trans(kv_value), input_precision=DOT_PRECISION)
+        if STACKED:
+            both = tl.dot(stacked_value, tl.trans(kv_value), input_precision=DOT_PRECISION)
+            if HAS_ROPE:
+                kv_rope = _load_2d(kv_ptr, kv_rows, slot_valid, D_V, D, D_ROPE, False)
+                both = tl.dot(stacked_rope, tl.trans(kv_rope), both, input_precision=DOT_PRECISION)
+            # rows [0, BLOCK_H) and [BLOCK_H, 2 BLOCK_H) side by side: [BLOCK_H, BLOCK_N, 2]
+            scores, dp = tl.split(tl.permute(tl.reshape(both, (2, BLOCK_H, BLOCK_N)), (1, 2, 0)))
+        else:
+            scores = tl.dot(q_value, tl.trans(kv_value), input_precision=DOT_PRECISION)
+            if HAS_ROPE:
+                kv_rope = _load_2d(kv_ptr, kv_rows, slot_valid, D_V, D, D_ROPE, False)
+                # A separate product, added: a dot feeding another dot makes Triton put all warps
+                # along M, which for M = 64 on 8 warps computes the value part twice.
+                scores += tl.dot(q_rope, tl.trans(kv_rope), input_precision=DOT_PRECISION)
+            dp = tl.dot(dout, tl.trans(kv_value), input_precision=DOT_PRECISION)
 
         live = slot_valid[None, :] & row_has_keys[:, None]
         p = tl.where(live, tl.exp2(scores * scale_log2 - big_l_log2[:, None]), 0.0)
@@ -461,6 +491,8 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
 
     config = pick_config(num_heads)
     block_h = config["BLOCK_H"]
+    # The stacked score product (SCORE_STACKED): for 64-head blocks, on 8 warps.
+    stacked = bool(config["SCORE_STACKED"]) and block_h == 64
     dv_block = max(16, _next_pow2(d_v))
     d_rope = max(16, _next_pow2(rope_dim))
     heads_block = max(16, _next_pow2(num_heads))
@@ -501,8 +533,9 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
             dsink_part, t_begin, num_heads, num_kv_rows, topk, ws_stride, float(scale),
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
             HAS_SINK=attn_sink is not None, HAS_GRAD_LSE=grad_lse is not None, BLOCK_H=block_h,
-            BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD,
-            num_warps=config["SCORE_WARPS"], num_stages=config["SCORE_STAGES"], **common)
+            BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD, STACKED=stacked,
+            num_warps=8 if stacked else config["SCORE_WARPS"], num_stages=config["SCORE_STAGES"],
+            **common)
 
         dkv_target = partial if deterministic else dkv_acc
         # Value columns (with the dout^T P term), then rope columns (q^T dS only).

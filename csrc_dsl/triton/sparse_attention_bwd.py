@@ -491,8 +491,9 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
 
     config = pick_config(num_heads)
     block_h = config["BLOCK_H"]
-    # The stacked score product (SCORE_STACKED): for 64-head blocks, on 8 warps.
-    stacked = bool(config["SCORE_STACKED"]) and block_h == 64
+    # The stacked score product (SCORE_STACKED): 64-head blocks of 16-bit inputs, on 8 warps (fp32
+    # tiles would not fit in shared memory).
+    stacked = bool(config["SCORE_STACKED"]) and block_h == 64 and q.element_size() == 2
     dv_block = max(16, _next_pow2(d_v))
     d_rope = max(16, _next_pow2(rope_dim))
     heads_block = max(16, _next_pow2(num_heads))

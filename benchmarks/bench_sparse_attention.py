@@ -135,7 +135,7 @@ def bench_sparse_attention(case: Case, args) -> dict:
         for name, cfg in fwd.CONFIGS.items():
             if args.configs and name not in args.configs.split(","):
                 continue
-            if cfg.BLOCK_H > max(16, _next_pow2(case.H)) or not _fits(fwd, cfg, q, kv, idx, case):
+            if fwd._block_h_for(case.H, cfg.BLOCK_H) < cfg.BLOCK_H or not _fits(fwd, cfg, q, kv, idx, case):
                 continue
             run = lambda c=cfg: fwd._sparse_mqa_forward(q, kv, idx, scale, case.d_v, sink, None, config=c)
             out_c, lse_c = run()
@@ -143,10 +143,6 @@ def bench_sparse_attention(case: Case, args) -> dict:
             row["sweep"][name] = time_ms(run)
             print(f"  [{case.name}] {name}: {row['sweep'][name]:.3f} ms", flush=True)
     return row
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _fits(fwd, cfg, q, kv, idx, case) -> bool:

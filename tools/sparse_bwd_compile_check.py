@@ -35,6 +35,7 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     """The dkv kernel's value-column launch (with the dout^T P term) for bf16 inputs, fast mode."""
     heads_block = max(16, bwd._next_pow2(num_heads))
     block_d = min(config["DKV_BLOCK_D"], max(16, bwd._next_pow2(d_v)))
+    stacked, warps = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
     constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
                       DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
                       BLOCK_N=config["DKV_BLOCK_N"])
@@ -43,11 +44,11 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
 
 def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
     """The score kernel for bf16 inputs with a sink; `config` from `pick_config` (its BLOCK_H fitted to H)."""
+    stacked, warps = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
     constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
                       HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
                       DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD,
-                      STACKED=bool(config["SCORE_STACKED"]))
-    warps = 8 if config["SCORE_STACKED"] else config["SCORE_WARPS"]
+                      STACKED=stacked)
     return _compile(bwd._scores_kernel, constexprs, warps, config["SCORE_STAGES"])
 
 

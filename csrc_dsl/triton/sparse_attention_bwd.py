@@ -131,6 +131,13 @@ def pick_config(num_heads: int, spec: str | None = None) -> dict:
     return config
 
 
+def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, int]:
+    """(stacked, warps) of the score kernel: the stacked product (SCORE_STACKED) only for 64-head
+    blocks of 16-bit inputs (fp32 tiles would not fit in shared memory), always on 8 warps."""
+    stacked = bool(config["SCORE_STACKED"]) and block_h == 64 and element_size == 2
+    return stacked, 8 if stacked else config["SCORE_WARPS"]
+
+
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
@@ -356,8 +363,7 @@ def _dq_kernel(
     ws_rows = (t_local * num_heads + heads) * ws_stride
     for start in range(0, num_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        # ids loaded in the step that gathers with them: a step ahead, the gather pipelines deeper
-        # but only on smaller tiles, measured slower (docs/experiments/triton-ids-ahead.patch)
+        # ids loaded in the step that gathers with them, as in _scores_kernel (and why)
         ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         ds = tl.load(ds_ptr + ws_rows[:, None] + slots[None, :], mask=head_mask[:, None],
@@ -491,9 +497,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
 
     config = pick_config(num_heads)
     block_h = config["BLOCK_H"]
-    # The stacked score product (SCORE_STACKED): 64-head blocks of 16-bit inputs, on 8 warps (fp32
-    # tiles would not fit in shared memory).
-    stacked = bool(config["SCORE_STACKED"]) and block_h == 64 and q.element_size() == 2
+    stacked, score_warps = score_launch(config, block_h, q.element_size())
     dv_block = max(16, _next_pow2(d_v))
     d_rope = max(16, _next_pow2(rope_dim))
     heads_block = max(16, _next_pow2(num_heads))
@@ -535,7 +539,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
             HAS_SINK=attn_sink is not None, HAS_GRAD_LSE=grad_lse is not None, BLOCK_H=block_h,
             BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD, STACKED=stacked,
-            num_warps=8 if stacked else config["SCORE_WARPS"], num_stages=config["SCORE_STAGES"],
+            num_warps=score_warps, num_stages=config["SCORE_STAGES"],
             **common)
 
         dkv_target = partial if deterministic else dkv_acc

@@ -219,7 +219,8 @@ def test_deterministic_is_bitwise_repeatable():
 def test_score_product_64_head_block(monkeypatch, stacked, head_dim, d_v):
     # H = 40: one 64-head block, partly masked, the block where SCORE_STACKED applies (S and dP as
     # one product over q and dO stacked in M; dO has no rope part). Lonely row, invalid and
-    # duplicate ids, topk_length, sink; K spans two score tiles and a partial one.
+    # duplicate ids, topk_length, sink; K = 70 spans whole score tiles and a partial one (32-slot
+    # tiles for the two products, 64-slot for the stacked one).
     case, refs = make_case(num_tokens=3, num_kv_rows=30, num_heads=40, topk=70, head_dim=head_dim,
                            d_v=d_v, dtype=SMALL_DTYPE, seed=31 + head_dim, sink=True,
                            with_topk_length=True, lonely_rows=(1,))
@@ -441,14 +442,17 @@ def test_dkv_settings_compile_for_sm90():
 
 
 def test_score_kernel_default_compiles_for_sm90():
-    """The score kernel's default setting compiled for sm_90 at H = 64 and 128 with this Triton: no spills, shared
-    memory inside an H100 block (its Q and dO take 136 KB; the stacked product, SCORE_STACKED, fits only under
-    Triton 3.6, see tools/sparse_bwd_compile_check.score_rows)."""
+    """The score kernel compiled for sm_90 at H = 64 and 128 with this Triton. Its default (the stacked product on
+    64-slot tiles under Triton <= 3.6, where it was timed; the two products otherwise): no spills, shared memory
+    inside an H100 block. The stacked product on 64-slot tiles, forced, fits too (Triton 3.9 spills some of it,
+    which is why it is not the default there; see tools/sparse_bwd_compile_check.score_rows)."""
     from tools.sparse_fwd_compile_check import SM90_MAX_SHARED
 
     stdout = run_compiled("import json; from tools.sparse_bwd_compile_check import score_rows; "
-                          "print(json.dumps(score_rows(('',))))")
+                          "print(json.dumps(score_rows(('', 'SCORE_STACKED=1'))))")
     rows = json.loads(stdout.strip().splitlines()[-1])
-    assert len(rows) == 2
+    assert len(rows) == 4
     for name, heads, regs, stack, shared in rows:
-        assert stack == 0 and shared <= SM90_MAX_SHARED, (name, heads, regs, stack, shared)
+        assert shared <= SM90_MAX_SHARED, (name, heads, regs, stack, shared)
+        if name == "default":
+            assert stack == 0, (name, heads, regs, stack, shared)

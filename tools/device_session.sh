@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -96,7 +96,19 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s20b)  # next session (prepared in session 20, not yet run), at most 480 s, no staging needed, fast mode, per kernel,
+s21a)  # session 21, at most 480 s, no staging: the stacked score product on 64-slot tiles at one stage, the default
+       # since this session (Triton <= 3.6), against the two products (SCORE_STACKED=0, the default before) in the
+       # same run, fast and deterministic; then the GPU tests of the Triton backward, autograd and torch.compile /
+       # CUDA graphs (without staging, SM90 dispatches the sparse-attention backward to Triton)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  python -c "import triton; print('triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+  capped 220 triton_bwd_default.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast,deterministic --configs "default;default,SCORE_STACKED=0"
+  capped 90 triton_bwd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  capped 80 autograd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_autograd.py
+  capped 150 compile_tests.log python -m pytest -q -p no:cacheprovider -rfE compile_tests/test_compile.py
+  ;;
+s20b)  # session 20's next phase, run in session 21 (prepared in session 20, not yet run), at most 480 s, no staging needed, fast mode, per kernel,
        # against the default in the same run:
        # - the score kernel's stacked product (SCORE_STACKED=1): S and dP as one [128 x 32] product over q and dO
        #   stacked in M, on 8 warps, so that each warpgroup runs one of the two wgmma chains (36 wgmmas each instead

@@ -35,7 +35,6 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     """The dkv kernel's value-column launch (with the dout^T P term) for bf16 inputs, fast mode."""
     heads_block = max(16, bwd._next_pow2(num_heads))
     block_d = min(config["DKV_BLOCK_D"], max(16, bwd._next_pow2(d_v)))
-    stacked, warps = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
     constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
                       DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
                       BLOCK_N=config["DKV_BLOCK_N"])
@@ -44,12 +43,12 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
 
 def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
     """The score kernel for bf16 inputs with a sink; `config` from `pick_config` (its BLOCK_H fitted to H)."""
-    stacked, warps = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
+    stacked, warps, block_n, stages = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
     constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
                       HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
-                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=bwd._WS_PAD,
+                      DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=block_n, WS_PAD=bwd._WS_PAD,
                       STACKED=stacked)
-    return _compile(bwd._scores_kernel, constexprs, warps, config["SCORE_STAGES"])
+    return _compile(bwd._scores_kernel, constexprs, warps, stages)
 
 
 SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before session 19
@@ -69,10 +68,13 @@ def dkv_rows() -> list:
     return rows
 
 
-def score_rows(settings=("", "SCORE_STACKED=1")) -> list:
-    """[setting, H, regs, stack, shared] of the score kernel for each setting (default: the default and the stacked
-    product, which Triton 3.6 fits in 186 registers and 229376 B of shared memory, and Triton 3.9 does not: 255
-    registers, a 336-byte spill, 237568 B, more than an H100 block may have)."""
+def score_rows(settings=("SCORE_STACKED=0", "SCORE_STACKED=1", "SCORE_STACKED=1,STACKED_BLOCK_N=32,STACKED_STAGES=2")
+               ) -> list:
+    """[setting, H, regs, stack, shared] of the score kernel for each setting. By default: the two products on 4
+    warps (Triton 3.6: 247 registers, 217088 B), the stacked product on 64-slot tiles at one stage (Triton 3.6: 190
+    registers, no spill, 212992 B; Triton 3.9: 255 registers, a 264-byte spill, 212992 B), and the stacked product
+    on 32-slot tiles at two stages (Triton 3.6: 186 registers, 229376 B; Triton 3.9: a 336-byte spill and 237568 B,
+    more than an H100 block may have)."""
     rows = []
     for overrides in settings:
         for num_heads in (64, 128):

@@ -60,9 +60,13 @@ import triton.language as tl
 # --------------------------------------------------------------------------------------------
 # BLOCK_H:   heads per program in kernels 1 and 3 (the M of their products).
 # SCORE_*:   kernel 1 (scores): kv rows per tile, warps, pipeline stages. SCORE_STACKED=1: S and
-#            dP as one product over q and dO stacked in M, on 8 warps, for 64-head blocks (each
-#            warpgroup runs one of the two wgmma chains instead of one warpgroup running both);
-#            off until timed on a GPU (Triton 3.6 fits it in 229376 B of shared memory, 3.9 not).
+#            dP as one product over q and dO stacked in M, on 8 warps, for 64-head blocks of 16-bit
+#            inputs (each warpgroup runs one of the two wgmma chains instead of one warpgroup running
+#            both), on STACKED_BLOCK_N-slot tiles with STACKED_STAGES stages. 64-slot tiles, one
+#            stage: the kernel took 8.66 ms instead of 10.49 at H = 128 (4.34 instead of 5.32 at
+#            H = 64; H100, Triton 3.6, BENCHMARKS.md session 21). The default only under Triton
+#            <= 3.6, where it was measured: Triton 3.9 spills 264 bytes of it (190 registers and
+#            no spill under 3.6), and it has not been timed there.
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
 #            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
 #            of shared memory instead of 147 KB), and the kernel took 10.9 ms instead of 14.3
@@ -72,9 +76,11 @@ import triton.language as tl
 #            backward; H = 128: 39.3 against 38.7).
 # DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages.
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
+_STACKED_MEASURED = tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 6)
 _H100 = dict(
     BLOCK_H=64,
-    SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2, SCORE_STACKED=0,
+    SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
+    SCORE_STACKED=int(_STACKED_MEASURED), STACKED_BLOCK_N=64, STACKED_STAGES=1,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
     DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
@@ -122,20 +128,23 @@ def pick_config(num_heads: int, spec: str | None = None) -> dict:
         config[key] = int(value)
     # Heads per program: a power of two >= 16 (tl.dot needs >= 16), no more than needed.
     config["BLOCK_H"] = max(16, min(config["BLOCK_H"], _next_pow2(num_heads)))
-    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N", "DKV_BLOCK_D"):
+    for key in ("SCORE_BLOCK_N", "STACKED_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N",
+                "DKV_BLOCK_D"):
         if config[key] < 16 or config[key] & (config[key] - 1):
             raise ValueError(f"{key} must be a power of two >= 16, got {config[key]}")
-    for key in ("SCORE_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N"):
+    for key in ("SCORE_BLOCK_N", "STACKED_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N"):
         if _WS_PAD % config[key]:
             raise ValueError(f"{key} must divide {_WS_PAD}, got {config[key]}")
     return config
 
 
-def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, int]:
-    """(stacked, warps) of the score kernel: the stacked product (SCORE_STACKED) only for 64-head
-    blocks of 16-bit inputs (fp32 tiles would not fit in shared memory), always on 8 warps."""
-    stacked = bool(config["SCORE_STACKED"]) and block_h == 64 and element_size == 2
-    return stacked, 8 if stacked else config["SCORE_WARPS"]
+def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, int, int, int]:
+    """(stacked, warps, kv rows per tile, stages) of the score kernel: the stacked product
+    (SCORE_STACKED) only for 64-head blocks of 16-bit inputs (fp32 tiles would not fit in shared
+    memory), always on 8 warps and its own tile size and stages."""
+    if config["SCORE_STACKED"] and block_h == 64 and element_size == 2:
+        return True, 8, config["STACKED_BLOCK_N"], config["STACKED_STAGES"]
+    return False, config["SCORE_WARPS"], config["SCORE_BLOCK_N"], config["SCORE_STAGES"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -497,7 +506,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
 
     config = pick_config(num_heads)
     block_h = config["BLOCK_H"]
-    stacked, score_warps = score_launch(config, block_h, q.element_size())
+    stacked, score_warps, score_block_n, score_stages = score_launch(config, block_h, q.element_size())
     dv_block = max(16, _next_pow2(d_v))
     d_rope = max(16, _next_pow2(rope_dim))
     heads_block = max(16, _next_pow2(num_heads))
@@ -538,8 +547,8 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
             dsink_part, t_begin, num_heads, num_kv_rows, topk, ws_stride, float(scale),
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
             HAS_SINK=attn_sink is not None, HAS_GRAD_LSE=grad_lse is not None, BLOCK_H=block_h,
-            BLOCK_N=config["SCORE_BLOCK_N"], WS_PAD=_WS_PAD, STACKED=stacked,
-            num_warps=score_warps, num_stages=config["SCORE_STAGES"],
+            BLOCK_N=score_block_n, WS_PAD=_WS_PAD, STACKED=stacked,
+            num_warps=score_warps, num_stages=score_stages,
             **common)
 
         dkv_target = partial if deterministic else dkv_acc

@@ -19,6 +19,8 @@ import pytest  # noqa: E402
 from csrc_dsl.triton.sparse_attention_bwd import (  # noqa: E402
     CONFIG_ENV,
     WORKSPACE_ENV,
+    dq_launch,
+    pick_config,
     sparse_attention_backward,
 )
 from tests.sm90_compile import run_compiled  # noqa: E402
@@ -214,19 +216,43 @@ def test_deterministic_is_bitwise_repeatable():
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("stacked", [0, 1], ids=["two_products", "stacked"])
-@pytest.mark.parametrize("head_dim,d_v", [(80, 64), (576, 512)])
-def test_score_product_64_head_block(monkeypatch, stacked, head_dim, d_v):
-    # H = 40: one 64-head block, partly masked, the block where SCORE_STACKED applies (S and dP as
-    # one product over q and dO stacked in M; dO has no rope part). Lonely row, invalid and
-    # duplicate ids, topk_length, sink; K = 70 spans whole score tiles and a partial one (32-slot
-    # tiles for the two products, 64-slot for the stacked one).
+# The launch variants that apply to blocks of more heads than the other tests use, at H = 40:
+# - SCORE_STACKED: one 64-head block, partly masked, S and dP as one product over q and dO stacked in
+#   M (dO has no rope part); K = 70 spans whole score tiles and a partial one.
+# - DQ_SPLIT: dq programs of a wider head block and half of the columns each (value and rope);
+#   scaled down to 16-head blocks elsewhere and 32-head dq blocks, so that H = 40 has two dq head
+#   blocks, the second partly masked; d_v = 80 leaves the second value half partly masked.
+BLOCK_SETTINGS = {
+    "two_products": "default,SCORE_STACKED=0",
+    "stacked": "default,SCORE_STACKED=1",
+    "dq_all_columns": "default,BLOCK_H=16,DQ_SPLIT=0,DQ_BLOCK_N=32",
+    "dq_column_halves": "default,BLOCK_H=16,DQ_SPLIT=1,DQ_SPLIT_BLOCK_H=32,DQ_BLOCK_N=32",
+}
+
+
+@pytest.mark.parametrize("setting", sorted(BLOCK_SETTINGS))
+@pytest.mark.parametrize("head_dim,d_v", [(96, 64), (112, 80), (576, 512)])
+def test_head_block_settings(monkeypatch, setting, head_dim, d_v):
+    # Lonely row, invalid and duplicate ids, topk_length, sink.
     case, refs = make_case(num_tokens=3, num_kv_rows=30, num_heads=40, topk=70, head_dim=head_dim,
                            d_v=d_v, dtype=SMALL_DTYPE, seed=31 + head_dim, sink=True,
                            with_topk_length=True, lonely_rows=(1,))
-    monkeypatch.setenv(CONFIG_ENV, f"default,SCORE_STACKED={stacked}")
+    monkeypatch.setenv(CONFIG_ENV, BLOCK_SETTINGS[setting])
     dq, dkv, d_sink = check(case, refs, deterministic=False)
     assert dq[1].abs().max().item() == 0.0
+
+
+def test_dq_column_split_launch():
+    # The split applies only where it halves the gather: more heads than one block, 16-bit inputs,
+    # column halves of at least 16 (tl.dot's smallest N).
+    config = pick_config(128, "default,DQ_SPLIT=1")
+    assert dq_launch(config, 128, 2, 512, 64, True) == (128, 2)
+    assert dq_launch(config, 96, 2, 512, 64, True) == (128, 2)
+    assert dq_launch(config, 128, 4, 512, 64, True) == (64, 1)      # fp32
+    assert dq_launch(config, 128, 2, 512, 16, True) == (64, 1)      # rope halves of 8 columns
+    assert dq_launch(config, 128, 2, 512, 16, False) == (128, 2)    # no rope part
+    assert dq_launch(pick_config(64, "default,DQ_SPLIT=1"), 64, 2, 512, 64, True) == (64, 1)
+    assert dq_launch(pick_config(128, "default,DQ_SPLIT=0"), 128, 2, 512, 64, True) == (64, 1)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])

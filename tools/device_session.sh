@@ -96,17 +96,24 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s21a)  # session 21, at most 480 s, no staging: the stacked score product on 64-slot tiles at one stage, the default
+s21a)  # session 21, at most 520 s, no staging: the stacked score product on 64-slot tiles at one stage, the default
        # since this session (Triton <= 3.6), against the two products (SCORE_STACKED=0, the default before) in the
-       # same run, fast and deterministic; then the GPU tests of the Triton backward, autograd and torch.compile /
-       # CUDA graphs (without staging, SM90 dispatches the sparse-attention backward to Triton)
+       # same run, fast and deterministic; the dq kernel's column split (DQ_SPLIT=1: 128 heads and half of the
+       # columns per program, so each kv row is gathered once per query instead of once per 64-head block), on 8
+       # and 16 warps; then the GPU tests of the Triton backward (as is and with the column split forced),
+       # autograd and torch.compile / CUDA graphs (without staging, SM90 dispatches the sparse-attention
+       # backward to Triton)
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   python -c "import triton; print('triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-  capped 220 triton_bwd_default.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
-    --profile --modes fast,deterministic --configs "default;default,SCORE_STACKED=0"
-  capped 90 triton_bwd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
-  capped 80 autograd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_autograd.py
-  capped 150 compile_tests.log python -m pytest -q -p no:cacheprovider -rfE compile_tests/test_compile.py
+  capped 150 triton_bwd_fast.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,SCORE_STACKED=0;default,DQ_SPLIT=1;default,DQ_SPLIT=1,DQ_WARPS=16"
+  capped 120 triton_bwd_det.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --modes deterministic --configs "default;default,SCORE_STACKED=0"
+  capped 80 triton_bwd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  capped 80 triton_bwd_tests_dq_split.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,DQ_SPLIT=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  capped 60 autograd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_autograd.py
+  capped 120 compile_tests.log python -m pytest -q -p no:cacheprovider -rfE compile_tests/test_compile.py
   ;;
 s20b)  # session 20's next phase, run in session 21 (prepared in session 20, not yet run), at most 480 s, no staging needed, fast mode, per kernel,
        # against the default in the same run:

@@ -74,7 +74,11 @@ import triton.language as tl
 #            same in deterministic mode, where the kernel stores its rows instead of adding them
 #            and 64-slot tiles measured faster at H = 64 (27.3 ms against 29.0 for the whole
 #            backward; H = 128: 39.3 against 38.7).
-# DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages.
+# DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages. DQ_SPLIT=1: for more than 64 heads
+#            of 16-bit inputs, one program per query, block of up to DQ_SPLIT_BLOCK_H heads and half
+#            of the columns, instead of one per 64-head block and all columns: each program gathers
+#            half of every kv row for twice the heads, so the gather traffic (what bounds the kernel:
+#            about 5.3 TB/s of L2 reads at H = 64 and 128) halves at H = 128. Off until timed.
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
 _STACKED_MEASURED = tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 6)
 _H100 = dict(
@@ -82,7 +86,7 @@ _H100 = dict(
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
     SCORE_STACKED=int(_STACKED_MEASURED), STACKED_BLOCK_N=64, STACKED_STAGES=1,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
-    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2,
+    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, DQ_SPLIT=0, DQ_SPLIT_BLOCK_H=128,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
 )
 CONFIGS = {
@@ -129,7 +133,7 @@ def pick_config(num_heads: int, spec: str | None = None) -> dict:
     # Heads per program: a power of two >= 16 (tl.dot needs >= 16), no more than needed.
     config["BLOCK_H"] = max(16, min(config["BLOCK_H"], _next_pow2(num_heads)))
     for key in ("SCORE_BLOCK_N", "STACKED_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N",
-                "DKV_BLOCK_D"):
+                "DKV_BLOCK_D", "DQ_SPLIT_BLOCK_H"):
         if config[key] < 16 or config[key] & (config[key] - 1):
             raise ValueError(f"{key} must be a power of two >= 16, got {config[key]}")
     for key in ("SCORE_BLOCK_N", "STACKED_BLOCK_N", "DKV_BLOCK_N", "DKV_DET_BLOCK_N", "DQ_BLOCK_N"):
@@ -145,6 +149,16 @@ def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, i
     if config["SCORE_STACKED"] and block_h == 64 and element_size == 2:
         return True, 8, config["STACKED_BLOCK_N"], config["STACKED_STAGES"]
     return False, config["SCORE_WARPS"], config["SCORE_BLOCK_N"], config["SCORE_STAGES"]
+
+
+def dq_launch(config: dict, num_heads: int, element_size: int, dv_block: int, d_rope: int,
+              has_rope: bool) -> tuple[int, int]:
+    """(heads per program, column parts) of the dq kernel: the column split (DQ_SPLIT) only for more
+    than 64 heads of 16-bit inputs and halves of at least 16 columns (tl.dot's smallest N)."""
+    if (config["DQ_SPLIT"] and num_heads > config["BLOCK_H"] and element_size == 2 and dv_block >= 32
+            and (not has_rope or d_rope >= 32)):
+        return min(config["DQ_SPLIT_BLOCK_H"], max(16, _next_pow2(num_heads))), 2
+    return config["BLOCK_H"], 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,17 +371,23 @@ def _dq_kernel(
     t_start, num_heads, num_kv_rows, topk, ws_stride,
     D: tl.constexpr, D_V: tl.constexpr, DV_BLOCK: tl.constexpr, D_ROPE: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, COL_PARTS: tl.constexpr,
 ):
+    """dq[t, heads, part's columns] for one query, one head block and one of COL_PARTS column parts
+    (part p: value columns [p, p + 1) * DV_BLOCK / COL_PARTS and as much of the rope columns)."""
     t_local = tl.program_id(0).to(tl.int64)
     t = t_start + t_local
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     head_mask = heads < num_heads
+    PART_V: tl.constexpr = DV_BLOCK // COL_PARTS
+    PART_ROPE: tl.constexpr = D_ROPE // COL_PARTS
+    value_start = tl.program_id(2) * PART_V
+    rope_start = D_V + tl.program_id(2) * PART_ROPE
     dv_exact: tl.constexpr = DV_BLOCK == D_V
 
-    dq_value = tl.zeros([BLOCK_H, DV_BLOCK], dtype=tl.float32)
+    dq_value = tl.zeros([BLOCK_H, PART_V], dtype=tl.float32)
     if HAS_ROPE:
-        dq_rope = tl.zeros([BLOCK_H, D_ROPE], dtype=tl.float32)
+        dq_rope = tl.zeros([BLOCK_H, PART_ROPE], dtype=tl.float32)
     num_slots = _num_slots(topk_length_ptr, t, topk, HAS_TOPK_LENGTH)
     ws_rows = (t_local * num_heads + heads) * ws_stride
     for start in range(0, num_slots, BLOCK_N):
@@ -377,18 +397,18 @@ def _dq_kernel(
         kv_rows = ids.to(tl.int64) * D
         ds = tl.load(ds_ptr + ws_rows[:, None] + slots[None, :], mask=head_mask[:, None],
                      other=0.0)  # zeros past num_slots (see _scores_kernel)
-        kv_value = _load_2d(kv_ptr, kv_rows, slot_valid, 0, D_V, DV_BLOCK, dv_exact)
+        kv_value = _load_2d(kv_ptr, kv_rows, slot_valid, value_start, D_V, PART_V, dv_exact)
         dq_value = tl.dot(ds, kv_value, dq_value, input_precision=DOT_PRECISION)
         if HAS_ROPE:
-            kv_rope = _load_2d(kv_ptr, kv_rows, slot_valid, D_V, D, D_ROPE, False)
+            kv_rope = _load_2d(kv_ptr, kv_rows, slot_valid, rope_start, D, PART_ROPE, False)
             dq_rope = tl.dot(ds, kv_rope, dq_rope, input_precision=DOT_PRECISION)
 
     q_rows = (t * num_heads + heads) * D
-    cols = tl.arange(0, DV_BLOCK)
+    cols = value_start + tl.arange(0, PART_V)
     tl.store(dq_ptr + q_rows[:, None] + cols[None, :], dq_value.to(dq_ptr.dtype.element_ty),
              mask=head_mask[:, None] & (cols < D_V)[None, :])
     if HAS_ROPE:
-        cols = D_V + tl.arange(0, D_ROPE)
+        cols = rope_start + tl.arange(0, PART_ROPE)
         tl.store(dq_ptr + q_rows[:, None] + cols[None, :], dq_rope.to(dq_ptr.dtype.element_ty),
                  mask=head_mask[:, None] & (cols < D)[None, :])
 
@@ -510,6 +530,8 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
     dv_block = max(16, _next_pow2(d_v))
     d_rope = max(16, _next_pow2(rope_dim))
     heads_block = max(16, _next_pow2(num_heads))
+    dq_block_h, dq_col_parts = dq_launch(config, num_heads, q.element_size(), dv_block, d_rope,
+                                         rope_dim > 0)
     # fp32 inputs: exact fp32 products (no tf32), and an fp32 workspace.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     ws_dtype = q.dtype
@@ -564,11 +586,11 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
                 BLOCK_N=config["DKV_DET_BLOCK_N" if deterministic else "DKV_BLOCK_N"],
                 num_warps=config["DKV_WARPS"], num_stages=config["DKV_STAGES"], **common)
 
-        _dq_kernel[head_grid](
+        _dq_kernel[(rows, triton.cdiv(num_heads, dq_block_h), dq_col_parts)](
             kv, ds_ws, indices, length_arg, dq,
             t_begin, num_heads, num_kv_rows, topk, ws_stride,
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
-            BLOCK_H=block_h, BLOCK_N=config["DQ_BLOCK_N"],
+            BLOCK_H=dq_block_h, BLOCK_N=config["DQ_BLOCK_N"], COL_PARTS=dq_col_parts,
             num_warps=config["DQ_WARPS"], num_stages=config["DQ_STAGES"], **common)
 
         if deterministic:

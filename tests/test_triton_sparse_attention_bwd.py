@@ -482,3 +482,16 @@ def test_score_kernel_default_compiles_for_sm90():
         assert shared <= SM90_MAX_SHARED, (name, heads, regs, stack, shared)
         if name == "default":
             assert stack == 0, (name, heads, regs, stack, shared)
+
+
+def test_dq_kernel_compiles_for_sm90():
+    """The dq kernel compiled for sm_90 at H = 64 and 128 with this Triton, with and without the column split (the
+    default for more than 64 heads): no spills, shared memory inside an H100 block."""
+    from tools.sparse_fwd_compile_check import SM90_MAX_SHARED
+
+    stdout = run_compiled("import json; from tools.sparse_bwd_compile_check import dq_rows; "
+                          "print(json.dumps(dq_rows()))")
+    rows = json.loads(stdout.strip().splitlines()[-1])
+    assert len(rows) == 4
+    for name, heads, regs, stack, shared in rows:
+        assert stack == 0 and shared <= SM90_MAX_SHARED, (name, heads, regs, stack, shared)

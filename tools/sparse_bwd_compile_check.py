@@ -51,6 +51,27 @@ def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
     return _compile(bwd._scores_kernel, constexprs, warps, stages)
 
 
+def compile_dq_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int = 512):
+    """The dq kernel for bf16 inputs, as the launcher picks its head block and column parts."""
+    dv_block, d_rope = bwd._next_pow2(d_v), max(16, bwd._next_pow2(dim - d_v))
+    block_h, col_parts = bwd.dq_launch(config, num_heads, 2, dv_block, d_rope, dim > d_v)  # 2: bf16
+    constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=dim > d_v, HAS_TOPK_LENGTH=False,
+                      DOT_PRECISION="tf32", BLOCK_H=block_h, BLOCK_N=config["DQ_BLOCK_N"], COL_PARTS=col_parts)
+    return _compile(bwd._dq_kernel, constexprs, config["DQ_WARPS"], config["DQ_STAGES"])
+
+
+def dq_rows(settings=("DQ_SPLIT=0", "DQ_SPLIT=1")) -> list:
+    """[setting, H, regs, stack, shared] of the dq kernel (Triton 3.6, H = 128: all columns of 64 heads, 255
+    registers and 163840 B; half of the columns of 128 heads, 220 registers and 106496 B; no spills)."""
+    rows = []
+    for overrides in settings:
+        for num_heads in (64, 128):
+            kernel = compile_dq_for_sm90(bwd.pick_config(num_heads, overrides), num_heads)
+            r = cubin_resources(kernel)
+            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], kernel.metadata.shared])
+    return rows
+
+
 SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before session 19
 
 
@@ -92,6 +113,8 @@ def main():
         print(f"| {name} | {heads} | {regs} | {stack} | {shared} | {ctas} |")
     for name, heads, regs, stack, shared in score_rows():
         print(f"scores kernel ({name}), H={heads}: {regs} registers, {stack} B stack, {shared} B shared")
+    for name, heads, regs, stack, shared in dq_rows():
+        print(f"dq kernel ({name}), H={heads}: {regs} registers, {stack} B stack, {shared} B shared")
 
 
 if __name__ == "__main__":

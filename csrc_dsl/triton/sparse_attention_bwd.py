@@ -76,9 +76,11 @@ import triton.language as tl
 #            backward; H = 128: 39.3 against 38.7).
 # DQ_*:      kernel 3 (dq): kv rows per tile, warps, stages. DQ_SPLIT=1: for more than 64 heads
 #            of 16-bit inputs, one program per query, block of up to DQ_SPLIT_BLOCK_H heads and half
-#            of the columns, instead of one per 64-head block and all columns: each program gathers
-#            half of every kv row for twice the heads, so the gather traffic (what bounds the kernel:
-#            about 5.3 TB/s of L2 reads at H = 64 and 128) halves at H = 128. Off until timed.
+#            of the columns, instead of one per 64-head block and all columns, so that each kv row
+#            is gathered once per query instead of once per head block: at H = 128 the kernel took
+#            3.69 ms instead of 3.93 (H100, BENCHMARKS.md session 21; 3.62 on 16 warps, not tested
+#            on the GPU); less than the halved gather traffic suggested, so the gather's L2 reads
+#            are not all that bounds it.
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
 _STACKED_MEASURED = tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 6)
 _H100 = dict(
@@ -86,7 +88,7 @@ _H100 = dict(
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
     SCORE_STACKED=int(_STACKED_MEASURED), STACKED_BLOCK_N=64, STACKED_STAGES=1,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
-    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, DQ_SPLIT=0, DQ_SPLIT_BLOCK_H=128,
+    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, DQ_SPLIT=1, DQ_SPLIT_BLOCK_H=128,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
 )
 CONFIGS = {

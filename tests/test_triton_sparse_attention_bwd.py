@@ -218,13 +218,15 @@ def test_deterministic_is_bitwise_repeatable():
 
 # The launch variants that apply to blocks of more heads than the other tests use, at H = 40:
 # - SCORE_STACKED: one 64-head block, partly masked, S and dP as one product over q and dO stacked in
-#   M (dO has no rope part); K = 70 spans whole score tiles and a partial one.
+#   M (dO has no rope part); K = 70 spans whole score tiles and a partial one; STACKED_IDS_AHEAD
+#   loads each tile's ids a step ahead (the last step's lookahead lies past K, all masked).
 # - DQ_SPLIT: dq programs of a wider head block and half of the columns each (value and rope);
 #   scaled down to 16-head blocks elsewhere and 32-head dq blocks, so that H = 40 has two dq head
 #   blocks, the second partly masked; d_v = 80 leaves the second value half partly masked.
 BLOCK_SETTINGS = {
     "two_products": "default,SCORE_STACKED=0",
     "stacked": "default,SCORE_STACKED=1",
+    "stacked_ids_ahead": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=1",
     "dq_all_columns": "default,BLOCK_H=16,DQ_SPLIT=0,DQ_BLOCK_N=32",
     "dq_column_halves": "default,BLOCK_H=16,DQ_SPLIT=1,DQ_SPLIT_BLOCK_H=32,DQ_BLOCK_N=32",
 }

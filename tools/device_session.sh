@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s21b | s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,16 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+s21b)  # session 21, at most 300 s, no staging: the stacked score kernel with each tile's ids loaded a step ahead
+       # (STACKED_IDS_AHEAD=1: at one stage nothing else hides the ids' L2 round trip before the gather; Triton 3.6:
+       # 220 registers instead of 190, no spill), and the dkv kernel on 16-slot tiles (4 CTAs per SM at H = 64
+       # instead of 3, 2 at H = 128), against the default in the same run; then the GPU tests with the ids ahead
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 150 triton_bwd_fast.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,STACKED_IDS_AHEAD=1;default,DKV_BLOCK_N=16;default,DKV_BLOCK_N=16,DKV_STAGES=4"
+  capped 80 triton_bwd_tests_ids_ahead.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,STACKED_IDS_AHEAD=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   ;;
 s21a)  # session 21, at most 520 s, no staging: the stacked score product on 64-slot tiles at one stage, the default
        # since this session (Triton <= 3.6), against the two products (SCORE_STACKED=0, the default before) in the

@@ -43,11 +43,11 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
 
 def compile_scores_for_sm90(config: dict, dim: int = 576, d_v: int = 512):
     """The score kernel for bf16 inputs with a sink; `config` from `pick_config` (its BLOCK_H fitted to H)."""
-    stacked, warps, block_n, stages = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
+    stacked, warps, block_n, stages, ids_ahead = bwd.score_launch(config, config["BLOCK_H"], 2)  # 2: bf16
     constexprs = dict(D=dim, D_V=d_v, DV_BLOCK=bwd._next_pow2(d_v), D_ROPE=max(16, bwd._next_pow2(dim - d_v)),
                       HAS_ROPE=dim > d_v, HAS_SINK=True, HAS_TOPK_LENGTH=False, HAS_GRAD_LSE=False,
                       DOT_PRECISION="tf32", BLOCK_H=config["BLOCK_H"], BLOCK_N=block_n, WS_PAD=bwd._WS_PAD,
-                      STACKED=stacked)
+                      STACKED=stacked, IDS_AHEAD=ids_ahead)
     return _compile(bwd._scores_kernel, constexprs, warps, stages)
 
 

@@ -66,7 +66,8 @@ import triton.language as tl
 #            stage: the kernel took 8.66 ms instead of 10.49 at H = 128 (4.34 instead of 5.32 at
 #            H = 64; H100, Triton 3.6, BENCHMARKS.md session 21). The default only under Triton
 #            <= 3.6, where it was measured: Triton 3.9 spills 264 bytes of it (190 registers and
-#            no spill under 3.6), and it has not been timed there.
+#            no spill under 3.6), and it has not been timed there. STACKED_IDS_AHEAD=1: each
+#            tile's ids loaded a step ahead (off until timed).
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
 #            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
 #            of shared memory instead of 147 KB), and the kernel took 10.9 ms instead of 14.3
@@ -86,7 +87,7 @@ _STACKED_MEASURED = tuple(int(v) for v in triton.__version__.split(".")[:2]) <= 
 _H100 = dict(
     BLOCK_H=64,
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
-    SCORE_STACKED=int(_STACKED_MEASURED), STACKED_BLOCK_N=64, STACKED_STAGES=1,
+    SCORE_STACKED=int(_STACKED_MEASURED), STACKED_BLOCK_N=64, STACKED_STAGES=1, STACKED_IDS_AHEAD=0,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
     DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, DQ_SPLIT=1, DQ_SPLIT_BLOCK_H=128,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
@@ -144,13 +145,14 @@ def pick_config(num_heads: int, spec: str | None = None) -> dict:
     return config
 
 
-def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, int, int, int]:
-    """(stacked, warps, kv rows per tile, stages) of the score kernel: the stacked product
-    (SCORE_STACKED) only for 64-head blocks of 16-bit inputs (fp32 tiles would not fit in shared
-    memory), always on 8 warps and its own tile size and stages."""
+def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, int, int, int, bool]:
+    """(stacked, warps, kv rows per tile, stages, ids a step ahead) of the score kernel: the stacked
+    product (SCORE_STACKED) only for 64-head blocks of 16-bit inputs (fp32 tiles would not fit in
+    shared memory), always on 8 warps and its own tile size, stages and ids loading."""
     if config["SCORE_STACKED"] and block_h == 64 and element_size == 2:
-        return True, 8, config["STACKED_BLOCK_N"], config["STACKED_STAGES"]
-    return False, config["SCORE_WARPS"], config["SCORE_BLOCK_N"], config["SCORE_STAGES"]
+        return (True, 8, config["STACKED_BLOCK_N"], config["STACKED_STAGES"],
+                bool(config["STACKED_IDS_AHEAD"]))
+    return False, config["SCORE_WARPS"], config["SCORE_BLOCK_N"], config["SCORE_STAGES"], False
 
 
 def dq_launch(config: dict, num_heads: int, element_size: int, dv_block: int, d_rope: int,
@@ -206,7 +208,7 @@ def _scores_kernel(
     D: tl.constexpr, D_V: tl.constexpr, DV_BLOCK: tl.constexpr, D_ROPE: tl.constexpr,
     HAS_ROPE: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr,
     HAS_GRAD_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr, STACKED: tl.constexpr,
+    BLOCK_N: tl.constexpr, WS_PAD: tl.constexpr, STACKED: tl.constexpr, IDS_AHEAD: tl.constexpr,
 ):
     t_local = tl.program_id(0).to(tl.int64)  # row of the workspace chunk
     t = t_start + t_local
@@ -277,11 +279,22 @@ def _scores_kernel(
     # pipelining their loads.
     ws_rows = (t_local * num_heads + heads) * ws_stride
     padded_slots = tl.minimum(tl.cdiv(num_slots, WS_PAD) * WS_PAD, ws_stride)
+    if IDS_AHEAD:
+        next_ids, next_valid = _slot_ids(indices_ptr, t, topk, tl.arange(0, BLOCK_N), num_slots,
+                                         num_kv_rows)
     for start in range(0, padded_slots, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
-        # ids loaded in the step that gathers with them: a step ahead, the gather pipelines deeper
-        # but only on smaller tiles, measured slower (docs/experiments/triton-ids-ahead.patch)
-        ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
+        if IDS_AHEAD:
+            # one stage (no pipeliner): the next tile's ids load while this tile computes, so
+            # the gather waits for one L2 round trip instead of two
+            ids, slot_valid = next_ids, next_valid
+            next_ids, next_valid = _slot_ids(indices_ptr, t, topk, slots + BLOCK_N, num_slots,
+                                             num_kv_rows)
+        else:
+            # ids loaded in the step that gathers with them: a step ahead, the pipelined gather
+            # runs deeper but only on smaller tiles, measured slower (docs/experiments/
+            # triton-ids-ahead.patch)
+            ids, slot_valid = _slot_ids(indices_ptr, t, topk, slots, num_slots, num_kv_rows)
         kv_rows = ids.to(tl.int64) * D
         kv_value = _load_2d(kv_ptr, kv_rows, slot_valid, 0, D_V, DV_BLOCK, dv_exact)
         if STACKED:
@@ -528,7 +541,8 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
 
     config = pick_config(num_heads)
     block_h = config["BLOCK_H"]
-    stacked, score_warps, score_block_n, score_stages = score_launch(config, block_h, q.element_size())
+    stacked, score_warps, score_block_n, score_stages, ids_ahead = score_launch(config, block_h,
+                                                                                 q.element_size())
     dv_block = max(16, _next_pow2(d_v))
     d_rope = max(16, _next_pow2(rope_dim))
     heads_block = max(16, _next_pow2(num_heads))
@@ -571,7 +585,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
             dsink_part, t_begin, num_heads, num_kv_rows, topk, ws_stride, float(scale),
             D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
             HAS_SINK=attn_sink is not None, HAS_GRAD_LSE=grad_lse is not None, BLOCK_H=block_h,
-            BLOCK_N=score_block_n, WS_PAD=_WS_PAD, STACKED=stacked,
+            BLOCK_N=score_block_n, WS_PAD=_WS_PAD, STACKED=stacked, IDS_AHEAD=ids_ahead,
             num_warps=score_warps, num_stages=score_stages,
             **common)
 

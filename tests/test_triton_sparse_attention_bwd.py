@@ -225,7 +225,7 @@ def test_deterministic_is_bitwise_repeatable():
 #   blocks, the second partly masked; d_v = 80 leaves the second value half partly masked.
 BLOCK_SETTINGS = {
     "two_products": "default,SCORE_STACKED=0",
-    "stacked": "default,SCORE_STACKED=1",
+    "stacked": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=0",
     "stacked_ids_ahead": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=1",
     "dq_all_columns": "default,BLOCK_H=16,DQ_SPLIT=0,DQ_BLOCK_N=32",
     "dq_column_halves": "default,BLOCK_H=16,DQ_SPLIT=1,DQ_SPLIT_BLOCK_H=32,DQ_BLOCK_N=32",

@@ -22,11 +22,15 @@ in 16 bits anyway (the fused form rounds them to bf16 before its tensor-core pro
 
   1. _scores_kernel, per (query t, BLOCK_H heads): S = q kv^T and dP = dout v^T over tiles of
      gathered kv rows, then P and dS (softmax scale folded in) into a bf16 workspace. Also Delta
-     (shifted by grad_lse when given) and this query's share of d_sink.
+     (shifted by grad_lse when given) and this query's share of d_sink. For 64-head blocks of
+     16-bit inputs (SCORE_STACKED) q and dout are stacked in M, so S and dP are one [128, BLOCK_N]
+     product whose halves the two warpgroups compute side by side.
   2. _dkv_kernel, per (query t, block of latent columns), ALL heads at once: dkv^T = q^T dS +
      dout^T P with the heads as the reduction dim (no kv gather). One scatter per (slot, column)
      for all heads: half the scatters of a per-head-block kernel at H = 128.
-  3. _dq_kernel, per (query t, BLOCK_H heads): dq = dS @ kv[idx] over the gathered rows.
+  3. _dq_kernel, per (query t, BLOCK_H heads): dq = dS @ kv[idx] over the gathered rows; with
+     more than 64 heads (DQ_SPLIT), per (query t, up to 128 heads, half of the columns) instead,
+     so that each kv row is gathered once per query.
 Together they do exactly the FLOPs of the math, 2*T*H*K*(3*D + 2*d_v); the price is the workspace
 (4 bytes per (t, h, slot) for bf16 inputs), written once and read twice. Queries go in chunks so
 that the workspace stays under a budget (WORKSPACE_ENV, default 2 GiB).

@@ -497,3 +497,14 @@ def test_dq_kernel_compiles_for_sm90():
     assert len(rows) == 4
     for name, heads, regs, stack, shared in rows:
         assert stack == 0 and shared <= SM90_MAX_SHARED, (name, heads, regs, stack, shared)
+
+
+def test_stacked_default_follows_the_measured_triton(monkeypatch):
+    # The stacked score product is the default only where it was timed (Triton <= 3.6).
+    import csrc_dsl.triton.sparse_attention_bwd as bwd
+
+    for version, expected in [("3.6.0", (3, 6)), ("3.6.0+git1a2b", (3, 6)), ("3.10.1", (3, 10)),
+                              ("nightly", (99, 99))]:
+        monkeypatch.setattr(bwd.triton, "__version__", version)
+        assert bwd._triton_minor_version() == expected
+    assert bwd.CONFIGS["default"]["SCORE_STACKED"] == int(bwd._STACKED_MEASURED)

@@ -54,6 +54,7 @@ D == d_v), each padded to a power of two with masks (Triton tiles are powers of 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import triton
@@ -88,7 +89,13 @@ import triton.language as tl
 #            on the GPU); less than the halved gather traffic suggested, so the gather's L2 reads
 #            are not all that bounds it.
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
-_STACKED_MEASURED = tuple(int(v) for v in triton.__version__.split(".")[:2]) <= (3, 6)
+def _triton_minor_version() -> tuple[int, int]:
+    """(major, minor) of this Triton; (99, 99), newer than any, when its version string is unusual."""
+    found = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(found[1]), int(found[2])) if found else (99, 99)
+
+
+_STACKED_MEASURED = _triton_minor_version() <= (3, 6)
 _H100 = dict(
     BLOCK_H=64,
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,

@@ -92,10 +92,10 @@ def dkv_rows() -> list:
 def score_rows(settings=("SCORE_STACKED=0", "SCORE_STACKED=1", "SCORE_STACKED=1,STACKED_BLOCK_N=32,STACKED_STAGES=2")
                ) -> list:
     """[setting, H, regs, stack, shared] of the score kernel for each setting. By default: the two products on 4
-    warps (Triton 3.6: 247 registers, 217088 B), the stacked product on 64-slot tiles at one stage (Triton 3.6: 190
-    registers, no spill, 212992 B; Triton 3.9: 255 registers, a 264-byte spill, 212992 B), and the stacked product
-    on 32-slot tiles at two stages (Triton 3.6: 186 registers, 229376 B; Triton 3.9: a 336-byte spill and 237568 B,
-    more than an H100 block may have)."""
+    warps (Triton 3.6: 247 registers, 217088 B), the stacked product on 64-slot tiles at one stage with the ids a
+    step ahead (Triton 3.6: 220 registers, no spill, 212992 B; Triton 3.9: 255 registers, a 264-byte spill,
+    212992 B), and the stacked product on 32-slot tiles at two stages, also with the ids ahead (Triton 3.6: 202
+    registers, 229376 B; Triton 3.9: a 360-byte spill and 237568 B, more than an H100 block may have)."""
     rows = []
     for overrides in settings:
         for num_heads in (64, 128):

@@ -69,11 +69,11 @@ import triton.language as tl
 #            inputs (each warpgroup runs one of the two wgmma chains instead of one warpgroup running
 #            both), on STACKED_BLOCK_N-slot tiles with STACKED_STAGES stages. 64-slot tiles, one
 #            stage: the kernel took 8.66 ms instead of 10.49 at H = 128 (4.34 instead of 5.32 at
-#            H = 64; H100, Triton 3.6, BENCHMARKS.md session 21). The default only under Triton
-#            <= 3.6, where it was measured: Triton 3.9 spills 264 bytes of it (190 registers and
-#            no spill under 3.6), and it has not been timed there. STACKED_IDS_AHEAD=1: each
-#            tile's ids loaded a step ahead (at one stage nothing else hides their L2 round trip
-#            before the gather): 4.08 ms instead of 4.43 at H = 64, 8.31 instead of 8.56 at H = 128.
+#            H = 64; H100, Triton 3.6, BENCHMARKS.md session 21). STACKED_IDS_AHEAD=1: each tile's
+#            ids loaded a step ahead (at one stage nothing else hides their L2 round trip before the
+#            gather): 4.08 ms instead of 4.43 at H = 64, 8.31 instead of 8.56 at H = 128. The
+#            default only under Triton <= 3.6, where it was measured (220 registers, no spill):
+#            Triton 3.9 spills 264 bytes of it, and it has not been timed there.
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
 #            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
 #            of shared memory instead of 147 KB), and the kernel took 10.9 ms instead of 14.3
@@ -170,7 +170,8 @@ def score_launch(config: dict, block_h: int, element_size: int) -> tuple[bool, i
 def dq_launch(config: dict, num_heads: int, element_size: int, dv_block: int, d_rope: int,
               has_rope: bool) -> tuple[int, int]:
     """(heads per program, column parts) of the dq kernel: the column split (DQ_SPLIT) only for more
-    than 64 heads of 16-bit inputs and halves of at least 16 columns (tl.dot's smallest N)."""
+    heads than one BLOCK_H block, 16-bit inputs and halves of at least 16 columns (tl.dot's
+    smallest N)."""
     if (config["DQ_SPLIT"] and num_heads > config["BLOCK_H"] and element_size == 2 and dv_block >= 32
             and (not has_rope or d_rope >= 32)):
         return min(config["DQ_SPLIT_BLOCK_H"], max(16, _next_pow2(num_heads))), 2

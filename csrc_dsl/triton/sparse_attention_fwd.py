@@ -74,7 +74,8 @@ CONFIGS = {
     "h16_n32_w4_s2": FwdConfig(16, 32, 4, 2),
     "h16_n32_w4_s3": FwdConfig(16, 32, 4, 3),
     "h16_n64_w4_s2": FwdConfig(16, 64, 4, 2),
-    # each tile's kv row ids loaded a step ahead (smaller tiles at deeper pipelines: slower, session 20)
+    # each tile's kv row ids loaded a step ahead at the default tiles: not yet timed (tools/device_session.sh
+    # s21c); smaller tiles at deeper pipelines were slower (session 20)
     "h64_n64_w8_s2_ahead": FwdConfig(64, 64, 8, 2, 1),
     "h64_n64_w8_s1_ahead": FwdConfig(64, 64, 8, 1, 1),
 }

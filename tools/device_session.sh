@@ -96,15 +96,19 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s21c)  # session 21, at most 190 s, no staging: the Triton forward with each tile's ids loaded a step ahead at its
+s21c)  # session 21 (not run: no device time left), at most 250 s, no staging: the Triton forward with each
+       # tile's ids loaded a step ahead at its
        # default 64-key tiles (2 stages: the gather can then be issued a whole tile ahead, Triton 3.6: 144 B of spill
        # instead of 88, same shared memory; 1 stage: as in the backward's score kernel), against the default in the
-       # same run, every setting checked first; then the forward's GPU tests with the 2-stage one forced
+       # same run, every setting checked first; then the forward's GPU tests with the 2-stage one forced, and the
+       # Triton backward's CUDA-graph test
   nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
   capped 90 triton_fwd_ahead.log python -m benchmarks.bench_sparse_attention --cases "fwd V3.2" --sweep --configs \
     h64_n64_w8_s2,h64_n64_w8_s2_ahead,h64_n64_w8_s1_ahead
   capped 70 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG=h64_n64_w8_s2_ahead \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
+  # written in session 21 after its last lease: the Triton backward's defaults captured in a CUDA graph
+  capped 60 triton_bwd_graph.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py -k graph
   ;;
 s21b)  # session 21, at most 300 s, no staging: the stacked score kernel with each tile's ids loaded a step ahead
        # (STACKED_IDS_AHEAD=1: at one stage nothing else hides the ids' L2 round trip before the gather; Triton 3.6:

@@ -223,24 +223,28 @@ def test_deterministic_is_bitwise_repeatable():
 # - DQ_SPLIT: dq programs of a wider head block and half of the columns each (value and rope);
 #   scaled down to 16-head blocks elsewhere and 32-head dq blocks, so that H = 40 has two dq head
 #   blocks, the second partly masked; d_v = 80 leaves the second value half partly masked.
+# - DQ_IN_DKV: dq formed by the dkv programs, here on 32-column blocks (d_v = 80: the last one
+#   partly masked; the rope part its own launch).
 BLOCK_SETTINGS = {
     "two_products": "default,SCORE_STACKED=0",
     "stacked": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=0",
     "stacked_ids_ahead": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=1",
     "dq_all_columns": "default,BLOCK_H=16,DQ_SPLIT=0,DQ_BLOCK_N=32",
     "dq_column_halves": "default,BLOCK_H=16,DQ_SPLIT=1,DQ_SPLIT_BLOCK_H=32,DQ_BLOCK_N=32",
+    "dq_in_dkv": "default,DQ_IN_DKV=1,DKV_BLOCK_D=32",
 }
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 @pytest.mark.parametrize("setting", sorted(BLOCK_SETTINGS))
 @pytest.mark.parametrize("head_dim,d_v", [(96, 64), (112, 80), (576, 512)])
-def test_head_block_settings(monkeypatch, setting, head_dim, d_v):
+def test_head_block_settings(monkeypatch, setting, head_dim, d_v, deterministic):
     # Lonely row, invalid and duplicate ids, topk_length, sink.
     case, refs = make_case(num_tokens=3, num_kv_rows=30, num_heads=40, topk=70, head_dim=head_dim,
                            d_v=d_v, dtype=SMALL_DTYPE, seed=31 + head_dim, sink=True,
                            with_topk_length=True, lonely_rows=(1,))
     monkeypatch.setenv(CONFIG_ENV, BLOCK_SETTINGS[setting])
-    dq, dkv, d_sink = check(case, refs, deterministic=False)
+    dq, dkv, d_sink = check(case, refs, deterministic=deterministic)
     assert dq[1].abs().max().item() == 0.0
 
 

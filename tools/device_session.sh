@@ -96,7 +96,7 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s21c)  # session 21 (not run: no device time left), at most 250 s, no staging: the Triton forward with each
+s21c)  # session 21 (not run: no device time left), at most 500 s, no staging: the Triton forward with each
        # tile's ids loaded a step ahead at its
        # default 64-key tiles (2 stages: the gather can then be issued a whole tile ahead, Triton 3.6: 144 B of spill
        # instead of 88, same shared memory; 1 stage: as in the backward's score kernel), against the default in the
@@ -107,8 +107,15 @@ s21c)  # session 21 (not run: no device time left), at most 250 s, no staging: t
     h64_n64_w8_s2,h64_n64_w8_s2_ahead,h64_n64_w8_s1_ahead
   capped 70 triton_fwd_tests.log env DSA_TRITON_SPARSE_FWD_CONFIG=h64_n64_w8_s2_ahead \
     python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py -k "gpu or public or real_dims or split_k or decode_small"
-  # written in session 21 after its last lease: the Triton backward's defaults captured in a CUDA graph
+  # written in session 21 after its last lease: the Triton backward's defaults captured in a CUDA graph; dq formed
+  # inside the dkv kernel (DQ_IN_DKV=1, no dq kernel: the dkv kernel is bound by its fp32 reductions, not by L2
+  # reads, so the gather of dq may overlap them; Triton 3.6: 163 registers and 131072 B at H = 128, one CTA per SM
+  # instead of two; on 64-column blocks 120 registers, 81920 B, two), timed against the default, then its tests
   capped 60 triton_bwd_graph.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py -k graph
+  capped 150 triton_bwd_dq_in_dkv.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,DQ_IN_DKV=1;default,DQ_IN_DKV=1,DKV_BLOCK_D=64"
+  capped 90 triton_bwd_tests_dq_in_dkv.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,DQ_IN_DKV=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
   ;;
 s21b)  # session 21, at most 300 s, no staging: the stacked score kernel with each tile's ids loaded a step ahead
        # (STACKED_IDS_AHEAD=1: at one stage nothing else hides the ids' L2 round trip before the gather; Triton 3.6:

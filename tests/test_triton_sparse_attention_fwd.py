@@ -313,9 +313,10 @@ def oracle_decode(q, kv_cache, block_table, seq_lens, idx, scale, d_v, sink, len
     return out.view(batch, seq_q, num_heads, d_v), lse.view(batch, seq_q, num_heads)
 
 
+@pytest.mark.parametrize("config", [SMALL, SMALL_AHEAD], ids=["ids_in_step", "ids_ahead"])
 @pytest.mark.parametrize("num_heads,with_sink,with_len,num_splits", [
     (1, False, False, 1), (3, True, True, 1), (16, True, False, 3), (3, False, True, None)])
-def test_sparse_attention_decode_small(num_heads, with_sink, with_len, num_splits):
+def test_sparse_attention_decode_small(num_heads, with_sink, with_len, num_splits, config):
     dtype = torch.float16
     args = make_paged_inputs(20 + num_heads, 3, 2, num_heads, 80, 27, 4, 5, dtype, with_sink, with_len)
     q, kv_cache, block_table, seq_lens, idx, sink, length = args
@@ -325,7 +326,7 @@ def test_sparse_attention_decode_small(num_heads, with_sink, with_len, num_split
     out, lse = fwd._sparse_mqa_forward(
         q.reshape(batch * seq_q, num_heads, -1), kv_cache.reshape(-1, q.shape[-1]),
         idx.reshape(batch * seq_q, -1), 0.25, 64, sink, None if length is None else length.reshape(-1),
-        paged=(block_table, seq_lens, seq_q, page_size), config=SMALL, num_splits=num_splits)
+        paged=(block_table, seq_lens, seq_q, page_size), config=config, num_splits=num_splits)
     check_attention(out, lse, ref_out.reshape(out.shape), ref_lse.reshape(lse.shape), dtype)
 
 

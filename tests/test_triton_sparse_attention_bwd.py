@@ -506,7 +506,7 @@ def test_dkv_settings_compile_for_sm90():
 
 def test_score_kernel_default_compiles_for_sm90():
     """The score kernel compiled for sm_90 at H = 64 and 128 with this Triton. Its default (the stacked product on
-    64-slot tiles under Triton <= 3.6, where it was timed; the two products otherwise): no spills, shared memory
+    64-slot tiles under Triton 3.6, where it was timed; the two products otherwise): no spills, shared memory
     inside an H100 block. The stacked product on 64-slot tiles, forced, fits too (Triton 3.9 spills some of it,
     which is why it is not the default there; see tools/sparse_bwd_compile_check.score_rows)."""
     from tools.sparse_fwd_compile_check import SM90_MAX_SHARED
@@ -535,7 +535,7 @@ def test_dq_kernel_compiles_for_sm90():
 
 
 def test_stacked_default_follows_the_measured_triton(monkeypatch):
-    # The stacked score product is the default only where it was timed (Triton <= 3.6).
+    # The stacked score product is the default only where it was timed (Triton 3.6).
     import csrc_dsl.triton.sparse_attention_bwd as bwd
 
     for version, expected in [("3.6.0", (3, 6)), ("3.6.0+git1a2b", (3, 6)), ("3.10.1", (3, 10)),

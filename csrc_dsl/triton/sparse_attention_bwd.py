@@ -72,7 +72,7 @@ import triton.language as tl
 #            H = 64; H100, Triton 3.6, BENCHMARKS.md session 21). STACKED_IDS_AHEAD=1: each tile's
 #            ids loaded a step ahead (at one stage nothing else hides their L2 round trip before the
 #            gather): 4.08 ms instead of 4.43 at H = 64, 8.31 instead of 8.56 at H = 128. The
-#            default only under Triton <= 3.6, where it was measured (220 registers, no spill):
+#            default only under Triton 3.6, where it was measured (220 registers, no spill):
 #            Triton 3.9 spills 264 bytes of it, and it has not been timed there.
 # DKV_*:     kernel 2 (dkv): latent columns per program, slots per tile, warps, stages. 32-slot
 #            tiles, not 64: at H = 128 Triton 3.6 then fits two CTAs per SM instead of one (114 KB
@@ -96,7 +96,7 @@ def _triton_minor_version() -> tuple[int, int]:
     return (int(found[1]), int(found[2])) if found else (99, 99)
 
 
-_STACKED_MEASURED = _triton_minor_version() <= (3, 6)
+_STACKED_MEASURED = _triton_minor_version() == (3, 6)
 _H100 = dict(
     BLOCK_H=64,
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,

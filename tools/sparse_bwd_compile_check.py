@@ -37,7 +37,7 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     block_d = min(config["DKV_BLOCK_D"], max(16, bwd._next_pow2(d_v)))
     constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
                       DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
-                      BLOCK_N=config["DKV_BLOCK_N"], WITH_DQ=bool(config["DQ_IN_DKV"]))
+                      BLOCK_N=config["DKV_BLOCK_N"], WITH_DQ=bwd.dq_in_dkv(config, num_heads))
     return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"])
 
 
@@ -60,16 +60,21 @@ def compile_dq_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int =
     return _compile(bwd._dq_kernel, constexprs, config["DQ_WARPS"], config["DQ_STAGES"])
 
 
-def dq_rows(settings=("DQ_SPLIT=0", "DQ_SPLIT=1")) -> list:
-    """[setting, H, regs, stack, shared] of the dq kernel (Triton 3.6, H = 128: all columns of 64 heads, 255
-    registers and 163840 B; half of the columns of 128 heads, 220 registers and 106496 B; no spills)."""
+def _resource_rows(compile_one, settings) -> list:
+    """[setting, H, regs, stack, shared] of compile_one(config, num_heads) for each setting at H = 64 and 128."""
     rows = []
     for overrides in settings:
         for num_heads in (64, 128):
-            kernel = compile_dq_for_sm90(bwd.pick_config(num_heads, overrides), num_heads)
+            kernel = compile_one(bwd.pick_config(num_heads, overrides), num_heads)
             r = cubin_resources(kernel)
             rows.append([overrides or "default", num_heads, r["reg"], r["stack"], kernel.metadata.shared])
     return rows
+
+
+def dq_rows(settings=("DQ_SPLIT=0", "DQ_SPLIT=1")) -> list:
+    """[setting, H, regs, stack, shared] of the dq kernel (Triton 3.6, H = 128: all columns of 64 heads, 255
+    registers and 163840 B; half of the columns of 128 heads, 220 registers and 106496 B; no spills)."""
+    return _resource_rows(compile_dq_for_sm90, settings)
 
 
 SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before session 19
@@ -96,13 +101,7 @@ def score_rows(settings=("SCORE_STACKED=0", "SCORE_STACKED=1", "SCORE_STACKED=1,
     step ahead (Triton 3.6: 220 registers, no spill, 212992 B; Triton 3.9: 255 registers, a 264-byte spill,
     212992 B), and the stacked product on 32-slot tiles at two stages, also with the ids ahead (Triton 3.6: 202
     registers, 229376 B; Triton 3.9: a 360-byte spill and 237568 B, more than an H100 block may have)."""
-    rows = []
-    for overrides in settings:
-        for num_heads in (64, 128):
-            kernel = compile_scores_for_sm90(bwd.pick_config(num_heads, overrides))
-            r = cubin_resources(kernel)
-            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], kernel.metadata.shared])
-    return rows
+    return _resource_rows(lambda config, num_heads: compile_scores_for_sm90(config), settings)
 
 
 def main():

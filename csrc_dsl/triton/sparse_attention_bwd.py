@@ -179,6 +179,12 @@ def dq_launch(config: dict, num_heads: int, element_size: int, dv_block: int, d_
     return config["BLOCK_H"], 1
 
 
+def dq_in_dkv(config: dict, num_heads: int) -> bool:
+    """Whether the dkv kernel forms dq (DQ_IN_DKV): only for up to 128 heads, whose [heads, columns]
+    fp32 block fits in its registers next to the dkv tile."""
+    return bool(config["DQ_IN_DKV"]) and num_heads <= 128
+
+
 # --------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------
@@ -362,8 +368,8 @@ def _dkv_kernel(
     col_mask = cols < COL_END
     static_cols: tl.constexpr = (COL_END - COL_START) % BLOCK_D == 0
 
-    q_block = _load_2d(q_ptr, (t * num_heads + heads) * D, head_mask, col0, COL_END, BLOCK_D,
-                       static_cols)
+    q_rows = (t * num_heads + heads) * D
+    q_block = _load_2d(q_ptr, q_rows, head_mask, col0, COL_END, BLOCK_D, static_cols)
     if WITH_P_TERM:
         dout_block = _load_2d(dout_ptr, (t * num_heads + heads) * D_V, head_mask, col0, COL_END,
                               BLOCK_D, static_cols)
@@ -398,7 +404,6 @@ def _dkv_kernel(
             rows = ids.to(tl.int64) * D
             tl.atomic_add(dkv_ptr + rows[None, :] + cols[:, None], dkv_t, mask=mask, sem="relaxed")
     if WITH_DQ:
-        q_rows = (t * num_heads + heads) * D
         tl.store(dq_ptr + q_rows[:, None] + cols[None, :], dq_acc.to(dq_ptr.dtype.element_ty),
                  mask=head_mask[:, None] & col_mask[None, :])
 
@@ -574,8 +579,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
     heads_block = max(16, _next_pow2(num_heads))
     dq_block_h, dq_col_parts = dq_launch(config, num_heads, q.element_size(), dv_block, d_rope,
                                          rope_dim > 0)
-    # dq inside the dkv kernel: its [heads, columns] fp32 block must fit in registers
-    dq_in_dkv = bool(config["DQ_IN_DKV"]) and heads_block <= 128
+    dq_with_dkv = dq_in_dkv(config, num_heads)
     # fp32 inputs: exact fp32 products (no tf32), and an fp32 workspace.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     ws_dtype = q.dtype
@@ -628,10 +632,10 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
                 D=head_dim, D_V=d_v, COL_START=col_start, COL_END=col_end, WITH_P_TERM=with_p,
                 DETERMINISTIC=bool(deterministic), HEADS_BLOCK=heads_block, BLOCK_D=block_d,
                 BLOCK_N=config["DKV_DET_BLOCK_N" if deterministic else "DKV_BLOCK_N"],
-                WITH_DQ=dq_in_dkv,
+                WITH_DQ=dq_with_dkv,
                 num_warps=config["DKV_WARPS"], num_stages=config["DKV_STAGES"], **common)
 
-        if not dq_in_dkv:
+        if not dq_with_dkv:
             _dq_kernel[(rows, triton.cdiv(num_heads, dq_block_h), dq_col_parts)](
                 kv, ds_ws, indices, length_arg, dq,
                 t_begin, num_heads, num_kv_rows, topk, ws_stride,

@@ -223,15 +223,12 @@ def test_deterministic_is_bitwise_repeatable():
 # - DQ_SPLIT: dq programs of a wider head block and half of the columns each (value and rope);
 #   scaled down to 16-head blocks elsewhere and 32-head dq blocks, so that H = 40 has two dq head
 #   blocks, the second partly masked; d_v = 80 leaves the second value half partly masked.
-# - DQ_IN_DKV: dq formed by the dkv programs, here on 32-column blocks (d_v = 80: the last one
-#   partly masked; the rope part its own launch).
 BLOCK_SETTINGS = {
     "two_products": "default,SCORE_STACKED=0",
     "stacked": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=0",
     "stacked_ids_ahead": "default,SCORE_STACKED=1,STACKED_IDS_AHEAD=1",
     "dq_all_columns": "default,BLOCK_H=16,DQ_SPLIT=0,DQ_BLOCK_N=32",
     "dq_column_halves": "default,BLOCK_H=16,DQ_SPLIT=1,DQ_SPLIT_BLOCK_H=32,DQ_BLOCK_N=32",
-    "dq_in_dkv": "default,DQ_IN_DKV=1,DKV_BLOCK_D=32",
 }
 
 

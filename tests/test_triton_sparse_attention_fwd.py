@@ -23,9 +23,6 @@ HALF_DTYPES = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA (realistic shapes)")
 # small tiles in the interpreter so tiny K still spans several tiles; the real defaults on the GPU
 SMALL = fwd.FwdConfig(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1) if not HAS_CUDA else None
-# The same with each tile's kv row ids loaded a step ahead (FwdConfig.ids_ahead)
-SMALL_AHEAD = (fwd.FwdConfig(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1, ids_ahead=1) if not HAS_CUDA
-               else fwd.FwdConfig(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2, ids_ahead=1))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -150,32 +147,29 @@ def make_attention_inputs(seed, num_q, num_heads, dim, num_rows, topk, dtype, wi
 # ------------------------------------------------------------------------------------------------------
 # sparse_attention: small shapes (interpreter on CPU, compiled on GPU)
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [SMALL, SMALL_AHEAD], ids=["ids_in_step", "ids_ahead"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("num_heads", [1, 3, 16])
 @pytest.mark.parametrize("with_sink,with_len", [(False, False), (True, False), (False, True), (True, True)])
-def test_sparse_attention_small(dtype, num_heads, with_sink, with_len, config):
+def test_sparse_attention_small(dtype, num_heads, with_sink, with_len):
     dim, d_v, num_rows, topk = 80, 64, 37, 45  # D = 64 + 16 (the same split as 512 + 64)
     q, kv, idx, sink, length = make_attention_inputs(
         1000 + num_heads, 4, num_heads, dim, num_rows, topk, dtype, with_sink, with_len)
     scale = dim ** -0.5
     ref_out, ref_lse = oracle_sparse_attention(q, kv, idx, scale, d_v, sink, length)
-    out, lse = fwd._sparse_mqa_forward(q, kv, idx, scale, d_v, sink, length, config=config, num_splits=1)
+    out, lse = fwd._sparse_mqa_forward(q, kv, idx, scale, d_v, sink, length, config=SMALL, num_splits=1)
     check_attention(out, lse, ref_out, ref_lse, dtype)
 
 
-@pytest.mark.parametrize("config", [SMALL, SMALL_AHEAD], ids=["ids_in_step", "ids_ahead"])
 @pytest.mark.parametrize("num_splits", [2, 3])
 @pytest.mark.parametrize("with_sink", [False, True])
-def test_sparse_attention_split_k(num_splits, with_sink, config):
-    """The split-K path (partials + combine) against the oracle, incl. splits left empty by topk_length (with
-    the ids a step ahead: the last step's lookahead lies past the split's end and is masked)."""
+def test_sparse_attention_split_k(num_splits, with_sink):
+    """The split-K path (partials + combine) against the oracle, incl. splits left empty by topk_length."""
     dtype, num_heads, dim, d_v = torch.float16, 3, 80, 64
     q, kv, idx, sink, length = make_attention_inputs(7 + num_splits, 3, num_heads, dim, 50, 61, dtype,
                                                      with_sink, True)
     scale = 0.3
     ref_out, ref_lse = oracle_sparse_attention(q, kv, idx, scale, d_v, sink, length)
-    out, lse = fwd._sparse_mqa_forward(q, kv, idx, scale, d_v, sink, length, config=config,
+    out, lse = fwd._sparse_mqa_forward(q, kv, idx, scale, d_v, sink, length, config=SMALL,
                                        num_splits=num_splits)
     check_attention(out, lse, ref_out, ref_lse, dtype)
 
@@ -313,10 +307,9 @@ def oracle_decode(q, kv_cache, block_table, seq_lens, idx, scale, d_v, sink, len
     return out.view(batch, seq_q, num_heads, d_v), lse.view(batch, seq_q, num_heads)
 
 
-@pytest.mark.parametrize("config", [SMALL, SMALL_AHEAD], ids=["ids_in_step", "ids_ahead"])
 @pytest.mark.parametrize("num_heads,with_sink,with_len,num_splits", [
     (1, False, False, 1), (3, True, True, 1), (16, True, False, 3), (3, False, True, None)])
-def test_sparse_attention_decode_small(num_heads, with_sink, with_len, num_splits, config):
+def test_sparse_attention_decode_small(num_heads, with_sink, with_len, num_splits):
     dtype = torch.float16
     args = make_paged_inputs(20 + num_heads, 3, 2, num_heads, 80, 27, 4, 5, dtype, with_sink, with_len)
     q, kv_cache, block_table, seq_lens, idx, sink, length = args
@@ -326,7 +319,7 @@ def test_sparse_attention_decode_small(num_heads, with_sink, with_len, num_split
     out, lse = fwd._sparse_mqa_forward(
         q.reshape(batch * seq_q, num_heads, -1), kv_cache.reshape(-1, q.shape[-1]),
         idx.reshape(batch * seq_q, -1), 0.25, 64, sink, None if length is None else length.reshape(-1),
-        paged=(block_table, seq_lens, seq_q, page_size), config=config, num_splits=num_splits)
+        paged=(block_table, seq_lens, seq_q, page_size), config=SMALL, num_splits=num_splits)
     check_attention(out, lse, ref_out.reshape(out.shape), ref_lse.reshape(lse.shape), dtype)
 
 

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s21c | s21b | s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s22a | s21c | s21b | s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -96,7 +96,18 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
   ;;
-s21c)  # session 21 (not run: no device time left), at most 500 s, no staging: the Triton forward with each
+s22a)  # session 22, at most 420 s, no staging: the dq kernel on a second stream (DQ_STREAM: its gather, bound by
+       # L2 reads, may run beside the dkv kernel, bound by its fp32 reductions; 1: launched before the dkv kernel,
+       # 2: after it), against the default in the same run; then the backward's GPU tests (the CUDA-graph test
+       # among them: capture forks onto the second stream) with DQ_STREAM=1 forced. Ran in session 22; not kept:
+       # the knob is in docs/experiments/triton-bwd-dq-stream.patch (apply it to re-run this phase)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 150 triton_bwd_dq_stream.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast --configs "default;default,DQ_STREAM=1;default,DQ_STREAM=2"
+  capped 120 triton_bwd_tests_dq_stream.log env DSA_SPARSE_ATTN_BWD_CONFIG="default,DQ_STREAM=1" \
+    python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  ;;
+s21c)  # session 21, run in session 22 (DQ_IN_DKV and the forward's ids ahead are now docs/experiments patches), at most 500 s, no staging: the Triton forward with each
        # tile's ids loaded a step ahead at its
        # default 64-key tiles (2 stages: the gather can then be issued a whole tile ahead, Triton 3.6: 144 B of spill
        # instead of 88, same shared memory; 1 stage: as in the backward's score kernel), against the default in the

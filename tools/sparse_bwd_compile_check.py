@@ -37,7 +37,7 @@ def compile_dkv_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int 
     block_d = min(config["DKV_BLOCK_D"], max(16, bwd._next_pow2(d_v)))
     constexprs = dict(D=dim, D_V=d_v, COL_START=0, COL_END=d_v, WITH_P_TERM=True, HAS_TOPK_LENGTH=False,
                       DETERMINISTIC=False, DOT_PRECISION="tf32", HEADS_BLOCK=heads_block, BLOCK_D=block_d,
-                      BLOCK_N=config["DKV_BLOCK_N"], WITH_DQ=bwd.dq_in_dkv(config, num_heads))
+                      BLOCK_N=config["DKV_BLOCK_N"])
     return _compile(bwd._dkv_kernel, constexprs, config["DKV_WARPS"], config["DKV_STAGES"])
 
 

@@ -38,8 +38,7 @@ def compile_fwd_for_sm90(config: fwd.FwdConfig, dim: int = 576, d_v: int = 512, 
     _, block_dv, tail, block_tail = fwd._dim_split(dim, d_v)
     constexprs = dict(DIM=dim, D_V=d_v, BLOCK_DV=block_dv, D_TAIL=tail, BLOCK_TAIL=block_tail,
                       BLOCK_H=config.BLOCK_H, BLOCK_N=config.BLOCK_N, HAS_SINK=True, HAS_TOPK_LENGTH=False,
-                      PAGED=paged, SPLIT=split, DOT_PRECISION="tf32", INT64_ROWS=False,
-                      IDS_AHEAD=bool(config.ids_ahead))
+                      PAGED=paged, SPLIT=split, DOT_PRECISION="tf32", INT64_ROWS=False)
     pointers = dict(POINTERS, out_ptr="*fp32") if split else POINTERS   # split-K partials are fp32
     return compile_launch_for_sm90(fn, constexprs, pointers, ("qk_scale_log2",), ALIGNED_INTS, config.num_warps,
                                    config.num_stages)

@@ -87,8 +87,11 @@ import triton.language as tl
 #            is gathered once per query instead of once per head block: at H = 128 the kernel took
 #            3.69 ms instead of 3.93 (H100, BENCHMARKS.md session 21; 3.62 on 16 warps, not tested
 #            on the GPU); less than the halved gather traffic suggested, so the gather's L2 reads
-#            are not all that bounds it. DQ_IN_DKV=1: no dq kernel; each dkv program also forms dq
-#            for its columns (see _dkv_kernel), for up to 128 heads. Off until timed.
+#            are not all that bounds it. Tried and not kept (BENCHMARKS.md session 22): dq formed by
+#            the dkv programs, no dq kernel (10.2 ms at H = 64 against 7.3 + 2.0 for dkv and dq;
+#            docs/experiments/triton-bwd-dq-in-dkv.patch), and the dq kernel on a second stream
+#            beside the dkv kernel (within 1%: each fills the GPU, so they hardly overlap;
+#            docs/experiments/triton-bwd-dq-stream.patch).
 # REDUCE_*:  deterministic reduction: latent columns per program, slots summed per step.
 def _triton_minor_version() -> tuple[int, int]:
     """(major, minor) of this Triton; (99, 99), newer than any, when its version string is unusual."""
@@ -102,7 +105,7 @@ _H100 = dict(
     SCORE_BLOCK_N=32, SCORE_WARPS=4, SCORE_STAGES=2,
     SCORE_STACKED=int(_STACKED_MEASURED), STACKED_BLOCK_N=64, STACKED_STAGES=1, STACKED_IDS_AHEAD=1,
     DKV_BLOCK_D=128, DKV_BLOCK_N=32, DKV_DET_BLOCK_N=64, DKV_WARPS=8, DKV_STAGES=2,
-    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, DQ_SPLIT=1, DQ_SPLIT_BLOCK_H=128, DQ_IN_DKV=0,
+    DQ_BLOCK_N=64, DQ_WARPS=8, DQ_STAGES=2, DQ_SPLIT=1, DQ_SPLIT_BLOCK_H=128,
     REDUCE_BLOCK_D=64, REDUCE_BLOCK_E=16,
 )
 CONFIGS = {
@@ -177,12 +180,6 @@ def dq_launch(config: dict, num_heads: int, element_size: int, dv_block: int, d_
             and (not has_rope or d_rope >= 32)):
         return min(config["DQ_SPLIT_BLOCK_H"], max(16, _next_pow2(num_heads))), 2
     return config["BLOCK_H"], 1
-
-
-def dq_in_dkv(config: dict, num_heads: int) -> bool:
-    """Whether the dkv kernel forms dq (DQ_IN_DKV): only for up to 128 heads, whose [heads, columns]
-    fp32 block fits in its registers next to the dkv tile."""
-    return bool(config["DQ_IN_DKV"]) and num_heads <= 128
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,19 +343,17 @@ def _scores_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _dkv_kernel(
-    q_ptr, dout_ptr, p_ptr, ds_ptr, indices_ptr, topk_length_ptr, dkv_ptr, kv_ptr, dq_ptr,
+    q_ptr, dout_ptr, p_ptr, ds_ptr, indices_ptr, topk_length_ptr, dkv_ptr,
     t_start, num_heads, num_kv_rows, topk, ws_stride,
     D: tl.constexpr, D_V: tl.constexpr, COL_START: tl.constexpr, COL_END: tl.constexpr,
     WITH_P_TERM: tl.constexpr, HAS_TOPK_LENGTH: tl.constexpr, DETERMINISTIC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, HEADS_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Columns [col0, col0 + BLOCK_D) of dkv (col0 = COL_START + program_id(0) * BLOCK_D, all
     < COL_END) for the slots of query t_start + program_id(1). WITH_P_TERM: add dout^T P (value
     columns). DETERMINISTIC: store rows to the partial buffer dkv_ptr [chunk * K, D] instead of
-    adding into the accumulator dkv_ptr [S, D]. WITH_DQ: also dq[t, :, those columns] = dS @
-    kv[idx, those columns] (DQ_IN_DKV: the dS tiles are loaded here anyway, and the gather's L2
-    reads may overlap the dkv reductions)."""
+    adding into the accumulator dkv_ptr [S, D]."""
     col0 = COL_START + tl.program_id(0) * BLOCK_D
     t_local = tl.program_id(1).to(tl.int64)
     t = t_start + t_local
@@ -368,14 +363,11 @@ def _dkv_kernel(
     col_mask = cols < COL_END
     static_cols: tl.constexpr = (COL_END - COL_START) % BLOCK_D == 0
 
-    q_rows = (t * num_heads + heads) * D
-    q_block = _load_2d(q_ptr, q_rows, head_mask, col0, COL_END, BLOCK_D, static_cols)
+    q_block = _load_2d(q_ptr, (t * num_heads + heads) * D, head_mask, col0, COL_END, BLOCK_D, static_cols)
     if WITH_P_TERM:
         dout_block = _load_2d(dout_ptr, (t * num_heads + heads) * D_V, head_mask, col0, COL_END,
                               BLOCK_D, static_cols)
 
-    if WITH_DQ:
-        dq_acc = tl.zeros([HEADS_BLOCK, BLOCK_D], dtype=tl.float32)
     num_slots = _num_slots(topk_length_ptr, t, topk, HAS_TOPK_LENGTH)
     ws_rows = (t_local * num_heads + heads) * ws_stride
     for start in range(0, num_slots, BLOCK_N):
@@ -384,10 +376,6 @@ def _dkv_kernel(
         # Slots past num_slots read the zeros that _scores_kernel wrote there.
         ws_offsets = ws_rows[:, None] + slots[None, :]
         ds = tl.load(ds_ptr + ws_offsets, mask=head_mask[:, None], other=0.0)
-        if WITH_DQ:
-            kv_cols = _load_2d(kv_ptr, ids.to(tl.int64) * D, slot_valid, col0, COL_END, BLOCK_D,
-                               static_cols)
-            dq_acc = tl.dot(ds, kv_cols, dq_acc, input_precision=DOT_PRECISION)
         # [BLOCK_D, BLOCK_N]: transposed so that M is a column block (>= 64 for Hopper's wgmma).
         dkv_t = tl.dot(tl.trans(q_block), ds, input_precision=DOT_PRECISION)
         if WITH_P_TERM:
@@ -403,9 +391,6 @@ def _dkv_kernel(
         else:
             rows = ids.to(tl.int64) * D
             tl.atomic_add(dkv_ptr + rows[None, :] + cols[:, None], dkv_t, mask=mask, sem="relaxed")
-    if WITH_DQ:
-        tl.store(dq_ptr + q_rows[:, None] + cols[None, :], dq_acc.to(dq_ptr.dtype.element_ty),
-                 mask=head_mask[:, None] & col_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,7 +564,6 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
     heads_block = max(16, _next_pow2(num_heads))
     dq_block_h, dq_col_parts = dq_launch(config, num_heads, q.element_size(), dv_block, d_rope,
                                          rope_dim > 0)
-    dq_with_dkv = dq_in_dkv(config, num_heads)
     # fp32 inputs: exact fp32 products (no tf32), and an fp32 workspace.
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     ws_dtype = q.dtype
@@ -627,21 +611,19 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
         for col_start, col_end, with_p in parts:
             block_d = min(config["DKV_BLOCK_D"], max(16, _next_pow2(col_end - col_start)))
             _dkv_kernel[(triton.cdiv(col_end - col_start, block_d), rows)](
-                q, dout, p_ws, ds_ws, indices, length_arg, dkv_target, kv, dq,
+                q, dout, p_ws, ds_ws, indices, length_arg, dkv_target,
                 t_begin, num_heads, num_kv_rows, topk, ws_stride,
                 D=head_dim, D_V=d_v, COL_START=col_start, COL_END=col_end, WITH_P_TERM=with_p,
                 DETERMINISTIC=bool(deterministic), HEADS_BLOCK=heads_block, BLOCK_D=block_d,
                 BLOCK_N=config["DKV_DET_BLOCK_N" if deterministic else "DKV_BLOCK_N"],
-                WITH_DQ=dq_with_dkv,
                 num_warps=config["DKV_WARPS"], num_stages=config["DKV_STAGES"], **common)
 
-        if not dq_with_dkv:
-            _dq_kernel[(rows, triton.cdiv(num_heads, dq_block_h), dq_col_parts)](
-                kv, ds_ws, indices, length_arg, dq,
-                t_begin, num_heads, num_kv_rows, topk, ws_stride,
-                D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
-                BLOCK_H=dq_block_h, BLOCK_N=config["DQ_BLOCK_N"], COL_PARTS=dq_col_parts,
-                num_warps=config["DQ_WARPS"], num_stages=config["DQ_STAGES"], **common)
+        _dq_kernel[(rows, triton.cdiv(num_heads, dq_block_h), dq_col_parts)](
+            kv, ds_ws, indices, length_arg, dq,
+            t_begin, num_heads, num_kv_rows, topk, ws_stride,
+            D=head_dim, D_V=d_v, DV_BLOCK=dv_block, D_ROPE=d_rope, HAS_ROPE=rope_dim > 0,
+            BLOCK_H=dq_block_h, BLOCK_N=config["DQ_BLOCK_N"], COL_PARTS=dq_col_parts,
+            num_warps=config["DQ_WARPS"], num_stages=config["DQ_STAGES"], **common)
 
         if deterministic:
             bounds = _chunk_bounds(composite, num_tokens, topk, num_kv_rows, t_begin,

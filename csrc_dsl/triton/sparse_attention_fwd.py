@@ -59,7 +59,6 @@ class FwdConfig:
     BLOCK_N: int = 64     # gathered KV rows per loop step
     num_warps: int = 8
     num_stages: int = 2
-    ids_ahead: int = 0    # 1: each tile's kv row ids loaded a step ahead (see the kernel's loop)
 
 
 CONFIGS = {
@@ -74,10 +73,6 @@ CONFIGS = {
     "h16_n32_w4_s2": FwdConfig(16, 32, 4, 2),
     "h16_n32_w4_s3": FwdConfig(16, 32, 4, 3),
     "h16_n64_w4_s2": FwdConfig(16, 64, 4, 2),
-    # each tile's kv row ids loaded a step ahead at the default tiles: not yet timed (tools/device_session.sh
-    # s21c); smaller tiles at deeper pipelines were slower (session 20)
-    "h64_n64_w8_s2_ahead": FwdConfig(64, 64, 8, 2, 1),
-    "h64_n64_w8_s1_ahead": FwdConfig(64, 64, 8, 1, 1),
 }
 
 
@@ -208,7 +203,6 @@ def _sparse_mqa_fwd_kernel(
     SPLIT: tl.constexpr,         # True: write partial (out, lse2) per split for the combine kernel
     DOT_PRECISION: tl.constexpr,
     INT64_ROWS: tl.constexpr,    # row offsets in int64 only when rows * D may pass 2^31 (saves registers)
-    IDS_AHEAD: tl.constexpr,
 ):
     # One flat grid axis (axis 1/2 are limited to 65535): head block fastest, so the programs that gather
     # the same rows for the other heads of this query run side by side and hit L2.
@@ -247,21 +241,15 @@ def _sparse_mqa_fwd_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)                 # running sum of 2^(s - m_i)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
 
-    if IDS_AHEAD:
-        next_ids = tl.load(idx_ptr + t64 * topk + lo + tl.arange(0, BLOCK_N), mask=lo + tl.arange(0, BLOCK_N) < hi,
-                           other=-1)
     for start in range(lo, hi, BLOCK_N):
         slots = start + tl.arange(0, BLOCK_N)
         slot_ok = slots < hi
-        if IDS_AHEAD:
-            ids = next_ids
-            next_ids = tl.load(idx_ptr + t64 * topk + slots + BLOCK_N, mask=slots + BLOCK_N < hi, other=-1)
-        else:
-            # The gather below depends on these ids, so Triton's pipeliner issues it only at the end of the
-            # previous step (no tile of lead at 2 stages). With the ids loaded a step ahead it runs deeper, but
-            # only smaller tiles then fit: measured slower (H100, session 20, docs/experiments/
-            # triton-ids-ahead.patch).
-            ids = tl.load(idx_ptr + t64 * topk + slots, mask=slot_ok, other=-1)
+        # The gather below depends on these ids, so Triton's pipeliner issues it only at the end of the
+        # previous step (no tile of lead at 2 stages). With the ids loaded a step ahead it runs deeper, but only
+        # smaller tiles then fit: measured slower (H100, session 20, docs/experiments/triton-ids-ahead.patch);
+        # at these tiles, 4% slower at H = 128 and within 1% at H = 64 (session 22,
+        # docs/experiments/triton-fwd-ids-ahead-n64.patch).
+        ids = tl.load(idx_ptr + t64 * topk + slots, mask=slot_ok, other=-1)
         valid, rows = _gather_rows(ids, slot_ok, num_kv_rows, seq_id, seq_lens_ptr, block_table_ptr,
                                    max_pages, page_size, PAGED, INT64_ROWS)
         kv_rows = kv_ptr + rows[:, None] * DIM
@@ -415,7 +403,7 @@ def _sparse_mqa_forward(q3, kv2, idx2, scale, d_v, attn_sink, topk_length, paged
         BLOCK_H=block_h, BLOCK_N=config.BLOCK_N,
         HAS_SINK=attn_sink is not None, HAS_TOPK_LENGTH=topk_length is not None,
         PAGED=paged is not None, SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q3.dtype),
-        INT64_ROWS=kv2.shape[0] * dim >= 2 ** 31, IDS_AHEAD=bool(config.ids_ahead),
+        INT64_ROWS=kv2.shape[0] * dim >= 2 ** 31,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

@@ -30,7 +30,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: s22a | s21c | s21b | s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: s22b | s22a | s21c | s21b | s21a | s20b | s20a | s19q | s19h | s19v | s19b | s19c | s18 | s17fwd | bwdpair | persist6 | persist3 | persist | persist2 | qhint | flashmla | seesaw5 | seesaw4 | seesaw2 | seesaw | topk5 | topk4 | topk3 | rprof | opening | topk2 | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -95,6 +95,23 @@ persist3)  # session 15: the persistent grid with items claimed from a counter (
     --schedules seesaw --reps 20 --flashmla $lib
   capped 200 fwd_vs_flashmla_random.log python -m benchmarks.bench_cute_fwd_schedules --ids random --variants \
     --no-triton --schedules seesaw --cases all --reps 30 --flashmla $lib
+  ;;
+s22b)  # session 22, at most 480 s, no staging: after DQ_IN_DKV and the forward's ids ahead left the kernels (their
+       # signatures changed), the Triton forward's and backward's GPU tests; the backward's defaults timed in both
+       # modes; then an ncu profile of the dkv kernel at H = 64 (how close its fp32 reductions run to L2's rate)
+  nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+  capped 130 triton_bwd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_bwd.py
+  capped 110 triton_fwd_tests.log python -m pytest -q -p no:cacheprovider -rfE tests/test_triton_sparse_attention_fwd.py
+  capped 100 triton_bwd_default.log python -m benchmarks.bench_sparse_attention_bwd --heads 64,128 --no-baseline \
+    --profile --modes fast,deterministic --configs default
+  capped 150 ncu_dkv.log ncu --clock-control none -k regex:_dkv_kernel --launch-skip 2 --launch-count 1 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section WarpStateStats --section Occupancy --section LaunchStats -f -o "$OUT/dkv_h64" \
+    python -m benchmarks.bench_sparse_attention_bwd --heads 64 --no-baseline --modes fast --configs default
+  ncu -i "$OUT/dkv_h64.ncu-rep" --page details > "$OUT/ncu_dkv_h64_details.txt" 2>&1
+  ncu -i "$OUT/dkv_h64.ncu-rep" --page raw --csv 2>/dev/null | gzip > "$OUT/ncu_dkv_h64_raw.csv.gz"
+  rm -f "$OUT/dkv_h64.ncu-rep"
+  grep -E "Duration|Throughput|Registers|Occupancy|L2|lts|Stall|Issued|Eligible" "$OUT/ncu_dkv_h64_details.txt" | head -60
   ;;
 s22a)  # session 22, at most 420 s, no staging: the dq kernel on a second stream (DQ_STREAM: its gather, bound by
        # L2 reads, may run beside the dkv kernel, bound by its fp32 reductions; 1: launched before the dkv kernel,

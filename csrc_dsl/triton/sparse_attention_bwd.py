@@ -363,7 +363,8 @@ def _dkv_kernel(
     col_mask = cols < COL_END
     static_cols: tl.constexpr = (COL_END - COL_START) % BLOCK_D == 0
 
-    q_block = _load_2d(q_ptr, (t * num_heads + heads) * D, head_mask, col0, COL_END, BLOCK_D, static_cols)
+    q_block = _load_2d(q_ptr, (t * num_heads + heads) * D, head_mask, col0, COL_END, BLOCK_D,
+                       static_cols)
     if WITH_P_TERM:
         dout_block = _load_2d(dout_ptr, (t * num_heads + heads) * D_V, head_mask, col0, COL_END,
                               BLOCK_D, static_cols)

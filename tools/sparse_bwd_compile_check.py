@@ -60,14 +60,20 @@ def compile_dq_for_sm90(config: dict, num_heads: int, dim: int = 576, d_v: int =
     return _compile(bwd._dq_kernel, constexprs, config["DQ_WARPS"], config["DQ_STAGES"])
 
 
-def _resource_rows(compile_one, settings) -> list:
-    """[setting, H, regs, stack, shared] of compile_one(config, num_heads) for each setting at H = 64 and 128."""
+def _resource_rows(compile_one, settings, ctas_per_sm: bool = False) -> list:
+    """[setting, H, regs, stack, shared] of compile_one(config, num_heads) for each setting at H = 64 and 128;
+    `ctas_per_sm`: and the CTAs that registers and shared memory let one SM hold."""
     rows = []
     for overrides in settings:
         for num_heads in (64, 128):
             kernel = compile_one(bwd.pick_config(num_heads, overrides), num_heads)
             r = cubin_resources(kernel)
-            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], kernel.metadata.shared])
+            shared = kernel.metadata.shared
+            row = [overrides or "default", num_heads, r["reg"], r["stack"], shared]
+            if ctas_per_sm:
+                row.append(min(REGISTERS_PER_SM // (r["reg"] * 32 * kernel.metadata.num_warps),
+                               SM90_MAX_SHARED // max(shared, 1)))
+            rows.append(row)
     return rows
 
 
@@ -82,16 +88,7 @@ SETTINGS = ("", "DKV_BLOCK_N=64")   # the default, and its 64-slot tiles before 
 
 def dkv_rows() -> list:
     """[setting, H, regs, stack, shared, CTAs per SM] of the dkv kernel for every SETTINGS entry."""
-    rows = []
-    for overrides in SETTINGS:
-        for num_heads in (64, 128):
-            config = bwd.pick_config(num_heads, overrides)
-            kernel = compile_dkv_for_sm90(config, num_heads)
-            r = cubin_resources(kernel)
-            shared = kernel.metadata.shared
-            ctas = min(REGISTERS_PER_SM // (r["reg"] * 32 * config["DKV_WARPS"]), SM90_MAX_SHARED // max(shared, 1))
-            rows.append([overrides or "default", num_heads, r["reg"], r["stack"], shared, ctas])
-    return rows
+    return _resource_rows(compile_dkv_for_sm90, SETTINGS, ctas_per_sm=True)
 
 
 def score_rows(settings=("SCORE_STACKED=0", "SCORE_STACKED=1", "SCORE_STACKED=1,STACKED_BLOCK_N=32,STACKED_STAGES=2")

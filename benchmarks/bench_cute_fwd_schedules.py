@@ -1,10 +1,11 @@
-"""The CuTe-DSL SM90 sparse attention forward, one row per tile-loop schedule, side by side (GPU, SM90).
+"""The CuTe-DSL SM90 sparse attention forward, one row per named variant, side by side (GPU, SM90).
 
     python -m benchmarks.bench_cute_fwd_schedules [--cases headline|all|k_sweep] [--reps 30] [--ids random|sorted]
-        [--schedules seesaw,split_keys] [--variants] [--no-triton] [--flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so]
+        [--variants [all | NAME,NAME]] [--no-triton] [--flashmla .device/flashmla/libflashmla_sm90_sparse_fwd.so]
 
-Every schedule of `csrc_dsl.cute.sm90.sparse_attention_fwd.SCHEDULES` (and the Triton forward, for scale)
-runs on the same inputs in one process: each is checked against the fp64 torch oracle on the first 64
+The op's variant (`DEFAULT_VARIANT` of `csrc_dsl.cute.sm90.sparse_attention_fwd`), or the ones `--variants` names
+from its `VARIANTS` (all of them with a bare `--variants`), and the Triton forward, for scale, run on the same
+inputs in one process: each is checked against the fp64 torch oracle on the first 64
 queries, then timed in interleaved rounds (one call of each per round, L2 flushed before every call,
 CUDA events), and the median is reported. FLOPs: 2*T*H*K*(D + d_v) (SPEC section 4).
 `--flashmla LIB` adds FlashMLA's SM90 sparse prefill (H 64 and 128 only) as one more interleaved row on the same
@@ -13,8 +14,8 @@ in issue 4 are printed beside ours.
 `--cases k_sweep` times H = 64 and 128 at K = 128 ... 2048 and fits time = fixed + K * per_key for each backend:
 the fixed part (per wave of CTAs) is what a kernel spends outside its tile loop (launch, Q, epilogue).
 `--ids sorted` sorts each query's ids (as a top-k that emits ids in index order gives; the default is a random
-order); `--variants` adds the seesaw variants of `SEESAW_VARIANTS` (seesaw without its L2-hinted gather, the persistent
-grids, ...) and the persistent kernel launched with one item per CTA.
+order). With `seesaw+persistent` among the variants, the persistent kernel also runs with one item per CTA.
+(Until session 23 the schedules "split_keys" and "alternate" had rows too: docs/experiments/.)
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def load_flashmla(path: str):
     return run
 
 
-def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants: bool, sorted_ids: bool,
+def run_case(case: Case, reps: int, with_triton: bool, variant_names, sorted_ids: bool,
              flashmla=None) -> list[dict]:
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     from csrc_dsl.triton import sparse_attention_fwd as triton_fwd
@@ -102,14 +103,10 @@ def run_case(case: Case, reps: int, with_triton: bool, schedules, with_variants:
     out = torch.empty(case.T, case.H, case.d_v, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(case.T, case.H, device="cuda", dtype=torch.float32)
     runs = {}
-    variants = [(f"cute {schedule}", dict(schedule=schedule)) for schedule in schedules]
-    if with_variants:
-        variants += [(f"cute {name}", fields) for name, fields in cute_fwd.SEESAW_VARIANTS.items()
-                     if with_variants is True or name in with_variants]
-    for name, fields in variants:
+    for name, fields in [(f"cute {name}", cute_fwd.VARIANTS[name]) for name in variant_names]:
         config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
         runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
-        if with_variants and name == "cute seesaw+persistent":
+        if name == "cute seesaw+persistent":
             # the persistent kernel with one item per CTA (a grid as large as the work): its code without its
             # scheduling, to tell the two apart
             runs[name + " 1/CTA"] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None,
@@ -155,17 +152,18 @@ def main(argv=None) -> None:
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--no-triton", action="store_true")
     parser.add_argument("--ids", default="random", choices=["random", "sorted"])
-    parser.add_argument("--schedules", default="", help="comma-separated (default: every schedule)")
     parser.add_argument("--variants", nargs="?", const="all", default="",
-                        help="add the seesaw variants: all of SEESAW_VARIANTS, or a comma-separated list of names")
+                        help="all of VARIANTS, or a comma-separated list of names (default: the op's variant)")
     parser.add_argument("--flashmla", default="", help="FlashMLA library from benchmarks/flashmla_baseline/build.sh")
     args = parser.parse_args(argv)
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
-    schedules = [x for x in args.schedules.split(",") if x] or list(cute_fwd.SCHEDULES)
-    variant_choice = args.variants == "all" or {x for x in args.variants.split(",") if x}
-    unknown = set() if variant_choice is True else variant_choice - set(cute_fwd.SEESAW_VARIANTS)
+    if args.variants == "all":
+        variant_names = list(cute_fwd.VARIANTS)
+    else:
+        variant_names = [x for x in args.variants.split(",") if x] or [cute_fwd.DEFAULT_VARIANT]
+    unknown = set(variant_names) - set(cute_fwd.VARIANTS)
     if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}; SEESAW_VARIANTS has {sorted(cute_fwd.SEESAW_VARIANTS)}")
+        parser.error(f"unknown variants {sorted(unknown)}; VARIANTS has {sorted(cute_fwd.VARIANTS)}")
     peak, _ = use_roofline_of(torch.cuda.get_device_name())
     cases = K_SWEEP if args.cases == "k_sweep" else HEADLINE + (MORE if args.cases == "all" else [])
     all_rows = []
@@ -176,8 +174,7 @@ def main(argv=None) -> None:
           "FlashMLA ms (published) | rel err (64 q) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in cases:
-        rows = run_case(case, args.reps, not args.no_triton, schedules, variant_choice, args.ids == "sorted",
-                        flashmla_lib)
+        rows = run_case(case, args.reps, not args.no_triton, variant_names, args.ids == "sorted", flashmla_lib)
         first = rows[0]["ms"]
         published = FLASHMLA_MS.get((case.H, case.S)) if case.D == 576 and case.K == 2048 else None
         measured = next((row["ms"] for row in rows if row["backend"] == "flashmla"), None)

@@ -197,33 +197,30 @@ def test_fwd_compiles_for_sm90a_without_spills(config):
         ops = fake_compile.count_opcodes(sass, "HGMMA", "LDGSTS", "LDL", "STL", "USETMAXREG")
         s_steps, pv_steps = config.head_dim // 16, 64 // 16   # k-steps of S (over D) and of PV (over keys)
         pieces = (64 // 16) * (config.head_dim // 64)          # 16-byte cp.async per thread for 64 rows
-        # split_keys issues S and PV once per tile; alternate has its own PV and the folded PV (in the
-        # loop and once more after it, for the other consumer's last tile); seesaw specialises each
-        # consumer (consumer 0 issues its first S before the loop), and loads each stage in two halves.
-        expected = {"split_keys": s_steps + pv_steps, "alternate": s_steps + 3 * pv_steps,
-                    "seesaw": 3 * s_steps + 4 * pv_steps}[config.schedule]
-        assert ops["HGMMA"] == expected
-        expected_loads = 3 * pieces if config.schedule == "seesaw" else 2 * pieces   # Q + kv stage(s)
-        assert ops["LDGSTS"] == expected_loads
+        # Each consumer has its own code (consumer 0 issues its first S before the loop): S three times, P V
+        # four times (own P from registers and the other's from smem, in each consumer). Q and each of the
+        # two stages' halves are loaded by their own copies.
+        assert ops["HGMMA"] == 3 * s_steps + 4 * pv_steps
+        assert ops["LDGSTS"] == 3 * pieces
         assert ops["LDL"] == 0 and ops["STL"] == 0
         assert ops["USETMAXREG"] == 2                   # producer gives registers to the math warpgroups
 
 
 def test_forward_variant_from_the_environment(monkeypatch):
-    """DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE picks the op's forward: a schedule or a named seesaw variant; anything
-    else is an error that names the choices (never a silent fallback to the default)."""
-    monkeypatch.delenv(fwd.ENV_SCHEDULE, raising=False)
-    default = fwd.SEESAW_VARIANTS.get(fwd.DEFAULT_VARIANT, {"schedule": fwd.DEFAULT_VARIANT})
-    assert fwd.selected_variant() == default
-    assert fwd.selected_schedule() == fwd.DEFAULT_SCHEDULE
-    for schedule in fwd.SCHEDULES:
-        monkeypatch.setenv(fwd.ENV_SCHEDULE, schedule)
-        assert fwd.selected_variant() == {"schedule": schedule} and fwd.selected_schedule() == schedule
-    monkeypatch.setenv(fwd.ENV_SCHEDULE, "seesaw-no_l2_hints")
+    """DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE picks the op's forward: a named variant; anything else is an error that
+    names the choices (never a silent fallback to the default)."""
+    monkeypatch.delenv(fwd.ENV_VARIANT, raising=False)
+    assert fwd.selected_variant() == fwd.VARIANTS[fwd.DEFAULT_VARIANT]
+    assert {c.persistent for c in fwd.shipped_configs()} == {True}
+    for name, fields in fwd.VARIANTS.items():
+        monkeypatch.setenv(fwd.ENV_VARIANT, name)
+        assert fwd.selected_variant() == fields
+    monkeypatch.setenv(fwd.ENV_VARIANT, "seesaw-no_l2_hints")
     assert fwd.FwdConfig(576, 512, False, False, **fwd.selected_variant()).l2_hints is False
     assert {c.l2_hints for c in fwd.shipped_configs()} == {False}
-    for bad in ("seesaw+no_such_flag", "split_keys-no_l2_hints", "nope"):
-        monkeypatch.setenv(fwd.ENV_SCHEDULE, bad)
+    # the two schedules removed in session 23 are errors now, as is any other name
+    for bad in ("seesaw+no_such_flag", "split_keys", "alternate", "nope"):
+        monkeypatch.setenv(fwd.ENV_VARIANT, bad)
         with pytest.raises(ValueError, match="seesaw-no_l2_hints"):
             fwd.selected_variant()
 
@@ -414,36 +411,23 @@ def test_fwd_cuda_graph_replay_equals_eager():
     assert rel_err(g_out, ref_out) <= 1e-2
 
 
-@needs_dsl
-@pytest.mark.parametrize("schedule", [s for s in fwd.SCHEDULES if s != fwd.selected_schedule()])
-def test_fwd_other_schedules_compile_without_spills(schedule):
-    for head_dim in fwd.SUPPORTED_HEAD_DIMS:
-        config = fwd.FwdConfig(head_dim, 512, True, True, schedule=schedule)
-        ptx, cubin = fwd.compile_for_inspection(config)
-        assert fake_compile.cubin_resources(cubin).stack_frame == 0
-        report = fake_compile.ptxas_report(ptx)
-        if report is not None:
-            assert report.spill_stores == 0 and report.spill_loads == 0, report.text
-
-
 @needs_sm90
 @pytest.mark.parametrize("D", [576, 512])
-@pytest.mark.parametrize("schedule", [*fwd.SCHEDULES, *fwd.SEESAW_VARIANTS])
-def test_fwd_each_schedule_matches_oracle(schedule, D):
-    """Every tile-loop schedule (and seesaw with its plain, unhinted gather), on rows with 0, 1, 2, 3 and many
+@pytest.mark.parametrize("variant", list(fwd.VARIANTS))
+def test_fwd_each_variant_matches_oracle(variant, D):
+    """Every named variant (seesaw with its plain, unhinted gather among them), on rows with 0, 1, 2, 3 and many
     tiles (odd and even counts)."""
     T, H, K = 10, 128, 1000
     q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=3000, K=K, seed=21 + D, sink=True,
                                             topk_length=True)
     lengths[:8] = torch.tensor([0, 1, 64, 65, 128, 129, 999, 1000], dtype=torch.int32)
-    variant = fwd.SEESAW_VARIANTS.get(schedule, {"schedule": schedule})
-    launch_variant_vs_oracle(fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **variant),
+    launch_variant_vs_oracle(fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.VARIANTS[variant]),
                              q, kv, idx, sink, lengths)
 
 
 def launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=None):
     """Launch one compiled variant into NaN-poisoned outputs and check them against the fp64 oracle."""
-    (T, H, D), scale = q.shape, q.shape[2] ** -0.5
+    (T, H, _), scale = q.shape, q.shape[2] ** -0.5
     out = torch.full((T, H, 512), float("nan"), dtype=torch.bfloat16, device="cuda")
     lse = torch.full((T, H), float("nan"), dtype=torch.float32, device="cuda")
     fwd._launch(config, q, kv, idx, out, lse, scale, sink, lengths, max_ctas=max_ctas)
@@ -457,11 +441,11 @@ def launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=None):
 
 
 @needs_dsl
-@pytest.mark.parametrize("variant", [v for v in fwd.SEESAW_VARIANTS if v != "seesaw-no_l2_hints"])
+@pytest.mark.parametrize("variant", [v for v in fwd.VARIANTS if v != fwd.DEFAULT_VARIANT])
 def test_fwd_variants_compile_without_spills(variant):
-    """Seesaw variants that are not the op's default still compile for sm_90a with no local memory."""
+    """The named variants that are not the op's default still compile for sm_90a with no local memory."""
     for head_dim in fwd.SUPPORTED_HEAD_DIMS:
-        config = fwd.FwdConfig(head_dim, 512, True, True, **fwd.SEESAW_VARIANTS[variant])
+        config = fwd.FwdConfig(head_dim, 512, True, True, **fwd.VARIANTS[variant])
         ptx, cubin = fwd.compile_for_inspection(config)
         assert fake_compile.cubin_resources(cubin).stack_frame == 0
         report = fake_compile.ptxas_report(ptx)
@@ -485,7 +469,7 @@ def test_fwd_persistent_many_items_per_cta(max_ctas, H, variant):
     q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=2500, K=K, seed=40 + H + max_ctas, sink=True,
                                             topk_length=True)
     lengths[:9] = torch.tensor([0, 0, 1, 64, 0, 129, 700, 0, 640], dtype=torch.int32)
-    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.SEESAW_VARIANTS[variant])
+    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.VARIANTS[variant])
     out, lse = launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=max_ctas)
     # the same result whatever the grid: each item is computed the same way on any CTA
     out_full = torch.empty_like(out)

@@ -18,13 +18,11 @@ from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
 
 LOG2_E = 1.4426950408889634
 
-SCHEDULES = ("split_keys", "alternate", "seesaw")
-DEFAULT_SCHEDULE = "seesaw"   # 1.23-1.29x split_keys on the H100 (BENCHMARKS.md, session 13)
-# The op's forward: a schedule or a name of SEESAW_VARIANTS. "seesaw+persistent_dynamic+hoisted_addresses" was
-# 1.03-1.14x plain seesaw at every benchmark shape on the H100 (BENCHMARKS.md, session 17); its op-level GPU tests
-# (oracle, CUDA graphs, torch.compile, the demo) passed in session 18, so the op runs it.
+# The op's forward, a name of VARIANTS. "seesaw+persistent_dynamic+hoisted_addresses" was 1.03-1.14x plain
+# seesaw at every benchmark shape on the H100 (BENCHMARKS.md, session 17); its op-level GPU tests (oracle, CUDA
+# graphs, torch.compile, the demo) passed in session 18, so the op runs it.
 DEFAULT_VARIANT = "seesaw+persistent_dynamic+hoisted_addresses"
-ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE"   # tests and benchmarks: run the other schedule
+ENV_VARIANT = "DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE"   # tests and benchmarks: run another variant
 SUPPORTED_HEAD_DIMS = (512, 576)
 SUPPORTED_DV = (512,)
 MAX_HEADS = 128
@@ -43,20 +41,19 @@ class FwdConfig:
     dtype: str = "bfloat16"
     block_n: int = 64           # top-k slots (kv rows) per tile
     num_stages: int = 2
-    # setmaxnreg for the gather warpgroup and for each math warpgroup; 0: the schedule's own split,
-    # 56 / 224 (seesaw: 72 / 216, the pair-wise ids need the producer registers; 216 fits its consumers)
+    # setmaxnreg for the gather warpgroup and for each math warpgroup; 0: 72 / 216 (the pair-wise ids need
+    # the producer registers; 216 fits the consumers). 88 / 208 (the named variant `seesaw+wide_producer`, for a
+    # producer that recomputed its gather addresses at 72) was never timed: the hoisted addresses removed that work.
     producer_regs: int = 0
     consumer_regs: int = 0
     arch: str = "sm_90a"
-    # "split_keys": both consumers split every tile's keys (S 64x32 each) and meet twice per tile.
-    # "alternate": consumers own alternate tiles (S 64x64), one's GEMMs overlap the other's softmax.
-    # "seesaw": alternate tiles in pairs, each kv stage loaded and freed in two column halves, the owner's
-    # P straight from registers, both consumers at one max per pair (the kernel's docstring).
-    schedule: str = DEFAULT_SCHEDULE
-    # seesaw only (the others ignore it): the kv gather as cp.async with an L2 evict_last policy and a
-    # 256-byte L2 prefetch, 1-4% faster than plain cp.async (BENCHMARKS.md, session 14); False for A/B runs
+    # The tile schedule is "seesaw" (alternate tiles in pairs, each kv stage loaded and freed in two column
+    # halves, the owner's P straight from registers, both consumers at one max per pair: the kernel's
+    # docstring); the fields below are its variants.
+    # The kv gather as cp.async with an L2 evict_last policy and a 256-byte L2 prefetch, 1-4% faster than
+    # plain cp.async (BENCHMARKS.md, session 14); False for A/B runs
     l2_hints: bool = True
-    # seesaw only: a persistent grid (one CTA per SM looping over (token, head block) items), so the next
+    # A persistent grid (one CTA per SM looping over (token, head block) items), so the next
     # item's Q and first kv tiles load during this item's last P V and epilogue, and O goes to global memory
     # straight from registers (the variant `seesaw+persistent`; the op's default, DEFAULT_VARIANT, adds
     # dynamic_items and hoist_gather_addresses)
@@ -68,12 +65,11 @@ class FwdConfig:
     # O to global memory straight from registers (16-byte pieces after a quad transpose) instead of through
     # shared memory; the persistent grid always does this (the variant `seesaw+direct_store`)
     direct_store: bool = False
-    # seesaw with l2_hints only: each producer thread computes the swizzled shared address of its first kv piece
+    # l2_hints only: each producer thread computes the swizzled shared address of its first kv piece
     # once; every other piece is that plus an immediate (no swizzle arithmetic per copy: the variant
     # `seesaw+hoisted_addresses`)
     hoist_gather_addresses: bool = False
-    # Performance analysis only (wrong results): "no_gather" skips the kv cp.async, "no_math" skips all
-    # consumer work but the pipeline handshakes, "tensor_only" keeps the two wgmmas but skips the softmax.
+    # Performance analysis only (wrong results): "no_gather" skips the kv cp.async.
     ablation: str = "none"
 
 
@@ -162,37 +158,25 @@ def _sm_count(device) -> int:
     return _SM_COUNTS[index]
 
 
-SEESAW_VARIANTS = {"seesaw-no_l2_hints": {"schedule": "seesaw", "l2_hints": False},   # for A/B runs
-                   "seesaw+persistent": {"schedule": "seesaw", "persistent": True},
-                   "seesaw+persistent_dynamic": {"schedule": "seesaw", "persistent": True, "dynamic_items": True},
-                   "seesaw+direct_store": {"schedule": "seesaw", "direct_store": True},
-                   # 88 registers for the gather warpgroup (its address arithmetic is recomputed at 72), 208 for
-                   # each math warpgroup
-                   "seesaw+wide_producer": {"schedule": "seesaw", "producer_regs": 88, "consumer_regs": 208},
-                   "seesaw+persistent_dynamic+wide_producer": {"schedule": "seesaw", "persistent": True,
-                                                               "dynamic_items": True, "producer_regs": 88,
-                                                               "consumer_regs": 208},
-                   "seesaw+hoisted_addresses": {"schedule": "seesaw", "hoist_gather_addresses": True},
-                   "seesaw+direct_store+hoisted_addresses": {"schedule": "seesaw", "direct_store": True,
-                                                             "hoist_gather_addresses": True},
-                   "seesaw+persistent_dynamic+hoisted_addresses": {"schedule": "seesaw", "persistent": True,
-                                                                   "dynamic_items": True,
-                                                                   "hoist_gather_addresses": True}}
+# The named variants (FwdConfig fields over its defaults), for the op (DEFAULT_VARIANT or ENV_VARIANT), tests and
+# A/B benchmarks. Timings: BENCHMARKS.md, sessions 14 to 17.
+VARIANTS = {"seesaw": {},                                     # one CTA per item, O staged through Q's smem
+            "seesaw-no_l2_hints": {"l2_hints": False},
+            "seesaw+persistent": {"persistent": True},
+            "seesaw+persistent_dynamic": {"persistent": True, "dynamic_items": True},
+            "seesaw+direct_store": {"direct_store": True},
+            "seesaw+hoisted_addresses": {"hoist_gather_addresses": True},
+            "seesaw+direct_store+hoisted_addresses": {"direct_store": True, "hoist_gather_addresses": True},
+            "seesaw+persistent_dynamic+hoisted_addresses": {"persistent": True, "dynamic_items": True,
+                                                            "hoist_gather_addresses": True}}
 
 
 def selected_variant() -> dict:
-    """The FwdConfig fields the op runs with: DEFAULT_VARIANT, or `ENV_SCHEDULE`'s choice (a schedule name, or
-    a name of SEESAW_VARIANTS)."""
-    text = os.environ.get(ENV_SCHEDULE, "").strip() or DEFAULT_VARIANT
-    if text in SEESAW_VARIANTS:
-        return dict(SEESAW_VARIANTS[text])
-    if text not in SCHEDULES:
-        raise ValueError(f"{ENV_SCHEDULE}={text!r}: expected one of {SCHEDULES} or {tuple(SEESAW_VARIANTS)}")
-    return {"schedule": text}
-
-
-def selected_schedule() -> str:
-    return selected_variant()["schedule"]
+    """The FwdConfig fields the op runs with: those of DEFAULT_VARIANT, or of the variant `ENV_VARIANT` names."""
+    text = os.environ.get(ENV_VARIANT, "").strip() or DEFAULT_VARIANT
+    if text not in VARIANTS:
+        raise ValueError(f"{ENV_VARIANT}={text!r}: expected one of {tuple(VARIANTS)}")
+    return dict(VARIANTS[text])
 
 
 def warmup(configs=None) -> int:
@@ -270,8 +254,8 @@ def _benchmark(argv=None) -> None:
     for name, default in [("T", 4096), ("S", 8192), ("H", 128), ("K", 2048), ("D", 576)]:
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--sink", action="store_true")
-    parser.add_argument("--ablation", default="none", choices=["none", "no_gather", "no_math", "tensor_only"])
-    parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES))
+    parser.add_argument("--ablation", default="none", choices=["none", "no_gather"])
+    parser.add_argument("--variant", default=DEFAULT_VARIANT, choices=list(VARIANTS))
     args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(args.T, args.H, args.D, device="cuda", generator=gen).to(torch.bfloat16)
@@ -280,13 +264,13 @@ def _benchmark(argv=None) -> None:
     sink = torch.randn(args.H, device="cuda", generator=gen) if args.sink else None
     out = torch.empty(args.T, args.H, 512, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(args.T, args.H, device="cuda", dtype=torch.float32)
-    config = FwdConfig(args.D, 512, args.sink, False, ablation=args.ablation, schedule=args.schedule)
+    config = FwdConfig(args.D, 512, args.sink, False, ablation=args.ablation, **VARIANTS[args.variant])
     run = lambda: _launch(config, q, kv, indices, out, lse, args.D ** -0.5, sink, None)  # noqa: E731
     run()
     ms = do_bench(run, warmup=25, rep=200)
     flops = 2 * args.T * args.H * args.K * (args.D + 512)
     print(f"sparse_attention_fwd sm90 T={args.T} S={args.S} H={args.H} K={args.K} D={args.D} "
-          f"schedule={args.schedule} ablation={args.ablation}: "
+          f"variant={args.variant} ablation={args.ablation}: "
           f"{ms:.3f} ms, {flops / ms / 1e9:.1f} TFLOP/s")
 
 

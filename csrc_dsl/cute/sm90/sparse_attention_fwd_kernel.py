@@ -13,43 +13,31 @@ Three warpgroups of 128 threads:
   WG0, producer: cp.async (LDGSTS) gathers. First Q (64 x D), then, per tile of 64 top-k slots, the 64
        kv rows named by the indices, each row's address read from `indices` (a gather: no TMA). Invalid
        slots (id < 0, id >= S, slot >= topk_length) are zero-filled (cp.async with source size 0) and get
-       a -inf bias. Two stages, each a full/empty mbarrier pair.
+       a -inf bias. Two stages, each loaded in two column halves with a full/empty mbarrier pair per half
+       (below).
   WG1, WG2, consumers (w = 0, 1). Consumer w keeps O_w = the output columns [256w, 256w+256) of all
-       64 heads (64 x 256 fp32 = 128 registers per thread). Three schedules share out the rest
-       (FwdConfig.schedule; "seesaw" is the default, the other two stay for comparison):
-
-       "split_keys": each tile's 64 keys are split between the consumers.
-           S_w = Q K_w^T   wgmma 64 x 32 x D over the 32 keys [32w, 32w+32), Q and K from smem;
-           row max shared through smem (both use the same max) -> P_w = exp2(S_w - m), bf16, to smem;
-           O_w += P V_w    wgmma 64 x 256 x 64 over all 64 keys.
-           The consumers meet twice per tile (row maxima, then P). Simple, but both re-read all of Q
-           from smem for a narrow N = 32 GEMM, and nothing overlaps the softmax.
-       "alternate": consumer w owns tiles w, w+2, ... (always in kv stage w).
-           S_t = Q K_t^T   wgmma 64 x 64 x D over the whole tile, by its owner only;
-           the owner continues the running max from the other consumer's last tile, writes P_t and the
-           new max to smem (for D = 576, P_t goes into the tile's own RoPE columns, which no GEMM reads
-           once S_t is done), and signals the other on a named barrier;
-           both consumers add P_t V_t to their O_w (the non-owner first moves O_w to the new max).
-           While a consumer's S runs on the tensor cores it folds in the other's previous tile, so one
-           warpgroup's GEMMs overlap the other's softmax.
-       "seesaw": alternate tiles taken in pairs (2j in stage 0 for consumer 0, 2j+1 in stage 1 for
-           consumer 1), the scheme of FlashMLA's SM90 sparse prefill, written anew here:
-           - each stage is loaded and freed in two column halves, L = [0, 256) and R = [256, D), each with
-             its own full/empty barrier, loaded in the order 0L, 1R, 0R, 1L. A half is freed by the one
-             consumer that reads it last, so V_0L (consumer 0's own P V) and V_1R (consumer 1's) can be
-             refilled while the other halves of the pair are still in use: about 1.5 stages of look-ahead
-             in the shared memory of two;
-           - the owner's S starts on the half that lands first (consumer 0: L, consumer 1: R);
-           - the owner multiplies its own P straight from registers (wgmma with A in registers); only the
-             other consumer's P goes through shared memory (stmatrix; stage 0's into its RoPE columns);
-           - one max per pair: consumer 0 takes m0 from its running max and tile 2j, consumer 1 continues
-             from m0 with tile 2j+1 to m1; consumer 0 then rescales its P (for consumer 1) and its O to
-             m1. One exponential per score, no per-tile meeting beyond these two hand-offs;
-           - consumer 0 issues S of the next pair while its last P V still runs;
-           - the gather's cp.async carries an L2 evict_last policy and a 256-byte L2 prefetch
-             (FwdConfig.l2_hints, inline PTX: `copy_row_hinted`), 1-4% faster than plain cp.async.
-           1.23-1.29x "split_keys" on the H100 (BENCHMARKS.md, sessions 13 and 14). Registers: 216 per consumer
-           thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
+       64 heads (64 x 256 fp32 = 128 registers per thread). The tiles are shared out in the "seesaw"
+       schedule (the scheme of FlashMLA's SM90 sparse prefill, read there and written anew here):
+       alternate tiles taken in pairs, 2j in stage 0 for consumer 0 and 2j+1 in stage 1 for consumer 1.
+       - S_t = Q K_t^T (wgmma 64 x 64 x D, Q and K from smem) is computed by the tile's owner only;
+       - each stage is loaded and freed in two column halves, L = [0, 256) and R = [256, D), each with
+         its own full/empty barrier, loaded in the order 0L, 1R, 0R, 1L. A half is freed by the one
+         consumer that reads it last, so V_0L (consumer 0's own P V) and V_1R (consumer 1's) can be
+         refilled while the other halves of the pair are still in use: about 1.5 stages of look-ahead
+         in the shared memory of two;
+       - the owner's S starts on the half that lands first (consumer 0: L, consumer 1: R);
+       - the owner multiplies its own P straight from registers (wgmma with A in registers); only the
+         other consumer's P goes through shared memory (stmatrix; stage 0's into its RoPE columns,
+         which no GEMM reads once S is done);
+       - one max per pair: consumer 0 takes m0 from its running max and tile 2j, consumer 1 continues
+         from m0 with tile 2j+1 to m1; consumer 0 then rescales its P (for consumer 1) and its O to
+         m1. One exponential per score, no per-tile meeting beyond these two hand-offs;
+       - consumer 0 issues S of the next pair while its last P V still runs;
+       - the gather's cp.async carries an L2 evict_last policy and a 256-byte L2 prefetch
+         (FwdConfig.l2_hints, inline PTX: `copy_row_hinted`), 1-4% faster than plain cp.async.
+       1.23-1.29x faster on the H100 than the two simpler schedules it replaced (BENCHMARKS.md, sessions
+       13 and 14; both are kept as docs/experiments/cute-fwd-split-keys-alternate.patch). Registers: 216
+       per consumer thread and 72 per producer thread (the producer keeps the ids of both tiles of a pair).
 
 Persistent seesaw (FwdConfig.persistent; with dynamic_items and hoisted gather addresses it is the op's default
 since session 18, 1.03-1.14x the one-CTA-per-item grid on the H100): the grid has one CTA per SM, and each CTA
@@ -68,8 +56,9 @@ Correctness details that are easy to miss:
 - the kv smem tile is written by cp.async (generic proxy) and read by wgmma (async proxy): consumers
   issue `fence.proxy.async` after each full-barrier wait; P is written with st.shared and fenced the same
   way before the barrier that publishes it;
-- the full barrier expects 256 arrivals: 128 from `cp.async.mbarrier.arrive.noinc` (the copies landed)
-  and 128 ordinary arrivals that release the bias writes;
+- the full barrier of the half a stage is loaded first expects 256 arrivals: 128 from
+  `cp.async.mbarrier.arrive.noinc` (the copies landed) and 128 ordinary arrivals that release the bias
+  writes; the other half's, only the 128 of its copies;
 - zero-filled rows make invalid keys contribute exactly 0 * 0 to O (never 0 * NaN from stale smem);
 - a row with no valid key keeps m = -inf and l = 0: out = 0 and lse = +inf; exp2 never sees -inf - -inf
   because the max is replaced by 0 while it is -inf.
@@ -93,14 +82,11 @@ LOG2_E = 1.4426950408889634
 LN_2 = 0.6931471805599453
 HEADS_PER_CTA = 64  # wgmma M
 
-# Named barriers (0 is __syncthreads). Between the two consumer warpgroups (256 threads):
-BAR_MAX_READY = 1   # split_keys: both halves of the row max are in smem
-BAR_P_READY = 2     # split_keys: both halves of P are in smem
+# Named barriers (0 is __syncthreads; the numbers are those of the kernel that was measured). Between the
+# two consumer warpgroups (256 threads):
 BAR_EPILOGUE = 3
-BAR_TILE_READY = 4  # alternate: 4 + w, warpgroup w published P and the row max of its tile
-BAR_OWN_P = 6       # alternate: 6 + w, within warpgroup w (128 threads): its P is complete in smem
-BAR_SEESAW_MAX = 8  # seesaw: 8 + w, consumer w published its new row max in sMax[:, 0]
-BAR_SEESAW_P = 10   # seesaw: 10 + w, consumer w's P (at the pair's max) is in smem
+BAR_SEESAW_MAX = 8  # 8 + w, consumer w published its new row max in sMax[:, 0]
+BAR_SEESAW_P = 10   # 10 + w, consumer w's P (at the pair's max) is in smem
 BAR_PRODUCER = 12   # persistent with dynamic items: within the producer warpgroup, the next item is in smem
 
 
@@ -239,7 +225,8 @@ def pack_bf16x2(lo: Float32, hi: Float32, *, loc=None, ip=None) -> Int32:
 @dsl_user_op
 def st_global_v4(addr: Int64, a: Int32, b: Int32, c: Int32, d: Int32, *, loc=None, ip=None):
     """One 16-byte store of four 32-bit words to a 16-byte-aligned global address."""
-    llvm.inline_asm(None, [Int64(addr).ir_value(loc=loc, ip=ip)] + [Int32(v).ir_value(loc=loc, ip=ip) for v in (a, b, c, d)],
+    operands = [Int64(addr).ir_value(loc=loc, ip=ip)] + [Int32(v).ir_value(loc=loc, ip=ip) for v in (a, b, c, d)]
+    llvm.inline_asm(None, operands,
                     "st.global.v4.b32 [$0], {$1, $2, $3, $4};", "l,r,r,r,r",
                     has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT, loc=loc, ip=ip)
 
@@ -321,38 +308,29 @@ class SparseAttentionFwdSm90:
         self.BM = HEADS_PER_CTA
         self.BN = config.block_n
         self.stages = config.num_stages
-        self.keys_per_wg = self.BN // 2        # S columns of one consumer
         self.dv_per_wg = self.DV // 2          # O columns of one consumer
         self.num_threads = 3 * 128
-        if config.schedule not in ("split_keys", "alternate", "seesaw"):
-            raise ValueError(f"unknown schedule {config.schedule!r}")
-        self.seesaw = config.schedule == "seesaw"
-        self.alternate = config.schedule == "alternate" or self.seesaw   # S 64 x 64 by the tile's owner
-        # alternate + D = 576: P of a tile lives in that tile's RoPE columns, dead once S is computed.
-        # seesaw: only stage 0's P can (its RoPE half is freed by the consumer that reads P), so stage 1's
-        # P gets its own buffer.
-        self.p_in_rope = self.alternate and self.D - self.DV == self.BN
-        if self.seesaw:
-            self.p_buffers = 1 if self.p_in_rope else self.stages
-        else:
-            self.p_buffers = 1 if not self.alternate else (0 if self.p_in_rope else self.stages)
-        # seesaw: each kv stage is loaded and released in two halves of columns, L = [0, d_v/2) (consumer 0's
-        # V) and R = [d_v/2, D) (consumer 1's V and the RoPE part): one full/empty barrier pair per half.
+        # D = 576: P of stage 0's tile lives in that tile's RoPE columns (freed by the consumer that reads
+        # P, and dead once S is computed); stage 1's P gets its own buffer. D = 512: a buffer for each.
+        self.p_in_rope = self.D - self.DV == self.BN
+        self.p_buffers = 1 if self.p_in_rope else self.stages
+        # each kv stage is loaded and released in two halves of columns, L = [0, d_v/2) (consumer 0's V)
+        # and R = [d_v/2, D) (consumer 1's V and the RoPE part): one full/empty barrier pair per half.
         self.half_cols = self.DV // 2
+        self.bars_per_stage = 2
         # registers: 384 threads launch with 168 each; the producer hands its surplus to the consumers
-        self.producer_regs = config.producer_regs or (72 if self.seesaw else 56)
-        self.consumer_regs = config.consumer_regs or (216 if self.seesaw else 224)
+        self.producer_regs = config.producer_regs or 72
+        self.consumer_regs = config.consumer_regs or 216
         if self.producer_regs * 128 + self.consumer_regs * 256 > 168 * 384:
             raise ValueError(f"setmaxnreg {self.producer_regs} / {self.consumer_regs} exceeds the 168 x 384 "
                              "registers the CTA launches with")
-        self.bars_per_stage = 2 if self.seesaw else 1
-        # seesaw only: one CTA per SM loops over (token, head block) items, so the gather of the next item's
-        # first tiles and Q overlaps this item's last P V and epilogue (the launch and prologue are paid once)
+        # one CTA per SM loops over (token, head block) items, so the gather of the next item's first tiles and
+        # Q overlaps this item's last P V and epilogue (the launch and prologue are paid once)
         self.persistent = config.persistent
-        if config.hoist_gather_addresses and not (self.seesaw and config.l2_hints):
-            raise ValueError("hoist_gather_addresses is implemented for the seesaw gather with L2 hints")
-        if self.persistent and not self.seesaw:
-            raise ValueError("persistent is implemented for the seesaw schedule only")
+        if config.hoist_gather_addresses and not config.l2_hints:
+            raise ValueError("hoist_gather_addresses is implemented for the gather with L2 hints")
+        if config.ablation not in ("none", "no_gather"):
+            raise ValueError(f"unknown ablation {config.ablation!r}")
         # persistent: items claimed from a global counter as CTAs get free (else bidx, bidx + grid, ...)
         self.dynamic_items = config.dynamic_items
         if self.dynamic_items and not self.persistent:
@@ -377,12 +355,12 @@ class SparseAttentionFwdSm90:
         # S_w = Q K_w^T: both operands K-major in smem.
         mma_qk = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.K,
-            Float32, (1, 1, 1), (BM, BN if self.alternate else self.keys_per_wg))
+            Float32, (1, 1, 1), (BM, BN))
         # O_w += P V_w: P K-major in smem, V read from the same kv tile, which is MN-major for this GEMM.
         mma_pv = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
             Float32, (1, 1, 1), (BM, self.dv_per_wg))
-        # seesaw: a consumer multiplies its own P straight from registers.
+        # A consumer multiplies its own P straight from registers.
         mma_pv_rs = sm90_utils.make_trivial_tiled_mma(
             BFloat16, BFloat16, cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN,
             Float32, (1, 1, 1), (BM, self.dv_per_wg), warpgroup.OperandSource.RMEM)
@@ -423,8 +401,8 @@ class SparseAttentionFwdSm90:
     @cute.kernel
     def kernel(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mOut: cute.Tensor,
                mLse: cute.Tensor, mSink: Optional[cute.Tensor], mTopkLen: Optional[cute.Tensor],
-               mItemCounter: Optional[cute.Tensor], scale_log2: Float32, sQ_layout: cute.ComposedLayout, sKV_layout: cute.ComposedLayout,
-               sP_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
+               mItemCounter: Optional[cute.Tensor], scale_log2: Float32, sQ_layout: cute.ComposedLayout,
+               sKV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout, sO_layout: cute.ComposedLayout,
                mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, mma_pv_rs: cute.TiledMma):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
@@ -444,16 +422,11 @@ class SparseAttentionFwdSm90:
                 next_item=storage.next_item.get_tensor(cute.make_layout((2,))) if self.dynamic_items else None)
         if warp_idx == 0:
             with cute.arch.elect_one():
-                if const_expr(self.seesaw):
-                    for s in cutlass.range_constexpr(self.stages):
-                        for half in cutlass.range_constexpr(2):
-                            # the half a stage is loaded first (0: L, 1: R) also publishes its bias
-                            cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
-                            cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
-                else:
-                    for s in cutlass.range_constexpr(self.stages):
-                        cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 bias arrivals
-                        cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
+                for s in cutlass.range_constexpr(self.stages):
+                    for half in cutlass.range_constexpr(2):
+                        # the half a stage is loaded first (0: L, 1: R) also publishes its bias
+                        cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
+                        cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
                 # persistent: one more arrival, the producer thread that published the load's item
                 cute.arch.mbarrier_init(q_bar, 129 if self.persistent else 128)
                 if const_expr(self.persistent):
@@ -463,10 +436,7 @@ class SparseAttentionFwdSm90:
 
         sQ = storage.sQ.get_tensor(sQ_layout.outer, swizzle=sQ_layout.inner)
         sKV = storage.sKV.get_tensor(sKV_layout.outer, swizzle=sKV_layout.inner)
-        if const_expr(self.p_in_rope and not self.seesaw):
-            sP = cute.flat_divide(sKV, (self.BM, self.BN))[None, None, 0, self.D // self.BN - 1, None]
-        else:
-            sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)   # (64, 64, buffers)
+        sP = storage.sP.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)   # (64, 64, buffers)
         sO = storage.sQ.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)  # Q is dead by then
         sBias = storage.bias.get_tensor(cute.make_layout((self.BN, self.stages)))
         sMax = storage.row_max.get_tensor(cute.make_layout((self.BM, 2)))
@@ -475,38 +445,25 @@ class SparseAttentionFwdSm90:
 
         if wg_idx == 0:
             cute.arch.setmaxregister_decrease(self.producer_regs)
-            if const_expr(self.seesaw):
-                self.produce_seesaw(mQ, mKV, mIdx, mTopkLen, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched,
-                                    token, head_block, k_valid, n_tiles, tidx)
-            else:
-                self.produce(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar,
-                             token, head_block, k_valid, n_tiles, tidx)
+            self.produce(mQ, mKV, mIdx, mTopkLen, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched,
+                         token, head_block, k_valid, n_tiles, tidx)
         else:
             cute.arch.setmaxregister_increase(self.consumer_regs)
-            if const_expr(self.seesaw):
-                # P of stage 0 (consumer 0's tiles) and of stage 1
-                if const_expr(self.p_in_rope):
-                    sP0 = cute.flat_divide(sKV, (self.BM, self.BN))[None, None, 0, self.D // self.BN - 1, 0]
-                    sP1 = sP[None, None, 0]
-                else:
-                    sP0 = sP[None, None, 0]
-                    sP1 = sP[None, None, 1]
-                if wg_idx == 1:
-                    self.consume_seesaw(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
-                                        sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
-                                        scale_log2, token, head_block, n_tiles, 0, tidx - 128)
-                else:
-                    self.consume_seesaw(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
-                                        sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
-                                        scale_log2, token, head_block, n_tiles, 1, tidx - 128)
-            elif const_expr(self.alternate):
-                self.consume_alternate(mOut, mLse, mSink, sQ, sKV, sP, sO, sBias, sMax, sSum,
-                                       full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
-                                       token, head_block, n_tiles, wg_idx - 1, tidx - 128)
+            # P of stage 0 (consumer 0's tiles) and of stage 1
+            if const_expr(self.p_in_rope):
+                sP0 = cute.flat_divide(sKV, (self.BM, self.BN))[None, None, 0, self.D // self.BN - 1, 0]
+                sP1 = sP[None, None, 0]
             else:
-                self.consume(mOut, mLse, mSink, sQ, sKV, sP[None, None, 0], sO, sBias, sMax, sSum,
-                             full_bar, empty_bar, q_bar, mma_qk, mma_pv, scale_log2,
-                             token, head_block, n_tiles, wg_idx - 1, tidx - 128)
+                sP0 = sP[None, None, 0]
+                sP1 = sP[None, None, 1]
+            if wg_idx == 1:
+                self.consume(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
+                             sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
+                             scale_log2, token, head_block, n_tiles, 0, tidx - 128)
+            else:
+                self.consume(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
+                             sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
+                             scale_log2, token, head_block, n_tiles, 1, tidx - 128)
 
     @cute.jit
     def item_coords(self, H: Int32, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor], item: Int32):
@@ -567,43 +524,10 @@ class SparseAttentionFwdSm90:
         cute.arch.cp_async_mbarrier_arrive_noinc(q_bar)
 
     @cute.jit
-    def produce(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
-                sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar,
-                token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
-        D = self.D
-        copy_16B = self.gather_atom()
-        self.load_q(copy_16B, mQ, sQ, q_bar, token, head_block, tidx)
-        # 8 threads per row, each moving 16-byte pieces 128 bytes apart; 16 rows per pass, 4 passes.
-        row_in_pass, piece, passes, row_bytes = tidx // 8, tidx % 8, self.BN // 16, D * 2
-
-        # kv tiles: indices for tile `it` are loaded one tile ahead, before waiting for the buffer.
-        kv_rows = mKV.shape[0]
-        kv_base = mKV.iterator.toint()
-        slot_ids = cute.make_rmem_tensor((passes,), Int32)
-        self.load_slot_ids(mIdx, slot_ids, token, 0, k_valid, row_in_pass)
-        for it in cutlass.range(n_tiles, unroll=1):
-            stage = it % self.stages
-            phase = (it // self.stages) % 2
-            cute.arch.mbarrier_wait(empty_bar + stage, phase ^ 1)
-            for p in cutlass.range_constexpr(passes):
-                r = row_in_pass + 16 * p
-                kv_id = slot_ids[p]
-                valid = kv_id >= 0 and kv_id < kv_rows
-                src_row = kv_base + Int64(kv_id if valid else 0) * row_bytes
-                if const_expr(self.cfg.ablation != "no_gather"):
-                    copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
-                if piece == 0:
-                    sBias[r, stage] = Float32(0.0) if valid else -Float32.inf
-            cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
-            cute.arch.mbarrier_arrive(full_bar + stage)
-            if it + 1 < n_tiles:
-                self.load_slot_ids(mIdx, slot_ids, token, it + 1, k_valid, row_in_pass)
-
-    @cute.jit
-    def produce_seesaw(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor],
+    def produce(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor],
                        sQ: cute.Tensor, sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, sched,
                        token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32):
-        """The seesaw producer: tiles go in pairs (tile 2j in stage 0, 2j + 1 in stage 1) and each stage in
+        """The producer: tiles go in pairs (tile 2j in stage 0, 2j + 1 in stage 1) and each stage in
         two column halves. Order per pair: 0L, 1R, 0R, 1L: first the halves their owners free early (after
         their own P V), then the halves freed only once the other consumer has folded the tile in. A pair
         past the last tile holds only invalid rows (zero-filled, bias -inf), so an odd tile count just
@@ -628,7 +552,7 @@ class SparseAttentionFwdSm90:
                     if tidx == 0:     # the next item; its latency is hidden behind this item's gathers
                         claimed = cute.arch.atomic_add(sched.counter.iterator, Int32(1), sem="relaxed", scope="gpu")
                 i_token, i_head_block, i_k_valid, i_tiles = self.item_coords(mQ.shape[1], mIdx, mTopkLen, item)
-                self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched, ids,
+                self.produce_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched, ids,
                                          i_token, i_head_block, i_k_valid, i_tiles, tidx, pair_base, q_loads, item)
                 pair_base = pair_base + (i_tiles + 1) // 2
                 if const_expr(self.dynamic_items):
@@ -647,18 +571,19 @@ class SparseAttentionFwdSm90:
                 cute.arch.mbarrier_arrive(q_bar)
             cute.arch.mbarrier_arrive(q_bar)
         else:
-            self.produce_seesaw_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched, ids,
+            self.produce_item(mQ, mKV, mIdx, sQ, sKV, sBias, full_bar, empty_bar, q_bar, sched, ids,
                                      token, head_block, k_valid, n_tiles, tidx, Int32(0), Int32(0), Int32(0))
 
     @cute.jit
-    def produce_seesaw_item(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
+    def produce_item(self, mQ: cute.Tensor, mKV: cute.Tensor, mIdx: cute.Tensor, sQ: cute.Tensor,
                             sKV: cute.Tensor, sBias: cute.Tensor, full_bar, empty_bar, q_bar, sched, ids,
                             token: Int32, head_block: Int32, k_valid: Int32, n_tiles: Int32, tidx: Int32,
                             pair_base: Int32, q_loads: Int32, item: Int32):
-        """One item of `produce_seesaw`: Q, then its pairs of tiles (barrier phases offset by pair_base)."""
+        """One item of `produce`: Q, then its pairs of tiles (barrier phases offset by pair_base)."""
         D = self.D
         copy_16B = self.gather_atom()
-        row_in_pass, piece, passes, row_bytes = tidx // 8, tidx % 8, self.BN // 16, D * 2   # as in `produce`
+        # 8 threads per row, each moving 16-byte pieces 128 bytes apart; 16 rows per pass, 4 passes.
+        row_in_pass, piece, passes, row_bytes = tidx // 8, tidx % 8, self.BN // 16, D * 2
         kv_rows = mKV.shape[0]
         kv_base = mKV.iterator.toint()
         kv_policy = l2_policy(True) if const_expr(self.cfg.l2_hints) else Int64(0)
@@ -741,119 +666,13 @@ class SparseAttentionFwdSm90:
         return acc_O, acc_S, rows_cols_view(acc_O), rows_cols_view(acc_S), S_coord
 
     @cute.jit
-    def consume(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
-                sQ: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor, sO: cute.Tensor, sBias: cute.Tensor,
-                sMax: cute.Tensor, sSum: cute.Tensor, full_bar, empty_bar, q_bar,
-                mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, scale_log2: Float32,
-                token: Int32, head_block: Int32, n_tiles: Int32, w: Int32, tid: Int32):
-        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
-        KW, NW = self.keys_per_wg, self.dv_per_wg
-        thr_qk = mma_qk.get_slice(tid % 128)
-        thr_pv = mma_pv.get_slice(tid % 128)
-
-        # Operand fragments (smem descriptors). K_w: rows [32w, 32w+32) of each kv stage.
-        sK_w = cute.flat_divide(sKV, (KW, D))[None, None, w, 0, None]             # (32, D, stage)
-        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sK_w))
-        sVt_w = self.value_view(sKV, w)                                             # (256, 64, stage)
-        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
-        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))
-
-        acc_O, acc_S, O, S, S_coord = self.accumulators(thr_qk, thr_pv, KW)
-        n_rows = cute.size(S, mode=[0])          # 2 rows per thread (8 of the 32 keys each)
-        leader = cute.arch.lane_idx() % 4 == 0   # a row's 4 threads share its max and sum
-
-        row_max = cute.make_rmem_tensor((n_rows,), Float32)
-        row_sum = cute.make_rmem_tensor((n_rows,), Float32)
-        row_max.fill(-Float32.inf)
-        row_sum.fill(0.0)
-
-        cute.arch.mbarrier_wait(q_bar, 0)
-        for it in cutlass.range(n_tiles, unroll=1):
-            stage = it % self.stages
-            phase = (it // self.stages) % 2
-            cute.arch.mbarrier_wait(full_bar + stage, phase)
-            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
-
-            if const_expr(self.cfg.ablation != "no_math"):
-                wgmma(mma_qk, acc_S, tSrQ, tSrK[None, None, None, stage], zero_init=True)
-
-                if const_expr(self.cfg.ablation != "tensor_only"):
-                    self.softmax_tile(S, O, S_coord, sBias, sMax, sP, row_max, row_sum, scale_log2, stage, w, leader)
-                else:  # keep S alive (raw scores as P, no max/exp/barriers)
-                    for i in cutlass.range_constexpr(cute.size(S, mode=[0])):
-                        for j in cutlass.range_constexpr(cute.size(S, mode=[1])):
-                            sP[S_coord[i, j][0], w * KW + S_coord[i, j][1]] = BFloat16(S[i, j])
-                    cute.arch.fence_proxy("async.shared", space="cta")
-                wgmma(mma_pv, acc_O, tOrP, tOrV[None, None, None, stage], zero_init=False)
-            cute.arch.mbarrier_arrive(empty_bar + stage)
-
-        self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
-                      token, head_block, w, tid, leader)
-
-    # ---- consumers, alternate schedule ----------------------------------------------------------------
-    @cute.jit
-    def consume_alternate(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
-                          sQ: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor, sO: cute.Tensor,
-                          sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor, full_bar, empty_bar,
-                          q_bar, mma_qk: cute.TiledMma, mma_pv: cute.TiledMma, scale_log2: Float32,
-                          token: Int32, head_block: Int32, n_tiles: Int32, w: Int32, tid: Int32):
-        """Consumer w owns tiles w, w+2, ... (so its tiles always sit in kv stage w). For its tile t it
-        computes S_t = Q K_t^T over all 64 keys, the softmax with the running max, and publishes P_t and
-        the new max in smem; both consumers then add P_t V_t to their half of O. While its S_t runs on the
-        tensor cores, it folds in the other consumer's tile t-1, so one warpgroup's GEMMs overlap the
-        other's softmax."""
-        BM, BN, D, DV, NW = self.BM, self.BN, self.D, self.DV, self.dv_per_wg
-        thr_qk = mma_qk.get_slice(tid % 128)
-        thr_pv = mma_pv.get_slice(tid % 128)
-        tSrQ = thr_qk.make_fragment_A(thr_qk.partition_A(sQ))
-        tSrK = thr_qk.make_fragment_B(thr_qk.partition_B(sKV))                      # all 64 rows, by stage
-        sVt_w = self.value_view(sKV, w)                                             # (256, 64, stage)
-        tOrV = thr_pv.make_fragment_B(thr_pv.partition_B(sVt_w))
-        tOrP = thr_pv.make_fragment_A(thr_pv.partition_A(sP))                       # P of each stage's tile
-
-        acc_O, acc_S, O, S, S_coord = self.accumulators(thr_qk, thr_pv, BN)
-        n_rows = cute.size(S, mode=[0])
-        leader = cute.arch.lane_idx() % 4 == 0
-        row_max = cute.make_rmem_tensor((n_rows,), Float32)   # the running max after the last tile seen
-        row_sum = cute.make_rmem_tensor((n_rows,), Float32)   # sum over this consumer's own tiles only
-        row_max.fill(-Float32.inf)
-        row_sum.fill(0.0)
-        other = 1 - w
-
-        cute.arch.mbarrier_wait(q_bar, 0)
-        own_tiles = (n_tiles - w + 1) // 2
-        for k in cutlass.range(own_tiles, unroll=1):
-            t = w + 2 * k
-            cute.arch.mbarrier_wait(full_bar + w, k % 2)
-            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
-            wgmma(mma_qk, acc_S, tSrQ, tSrK[None, None, None, w], zero_init=True, wait=False)
-            if t >= 1:
-                self.fold_other_tile(O, S_coord, sMax, row_max, row_sum, acc_O, tOrP, tOrV, mma_pv, other)
-            warpgroup.wait_group(0)
-            if t >= 1:
-                cute.arch.mbarrier_arrive(empty_bar + other)      # done with the other's tile t-1
-            self.softmax_own_tile(S, O, S_coord, sBias, sMax, sP, row_max, row_sum, scale_log2, w, leader)
-            wgmma(mma_pv, acc_O, tOrP[None, None, None, w], tOrV[None, None, None, w], zero_init=False)
-            cute.arch.mbarrier_arrive(empty_bar + w)              # done with own tile t
-        if n_tiles > 0 and (n_tiles - 1) % 2 == other:
-            # The last tile is the other consumer's: fold it in here.
-            self.fold_other_tile(O, S_coord, sMax, row_max, row_sum, acc_O, tOrP, tOrV, mma_pv, other)
-            warpgroup.wait_group(0)
-            cute.arch.mbarrier_arrive(empty_bar + other)
-
-        self.epilogue(mOut, mLse, mSink, sO, sSum, thr_pv, acc_O, O, S_coord, row_max, row_sum,
-                      token, head_block, w, tid, leader)
-
-    # ---- consumers, seesaw schedule -------------------------------------------------------------------
-    @cute.jit
-    def consume_seesaw(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor], mIdx: cute.Tensor,
+    def consume(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor], mIdx: cute.Tensor,
                        mTopkLen: Optional[cute.Tensor], sQ: cute.Tensor, sKV: cute.Tensor, sP0: cute.Tensor,
                        sP1: cute.Tensor, sO: cute.Tensor, sBias: cute.Tensor, sMax: cute.Tensor, sSum: cute.Tensor,
                        full_bar, empty_bar, q_bar, sched, mma_qk: cute.TiledMma, mma_pv: cute.TiledMma,
                        mma_pv_rs: cute.TiledMma, scale_log2: Float32, token: Int32, head_block: Int32,
                        n_tiles: Int32, w: cutlass.Constexpr[int], tid: Int32):
-        """Consumer w of the seesaw schedule. Tiles come in pairs, 2j in stage 0 (consumer 0's) and 2j + 1
+        """Consumer w. Tiles come in pairs, 2j in stage 0 (consumer 0's) and 2j + 1
         in stage 1 (consumer 1's). Per pair:
           consumer 0: S_0 -> softmax with its running max m -> m0 (to smem) -> O_0 += P_0 V_0L (P from
                       registers) -> waits for m1 -> rescales P_0 to m1, stores it -> O_0 = O_0 * 2^(m0 - m1)
@@ -863,9 +682,8 @@ class SparseAttentionFwdSm90:
         Both end each pair at the same max m1, each summing only its own tile's P. Each half of a stage is
         released by the one consumer that reads it last: V_0L and V_1R after the owner's own product,
         V_0R (and P_0, in its RoPE columns) and V_1L after the other consumer's. Persistent: the same for each
-        item in turn (`consume_seesaw_item`), the fragments set up once."""
-        BM, BN, D, DV, NW = self.BM, self.BN, self.D, self.DV, self.dv_per_wg
-        other = 1 - w
+        item in turn (`consume_item`), the fragments set up once."""
+        BN = self.BN
         thr_qk = mma_qk.get_slice(tid % 128)
         thr_pv = mma_pv.get_slice(tid % 128)
         thr_pv_rs = mma_pv_rs.get_slice(tid % 128)
@@ -912,20 +730,20 @@ class SparseAttentionFwdSm90:
                 row_max.fill(-Float32.inf)
                 row_sum.fill(0.0)
                 # the row sums of items of alternate parity in separate halves of sSum (see `epilogue`)
-                self.consume_seesaw_item(ctx, sSum[None, None, q_loads % 2], i_token, i_head_block, i_tiles,
+                self.consume_item(ctx, sSum[None, None, q_loads % 2], i_token, i_head_block, i_tiles,
                                          pair_base, q_loads, w, tid)
                 pair_base = pair_base + (i_tiles + 1) // 2
                 q_loads = q_loads + 1
                 cute.arch.mbarrier_wait(q_bar, q_loads % 2)      # the next item (or the end) and its Q
                 item = sched.item_of_load[q_loads % 2]
         else:
-            self.consume_seesaw_item(ctx, sSum, token, head_block, n_tiles, Int32(0), Int32(0), w, tid)
+            self.consume_item(ctx, sSum, token, head_block, n_tiles, Int32(0), Int32(0), w, tid)
 
     @cute.jit
-    def consume_seesaw_item(self, ctx: SimpleNamespace, sSum: cute.Tensor, token: Int32, head_block: Int32,
+    def consume_item(self, ctx: SimpleNamespace, sSum: cute.Tensor, token: Int32, head_block: Int32,
                             n_tiles: Int32, pair_base: Int32, q_loads: Int32, w: cutlass.Constexpr[int],
                             tid: Int32):
-        """One item of `consume_seesaw` (barrier phases offset by pair_base and q_loads), then its epilogue."""
+        """One item of `consume` (barrier phases offset by pair_base and q_loads), then its epilogue."""
         mma_qk, mma_pv, mma_pv_rs = ctx.mma_qk, ctx.mma_pv, ctx.mma_pv_rs
         tSrQ, tSrK, tOrV, tOrV_rs, tOrP_other = ctx.tSrQ, ctx.tSrK, ctx.tOrV, ctx.tOrV_rs, ctx.tOrP_other
         acc_O, acc_S, O, S, S_coord = ctx.acc_O, ctx.acc_S, ctx.O, ctx.S, ctx.S_coord
@@ -1029,93 +847,11 @@ class SparseAttentionFwdSm90:
                 sMax[S_coord[i, 0][0], 0] = row_max[i]
 
     @cute.jit
-    def fold_other_tile(self, O: cute.Tensor, S_coord: cute.Tensor, sMax: cute.Tensor, row_max: cute.Tensor,
-                        row_sum: cute.Tensor, acc_O: cute.Tensor, tOrP: cute.Tensor, tOrV: cute.Tensor,
-                        mma_pv: cute.TiledMma, other: Int32):
-        """Add the other consumer's latest tile to this consumer's half of O: move to its new max, then
-        issue O += P V (left in flight; the caller waits)."""
-        cute.arch.barrier(barrier_id=BAR_TILE_READY + other, number_of_threads=256)
-        for i in cutlass.range_constexpr(cute.size(row_max)):
-            move_row_to_max(sMax[S_coord[i, 0][0], other], i, row_max, row_sum, O)
-        wgmma(mma_pv, acc_O, tOrP[None, None, None, other], tOrV[None, None, None, other], zero_init=False,
-              wait=False)
-
-    @cute.jit
-    def softmax_own_tile(self, S: cute.Tensor, O: cute.Tensor, S_coord: cute.Tensor, sBias: cute.Tensor,
-                         sMax: cute.Tensor, sP: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                         scale_log2: Float32, w: Int32, leader: Boolean):
-        """Softmax of this consumer's tile (it sits in stage w); publishes P and the new row max."""
-        n_rows = cute.size(S, mode=[0])          # 2 rows per thread
-        n_cols = cute.size(S, mode=[1])          # 16 of the 64 keys per row
-        softmax_own_rows(S, O, S_coord, sBias, w, row_max, row_sum, row_max, scale_log2)
-        if leader:
-            for i in cutlass.range_constexpr(n_rows):
-                sMax[S_coord[i, 0][0], w] = row_max[i]
-        for i in cutlass.range_constexpr(n_rows):
-            for j in cutlass.range_constexpr(n_cols):
-                sP[S_coord[i, j][0], S_coord[i, j][1], w] = BFloat16(S[i, j])
-        cute.arch.fence_proxy("async.shared", space="cta")   # st.shared P -> wgmma reads (both consumers)
-        cute.arch.barrier(barrier_id=BAR_OWN_P + w, number_of_threads=128)
-        cute.arch.barrier_arrive(barrier_id=BAR_TILE_READY + w, number_of_threads=256)
-
-    @cute.jit
-    def softmax_tile(self, S: cute.Tensor, O: cute.Tensor, S_coord: cute.Tensor, sBias: cute.Tensor,
-                     sMax: cute.Tensor, sP: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
-                     scale_log2: Float32, stage: Int32, w: Int32, leader: Boolean):
-        """Online softmax of one tile: S (this consumer's 32 keys) -> P in smem; O and the row sums
-        rescaled to the new row max, which both consumers agree on through smem."""
-        KW = self.keys_per_wg
-        n_rows = cute.size(S, mode=[0])          # 2 rows per thread
-        n_cols = cute.size(S, mode=[1])          # 8 of the 32 keys per row
-        row_scale = cute.make_rmem_tensor((n_rows,), Float32)
-        local_max = cute.make_rmem_tensor((n_rows,), Float32)
-        col_bias = cute.make_rmem_tensor((n_cols,), Float32)
-        # Scores in log2 units, invalid keys at -inf; this thread's part of each row max.
-        for j in cutlass.range_constexpr(n_cols):
-            col_bias[j] = sBias[w * KW + S_coord[0, j][1], stage]
-        for i in cutlass.range_constexpr(n_rows):
-            m = -Float32.inf
-            for j in cutlass.range_constexpr(n_cols):
-                s = S[i, j] * scale_log2 + col_bias[j]
-                S[i, j] = s
-                m = cute.arch.fmax(m, s)
-            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=1))
-            m = cute.arch.fmax(m, cute.arch.shuffle_sync_bfly(m, offset=2))
-            local_max[i] = m
-            if leader:
-                sMax[S_coord[i, 0][0], w] = m
-        cute.arch.barrier(barrier_id=BAR_MAX_READY, number_of_threads=256)
-
-        # Both consumers now take the same new max, so their halves of P share one scale.
-        for i in cutlass.range_constexpr(n_rows):
-            other = sMax[S_coord[i, 0][0], 1 - w]
-            m_new = cute.arch.fmax(row_max[i], cute.arch.fmax(local_max[i], other))
-            m_use = m_new
-            if m_new == -Float32.inf:
-                m_use = Float32(0.0)
-            row_scale[i] = cute.math.exp2(row_max[i] - m_use, fastmath=True)
-            row_max[i] = m_new
-            total = Float32(0.0)
-            for j in cutlass.range_constexpr(n_cols):
-                p = cute.math.exp2(S[i, j] - m_use, fastmath=True)
-                S[i, j] = p
-                total += p
-            row_sum[i] = row_sum[i] * row_scale[i] + total
-        for i in cutlass.range_constexpr(n_rows):
-            O_row = O[i, None]
-            O_row.store(O_row.load() * row_scale[i])
-        for i in cutlass.range_constexpr(n_rows):
-            for j in cutlass.range_constexpr(n_cols):
-                sP[S_coord[i, j][0], w * KW + S_coord[i, j][1]] = BFloat16(S[i, j])
-        cute.arch.fence_proxy("async.shared", space="cta")   # st.shared P -> wgmma reads
-        cute.arch.barrier(barrier_id=BAR_P_READY, number_of_threads=256)
-
-    @cute.jit
     def epilogue(self, mOut: cute.Tensor, mLse: cute.Tensor, mSink: Optional[cute.Tensor],
                  sO: cute.Tensor, sSum: cute.Tensor, thr_pv: cute.ThrMma, acc_O: cute.Tensor,
                  O: cute.Tensor, S_coord: cute.Tensor, row_max: cute.Tensor, row_sum: cute.Tensor,
                  token: Int32, head_block: Int32, w: Int32, tid: Int32, leader: Boolean):
-        BM, H, DV, NW = self.BM, mOut.shape[1], self.DV, self.dv_per_wg
+        BM, H = self.BM, mOut.shape[1]
         n_rows = cute.size(row_max)
         # The full row sum: over this thread's columns, its 4 row-mates, then both consumers.
         for i in cutlass.range_constexpr(n_rows):

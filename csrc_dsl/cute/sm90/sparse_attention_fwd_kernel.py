@@ -515,7 +515,7 @@ class SparseAttentionFwdSm90:
         row_in_pass = tidx // 8
         piece = tidx % 8
         q_base = mQ.iterator.toint()
-        for p in cutlass.range_constexpr(self.BN // 16):
+        for p in cutlass.range_constexpr(self.BM // 16):
             r = row_in_pass + 16 * p
             head = head_block * self.BM + r
             valid = head < H

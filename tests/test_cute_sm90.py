@@ -438,18 +438,24 @@ def launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=None):
     return out, lse
 
 
+def compile_without_local_memory(config):
+    """Compile one variant for sm_90a on the CPU, check that it has no stack frame and spills nothing; its SASS
+    (None without nvdisasm)."""
+    ptx, cubin = fwd.compile_for_inspection(config)
+    assert fake_compile.cubin_resources(cubin).stack_frame == 0
+    report = fake_compile.ptxas_report(ptx)
+    if report is not None:
+        assert report.spill_stores == 0 and report.spill_loads == 0, report.text
+    return fake_compile.sass(cubin)
+
+
 @needs_dsl
 @pytest.mark.parametrize("variant", [v for v in fwd.VARIANTS if v != fwd.DEFAULT_VARIANT])
 def test_fwd_variants_compile_without_spills(variant):
     """The named variants that are not the op's default still compile for sm_90a with no local memory."""
     for head_dim in fwd.SUPPORTED_HEAD_DIMS:
         config = fwd.make_config(fwd.VARIANTS[variant], head_dim, 512, True, True, 16)   # (16: keys_in_m's own)
-        ptx, cubin = fwd.compile_for_inspection(config)
-        assert fake_compile.cubin_resources(cubin).stack_frame == 0
-        report = fake_compile.ptxas_report(ptx)
-        if report is not None:
-            assert report.spill_stores == 0 and report.spill_loads == 0, report.text
-        sass = fake_compile.sass(cubin)
+        sass = compile_without_local_memory(config)
         if sass is not None:
             if config.persistent or config.direct_store:
                 # O leaves from registers: 16 16-byte stores per consumer thread, in each consumer's code
@@ -519,12 +525,7 @@ def test_fwd_keys_in_m_compiles_without_spills(heads):
     for head_dim in fwd.SUPPORTED_HEAD_DIMS:
         config = fwd.make_config(fwd.VARIANTS[KEYS_VARIANT], head_dim, 512, True, True, heads)
         assert config.keys_in_m == heads
-        ptx, cubin = fwd.compile_for_inspection(config)
-        assert fake_compile.cubin_resources(cubin).stack_frame == 0
-        report = fake_compile.ptxas_report(ptx)
-        if report is not None:
-            assert report.spill_stores == 0 and report.spill_loads == 0, report.text
-        sass = fake_compile.sass(cubin)
+        sass = compile_without_local_memory(config)
         if sass is not None:
             ops = fake_compile.count_opcodes(sass, "HGMMA", "LDGSTS", "LDL", "STL")
             assert ops["HGMMA"] == 2 * (head_dim // 16 + (512 // 64) * (64 // 16))

@@ -132,11 +132,7 @@ class SparseAttentionFwdKeysInMSm90(SparseAttentionFwdSm90):
         q_bar = storage.q_bar.data_ptr()
         if warp_idx == 0:
             with cute.arch.elect_one():
-                for s in cutlass.range_constexpr(self.stages):
-                    for half in cutlass.range_constexpr(2):
-                        # the half a stage is loaded first (0: L, 1: R) also publishes its bias
-                        cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
-                        cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # consumer s frees both halves
+                self.init_stage_barriers(full_bar, empty_bar)    # consumer s frees both halves of stage s
                 cute.arch.mbarrier_init(q_bar, 128)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()

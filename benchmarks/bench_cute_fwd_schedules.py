@@ -155,6 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="?", const="all", default="",
                         help="all of VARIANTS, or a comma-separated list of names (default: the op's variant)")
     parser.add_argument("--flashmla", default="", help="FlashMLA library from benchmarks/flashmla_baseline/build.sh")
+    parser.add_argument("--heads", default="", help="only the cases with these head counts (comma-separated)")
     args = parser.parse_args(argv)
     from csrc_dsl.cute.sm90 import sparse_attention_fwd as cute_fwd
     if args.variants == "all":
@@ -166,6 +167,8 @@ def main(argv=None) -> None:
         parser.error(f"unknown variants {sorted(unknown)}; VARIANTS has {sorted(cute_fwd.VARIANTS)}")
     peak, _ = use_roofline_of(torch.cuda.get_device_name())
     cases = K_SWEEP if args.cases == "k_sweep" else HEADLINE + (MORE if args.cases == "all" else [])
+    if args.heads:
+        cases = [case for case in cases if case.H in {int(h) for h in args.heads.split(",")}]
     all_rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.reps} "
           f"interleaved calls, L2 flushed before each; ids in {args.ids} order")

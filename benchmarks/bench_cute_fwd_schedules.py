@@ -104,7 +104,7 @@ def run_case(case: Case, reps: int, with_triton: bool, variant_names, sorted_ids
     lse = torch.empty(case.T, case.H, device="cuda", dtype=torch.float32)
     runs = {}
     for name, fields in [(f"cute {name}", cute_fwd.VARIANTS[name]) for name in variant_names]:
-        config = cute_fwd.make_config(fields, case.D, case.d_v, True, False, case.H)
+        config = cute_fwd.FwdConfig(case.D, case.d_v, has_sink=True, has_topk_length=False, **fields)
         runs[name] = (lambda c=config: cute_fwd._launch(c, q, kv, idx, out, lse, scale, sink, None))
         if name == "cute seesaw+persistent":
             # the persistent kernel with one item per CTA (a grid as large as the work): its code without its

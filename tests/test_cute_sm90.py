@@ -216,7 +216,7 @@ def test_forward_variant_from_the_environment(monkeypatch):
         monkeypatch.setenv(fwd.ENV_VARIANT, name)
         assert fwd.selected_variant() == fields
     monkeypatch.setenv(fwd.ENV_VARIANT, "seesaw-no_l2_hints")
-    assert fwd.make_config(fwd.selected_variant(), 576, 512, False, False, 128).l2_hints is False
+    assert fwd.FwdConfig(576, 512, False, False, **fwd.selected_variant()).l2_hints is False
     assert {c.l2_hints for c in fwd.shipped_configs()} == {False}
     # the two schedules removed in session 23 are errors now, as is any other name
     for bad in ("seesaw+no_such_flag", "split_keys", "alternate", "nope"):
@@ -365,10 +365,12 @@ def test_fwd_all_duplicates_and_single_key():
 @needs_sm90
 def test_fwd_one_compile_serves_all_shapes():
     """T, H, S and K are runtime values: new sizes reuse the compiled variant."""
+    config = fwd.FwdConfig(head_dim=576, d_v=512, has_sink=False, has_topk_length=False,
+                           **fwd.selected_variant())
     for T, H, S, K in [(3, 16, 300, 64), (9, 128, 4100, 1000), (1, 1, 65, 1)]:
         q, kv, idx, _, _ = make_inputs(T=T, H=H, D=576, S=S, K=K, seed=T * H)
         check(q, kv, idx, 0.05, 512, None, None)
-        assert fwd.make_config(fwd.selected_variant(), 576, 512, False, False, H) in fwd._CACHE
+        assert config in fwd._CACHE
     assert sum(1 for c in fwd.shipped_configs() if c in fwd._CACHE) >= 1
 
 
@@ -387,7 +389,7 @@ def test_fwd_empty_inputs():
 def test_fwd_cuda_graph_replay_equals_eager():
     q, kv, idx, sink, lengths = make_inputs(T=16, H=64, D=576, S=4000, K=2000, seed=99, sink=True, topk_length=True)
     scale = 576 ** -0.5
-    fwd.warmup([fwd.make_config(fwd.selected_variant(), 576, 512, True, True, 64)])  # no compile in capture
+    fwd.warmup([fwd.FwdConfig(576, 512, True, True, **fwd.selected_variant())])  # no compile in capture
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):                            # warm the allocator off the default stream
@@ -419,7 +421,7 @@ def test_fwd_each_variant_matches_oracle(variant, D):
     q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=3000, K=K, seed=21 + D, sink=True,
                                             topk_length=True)
     lengths[:8] = torch.tensor([0, 1, 64, 65, 128, 129, 999, 1000], dtype=torch.int32)
-    launch_variant_vs_oracle(fwd.make_config(fwd.VARIANTS[variant], D, 512, True, True, H),
+    launch_variant_vs_oracle(fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.VARIANTS[variant]),
                              q, kv, idx, sink, lengths)
 
 
@@ -454,7 +456,7 @@ def compile_without_local_memory(config):
 def test_fwd_variants_compile_without_spills(variant):
     """The named variants that are not the op's default still compile for sm_90a with no local memory."""
     for head_dim in fwd.SUPPORTED_HEAD_DIMS:
-        config = fwd.make_config(fwd.VARIANTS[variant], head_dim, 512, True, True, 16)   # (16: keys_in_m's own)
+        config = fwd.FwdConfig(head_dim, 512, True, True, **fwd.VARIANTS[variant])
         sass = compile_without_local_memory(config)
         if sass is not None:
             if config.persistent or config.direct_store:
@@ -473,7 +475,7 @@ def test_fwd_persistent_many_items_per_cta(max_ctas, H, variant):
     q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=2500, K=K, seed=40 + H + max_ctas, sink=True,
                                             topk_length=True)
     lengths[:9] = torch.tensor([0, 0, 1, 64, 0, 129, 700, 0, 640], dtype=torch.int32)
-    config = fwd.make_config(fwd.VARIANTS[variant], D, 512, True, True, H)
+    config = fwd.FwdConfig(D, 512, has_sink=True, has_topk_length=True, **fwd.VARIANTS[variant])
     out, lse = launch_variant_vs_oracle(config, q, kv, idx, sink, lengths, max_ctas=max_ctas)
     # the same result whatever the grid: each item is computed the same way on any CTA
     out_full = torch.empty_like(out)
@@ -498,80 +500,3 @@ def test_supports_on_sm90():
     assert not fwd.supports(q, kv, idx, 0.1, 256, None, None)
     big = torch.randn(2, 129, 576, device="cuda").to(torch.bfloat16)
     assert not fwd.supports(big, kv, idx, 0.1, 512, None, None)
-
-
-# ---- the few-heads kernel (keys in the wgmma M dimension) ---------------------------------------------------------
-KEYS_VARIANT = "seesaw+persistent_dynamic+hoisted_addresses+keys_in_m"
-
-
-def test_make_config_sends_few_heads_to_the_keys_in_m_kernel():
-    variant = fwd.VARIANTS[KEYS_VARIANT]
-    for heads, expected in [(1, 16), (16, 16), (17, 32), (32, 32), (33, 0), (128, 0)]:
-        config = fwd.make_config(variant, 576, 512, True, False, heads)
-        assert config.keys_in_m == expected
-        assert config.persistent == (expected == 0) and config.dynamic_items == (expected == 0)
-        assert config.hoist_gather_addresses
-    # the other variants never use it
-    assert all(fwd.make_config(v, 576, 512, True, False, 16).keys_in_m == 0
-               for name, v in fwd.VARIANTS.items() if name != KEYS_VARIANT)
-
-
-@needs_dsl
-@pytest.mark.parametrize("heads", fwd.KEYS_IN_M_HEADS)
-def test_fwd_keys_in_m_compiles_without_spills(heads):
-    """No local memory, and the products and copies the kernel is meant to issue: per consumer, S^T over the D/16
-    k-steps and O^T as 8 M-tiles of 64 values of d_v over a tile's 4 k-steps of 16 keys; Q's heads/16 row passes and
-    both stages' 4 row passes of D/64 16-byte pieces per producer thread."""
-    for head_dim in fwd.SUPPORTED_HEAD_DIMS:
-        config = fwd.make_config(fwd.VARIANTS[KEYS_VARIANT], head_dim, 512, True, True, heads)
-        assert config.keys_in_m == heads
-        sass = compile_without_local_memory(config)
-        if sass is not None:
-            ops = fake_compile.count_opcodes(sass, "HGMMA", "LDGSTS", "LDL", "STL")
-            assert ops["HGMMA"] == 2 * (head_dim // 16 + (512 // 64) * (64 // 16))
-            assert ops["LDGSTS"] == (heads // 16) * (head_dim // 64) + 2 * 4 * (head_dim // 64)
-            assert ops["LDL"] == 0 and ops["STL"] == 0
-
-
-@needs_sm90
-@pytest.mark.parametrize("D", [576, 512])
-@pytest.mark.parametrize("H", [1, 7, 16, 17, 32, 40])
-def test_fwd_keys_in_m_matches_oracle(H, D):
-    """The keys-in-M kernel on NaN-poisoned outputs against the fp64 oracle: rows of 0, 1, 2, 3 and many tiles, -1,
-    out-of-range and duplicate ids, sink; H = 40 runs two blocks of 32 heads, the second mostly padding. Then
-    bitwise the same on a second launch (a fixed order of every sum)."""
-    T, K = 10, 1000
-    q, kv, idx, sink, lengths = make_inputs(T=T, H=H, D=D, S=3000, K=K, seed=60 + H + D, sink=True,
-                                            topk_length=True)
-    lengths[:8] = torch.tensor([0, 1, 64, 65, 128, 129, 999, 1000], dtype=torch.int32)
-    config = fwd.make_config(fwd.VARIANTS[KEYS_VARIANT], D, 512, True, True, min(H, 32))
-    assert config.keys_in_m == (16 if H <= 16 else 32)
-    out, lse = launch_variant_vs_oracle(config, q, kv, idx, sink, lengths)
-    again = torch.empty_like(out), torch.empty_like(lse)
-    fwd._launch(config, q, kv, idx, *again, D ** -0.5, sink, lengths)
-    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])
-
-
-@needs_sm90
-def test_fwd_keys_in_m_through_the_op(monkeypatch):
-    """With the keys-in-M variant selected, the op runs it for H <= 32 (the main kernel above), without sink or
-    topk_length too, and a CUDA graph of it replays equal to eager."""
-    monkeypatch.setenv(fwd.ENV_VARIANT, KEYS_VARIANT)
-    for H in (16, 24, 64):
-        q, kv, idx, _, _ = make_inputs(T=33, H=H, D=576, S=5000, K=2048, seed=80 + H)
-        check(q, kv, idx, 576 ** -0.5, 512, None, None)
-        assert fwd.make_config(fwd.selected_variant(), 576, 512, False, False, H) in fwd._CACHE
-    q, kv, idx, sink, lengths = make_inputs(T=16, H=16, D=576, S=4000, K=2000, seed=98, sink=True, topk_length=True)
-    fwd.warmup([fwd.make_config(fwd.selected_variant(), 576, 512, True, True, 16)])
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fwd.sparse_attention(q, kv, idx, 0.04, 512, sink, lengths)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        g_out, g_lse = fwd.sparse_attention(q, kv, idx, 0.04, 512, sink, lengths)
-    graph.replay()
-    torch.cuda.synchronize()
-    e_out, e_lse = fwd.sparse_attention(q, kv, idx, 0.04, 512, sink, lengths)
-    assert torch.equal(g_out, e_out) and torch.equal(g_lse, e_lse)

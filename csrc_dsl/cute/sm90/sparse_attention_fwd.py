@@ -9,7 +9,7 @@ sparse_attention_fwd_kernel.py, imported only when a variant is compiled.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +23,6 @@ LOG2_E = 1.4426950408889634
 # graphs, torch.compile, the demo) passed in session 18, so the op runs it.
 DEFAULT_VARIANT = "seesaw+persistent_dynamic+hoisted_addresses"
 ENV_VARIANT = "DSA_OPS_CUTE_SPARSE_FWD_SCHEDULE"   # tests and benchmarks: run another variant
-KEYS_IN_M_HEADS = (16, 32)   # the keys-in-M kernel's heads per CTA (sparse_attention_fwd_keys_kernel.py)
 SUPPORTED_HEAD_DIMS = (512, 576)
 SUPPORTED_DV = (512,)
 MAX_HEADS = 128
@@ -70,32 +69,15 @@ class FwdConfig:
     # once; every other piece is that plus an immediate (no swizzle arithmetic per copy: the variant
     # `seesaw+hoisted_addresses`)
     hoist_gather_addresses: bool = False
-    # 0: the main kernel (64 heads in the wgmma M dimension). 16 or 32: the kernel for few heads, with the 64 keys
-    # of a tile in M and N = keys_in_m heads per CTA (sparse_attention_fwd_keys_kernel.py; not persistent)
-    keys_in_m: int = 0
     # Performance analysis only (wrong results): "no_gather" skips the kv cp.async.
     ablation: str = "none"
 
 
-def make_config(variant: dict, head_dim: int, d_v: int, has_sink: bool, has_topk_length: bool,
-                num_heads: int) -> FwdConfig:
-    """The FwdConfig of a named variant's fields for a call with `num_heads` heads: a variant with
-    `keys_in_m_for_few_heads` runs H <= 32 on the keys-in-M kernel (one CTA per token and block of 16 or 32 heads)."""
-    fields = dict(variant)
-    if fields.pop("keys_in_m_for_few_heads", False) and num_heads <= max(KEYS_IN_M_HEADS):
-        fields.pop("persistent", None)
-        fields.pop("dynamic_items", None)
-        fields["keys_in_m"] = next(n for n in KEYS_IN_M_HEADS if num_heads <= n)
-    return FwdConfig(head_dim, d_v, has_sink, has_topk_length, **fields)
-
-
 def shipped_configs() -> list[FwdConfig]:
     """Every variant the op can dispatch to; CI compiles all of them (tests/test_cute_sm90.py)."""
-    head_counts = [*KEYS_IN_M_HEADS, MAX_HEADS] if selected_variant().get("keys_in_m_for_few_heads") else [MAX_HEADS]
-    configs = {make_config(selected_variant(), head_dim, d_v, has_sink, has_topk_length, num_heads)
-               for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV
-               for has_sink in (False, True) for has_topk_length in (False, True) for num_heads in head_counts}
-    return sorted(configs, key=repr)
+    return [FwdConfig(head_dim, d_v, has_sink, has_topk_length, **selected_variant())
+            for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV
+            for has_sink in (False, True) for has_topk_length in (False, True)]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -142,7 +124,8 @@ def sparse_attention(q, kv, indices, scale: float, d_v: int = 512, attn_sink=Non
         out.zero_()
         lse.fill_(float("inf"))
         return out, lse
-    config = make_config(selected_variant(), head_dim, d_v, attn_sink is not None, topk_length is not None, num_heads)
+    config = FwdConfig(head_dim=head_dim, d_v=d_v, has_sink=attn_sink is not None,
+                       has_topk_length=topk_length is not None, **selected_variant())
     _launch(config, q, kv, indices, out, lse, scale, attn_sink, topk_length)
     return out, lse
 
@@ -185,11 +168,7 @@ VARIANTS = {"seesaw": {},                                     # one CTA per item
             "seesaw+hoisted_addresses": {"hoist_gather_addresses": True},
             "seesaw+direct_store+hoisted_addresses": {"direct_store": True, "hoist_gather_addresses": True},
             "seesaw+persistent_dynamic+hoisted_addresses": {"persistent": True, "dynamic_items": True,
-                                                            "hoist_gather_addresses": True},
-            # and H <= 32 on the keys-in-M kernel (hoisted addresses, one CTA per item)
-            "seesaw+persistent_dynamic+hoisted_addresses+keys_in_m": {
-                "persistent": True, "dynamic_items": True, "hoist_gather_addresses": True,
-                "keys_in_m_for_few_heads": True}}
+                                                            "hoist_gather_addresses": True}}
 
 
 def selected_variant() -> dict:
@@ -251,10 +230,6 @@ def unavailable_reason() -> Optional[str]:
 
 
 def _make_kernel(config: FwdConfig):
-    if config.keys_in_m:
-        from csrc_dsl.cute.sm90.sparse_attention_fwd_keys_kernel import SparseAttentionFwdKeysInMSm90
-
-        return SparseAttentionFwdKeysInMSm90(config)
     from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import SparseAttentionFwdSm90
 
     return SparseAttentionFwdSm90(config)
@@ -264,7 +239,6 @@ _HERE = Path(__file__).resolve().parent
 _CACHE = KernelCache(
     "sparse_attention_fwd_sm90", FwdConfig, compile_kernel,
     source_files=[_HERE / "sparse_attention_fwd.py", _HERE / "sparse_attention_fwd_kernel.py",
-                  _HERE / "sparse_attention_fwd_keys_kernel.py",
                   *sorted((_HERE.parent / "common").glob("*.py"))],
 )
 
@@ -290,7 +264,7 @@ def _benchmark(argv=None) -> None:
     sink = torch.randn(args.H, device="cuda", generator=gen) if args.sink else None
     out = torch.empty(args.T, args.H, 512, device="cuda", dtype=torch.bfloat16)
     lse = torch.empty(args.T, args.H, device="cuda", dtype=torch.float32)
-    config = replace(make_config(VARIANTS[args.variant], args.D, 512, args.sink, False, args.H), ablation=args.ablation)
+    config = FwdConfig(args.D, 512, args.sink, False, ablation=args.ablation, **VARIANTS[args.variant])
     run = lambda: _launch(config, q, kv, indices, out, lse, args.D ** -0.5, sink, None)  # noqa: E731
     run()
     ms = do_bench(run, warmup=25, rep=200)

@@ -211,7 +211,8 @@ def test_forward_variant_from_the_environment(monkeypatch):
     names the choices (never a silent fallback to the default)."""
     monkeypatch.delenv(fwd.ENV_VARIANT, raising=False)
     assert fwd.selected_variant() == fwd.VARIANTS[fwd.DEFAULT_VARIANT]
-    assert {c.persistent for c in fwd.shipped_configs()} == {True}
+    assert all(getattr(config, field) == value for config in fwd.shipped_configs()
+               for field, value in fwd.VARIANTS[fwd.DEFAULT_VARIANT].items())
     for name, fields in fwd.VARIANTS.items():
         monkeypatch.setenv(fwd.ENV_VARIANT, name)
         assert fwd.selected_variant() == fields

@@ -168,7 +168,8 @@ def main(argv=None) -> None:
     peak, _ = use_roofline_of(torch.cuda.get_device_name())
     cases = K_SWEEP if args.cases == "k_sweep" else HEADLINE + (MORE if args.cases == "all" else [])
     if args.heads:
-        cases = [case for case in cases if case.H in {int(h) for h in args.heads.split(",")}]
+        heads = {int(h) for h in args.heads.split(",")}
+        cases = [case for case in cases if case.H in heads]
     all_rows = []
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; medians of {args.reps} "
           f"interleaved calls, L2 flushed before each; ids in {args.ids} order")

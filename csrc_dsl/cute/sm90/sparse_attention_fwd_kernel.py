@@ -422,7 +422,11 @@ class SparseAttentionFwdSm90:
                 next_item=storage.next_item.get_tensor(cute.make_layout((2,))) if self.dynamic_items else None)
         if warp_idx == 0:
             with cute.arch.elect_one():
-                self.init_stage_barriers(full_bar, empty_bar)
+                for s in cutlass.range_constexpr(self.stages):
+                    for half in cutlass.range_constexpr(2):
+                        # the half a stage is loaded first (0: L, 1: R) also publishes its bias
+                        cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
+                        cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
                 # persistent: one more arrival, the producer thread that published the load's item
                 cute.arch.mbarrier_init(q_bar, 129 if self.persistent else 128)
                 if const_expr(self.persistent):
@@ -460,15 +464,6 @@ class SparseAttentionFwdSm90:
                 self.consume(mOut, mLse, mSink, mIdx, mTopkLen, sQ, sKV, sP0, sP1, sO, sBias, sMax,
                              sSum, full_bar, empty_bar, q_bar, sched, mma_qk, mma_pv, mma_pv_rs,
                              scale_log2, token, head_block, n_tiles, 1, tidx - 128)
-
-    @cute.jit
-    def init_stage_barriers(self, full_bar, empty_bar):
-        """The kv stages' full and empty barriers, one pair per stage and column half (by one thread)."""
-        for s in cutlass.range_constexpr(self.stages):
-            for half in cutlass.range_constexpr(2):
-                # the half a stage is loaded first (0: L, 1: R) also publishes its bias
-                cute.arch.mbarrier_init(full_bar + 2 * s + half, 256 if half == s else 128)
-                cute.arch.mbarrier_init(empty_bar + 2 * s + half, 128)   # one consumer each
 
     @cute.jit
     def item_coords(self, H: Int32, mIdx: cute.Tensor, mTopkLen: Optional[cute.Tensor], item: Int32):

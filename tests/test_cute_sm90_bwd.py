@@ -252,7 +252,8 @@ def test_oracle_matches_spec_and_bf16_operands_meet_tolerance(round_bf16):
 # CPU: every shipped variant compiles for sm_90a without spills
 # ======================================================================================================
 def _config_id(config):
-    return f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}"
+    name = f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}"
+    return name if config.schedule == "split" else f"{name}-{config.schedule}-{config.ablation}"
 
 
 def _expected_hgmma(config):
@@ -260,8 +261,12 @@ def _expected_hgmma(config):
     wgmma: two 256-column ones, plus the 64 RoPE columns), dkv^T blocks (4 k-steps over 64 heads each,
     twice on the value columns)."""
     D, DV = config.head_dim, config.d_v
-    dq = 2 * 2 + (2 if D > DV else 0)
     dkv = sum(4 + (4 if b * 64 < DV else 0) for b in range(D // 64))
+    if config.schedule == "wide":
+        # S and dP in two halves of 32 keys; dQ over 64 keys (4 k-steps) per 256-column wgmma and RoPE block
+        dq = 4 * 2 + (4 if D > DV else 0)
+        return 2 * (D // 16 + DV // 16) + dq + (dkv if config.ablation != "no_dkv" else 0)
+    dq = 2 * 2 + (2 if D > DV else 0)
     return D // 16 + DV // 16 + dq + dkv
 
 
@@ -332,6 +337,53 @@ def test_bwd_variants_compile_without_spills(config):
             # the lane exchange: two butterfly stages of 16 values ("vector"), or one of 8 ("pair")
             shuffles_per_block = 16 if config.dkv_write == "vector" else 8
             assert fake_compile.count_opcodes(sass, "SHFL")["SHFL"] == shuffles_per_block * (config.head_dim // 64)
+
+
+WIDE_CONFIGS = [bwd.BwdConfig(D, 512, det, schedule="wide") for D in (576, 512) for det in (False, True)]
+
+
+def test_schedules_fill_their_tiles(monkeypatch):
+    split, wide = bwd.BwdConfig(576, 512, False), bwd.BwdConfig(576, 512, False, schedule="wide")
+    assert (split.block_n, split.num_stages) == (32, 2) and (wide.block_n, wide.num_stages) == (64, 1)
+    for config in (split, wide):
+        assert config.producer_regs + 2 * config.consumer_regs <= 504       # 168 registers x 384 threads
+    assert bwd.BwdConfig(576, 512, False, schedule="wide", block_n=32).block_n == 32   # explicit values stay
+    with pytest.raises(ValueError, match="schedule"):
+        bwd.BwdConfig(576, 512, False, schedule="diagonal")
+    monkeypatch.delenv(bwd.ENV_SCHEDULE, raising=False)
+    assert bwd.selected_schedule() == bwd.BwdConfig.schedule
+    monkeypatch.setenv(bwd.ENV_SCHEDULE, "wide")
+    assert bwd.selected_schedule() == "wide"
+    monkeypatch.setenv(bwd.ENV_SCHEDULE, "narrow")
+    with pytest.raises(ValueError, match="narrow"):
+        bwd.selected_schedule()
+
+
+@needs_dsl
+@pytest.mark.parametrize("config", WIDE_CONFIGS + [bwd.BwdConfig(576, 512, False, schedule="wide",
+                                                                 ablation="no_dkv")], ids=_config_id)
+def test_bwd_wide_schedule_compiles_for_sm90a(config):
+    """The wide schedule compiles for sm_90a within shared memory, with its static wgmma count: S and dP in
+    halves, every dkv^T block in the second consumer, 16-byte dkv writes (stores in deterministic mode)."""
+    ptx, cubin, smem_bytes = bwd.compile_for_inspection(config)
+    assert 0 < smem_bytes <= 232448
+    assert fake_compile.cubin_resources(cubin).registers <= 168
+    sass = fake_compile.sass(cubin)
+    if sass is not None:
+        assert fake_compile.count_opcodes(sass, "HGMMA")["HGMMA"] == _expected_hgmma(config)
+        pieces = 8 * (config.head_dim // 64) if config.ablation == "none" else 0   # 64 keys: 8 per thread
+        if config.deterministic:
+            assert "REDG" not in sass and sass.count("STG.E.128") >= pieces
+        else:
+            assert sass.count("REDG.E.ADD.F32x4") == pieces
+
+
+def test_wide_kernel_rejects_other_tiles():
+    from csrc_dsl.cute.sm90.sparse_attention_bwd_wide_kernel import SparseAttentionBwdSm90Wide
+
+    for bad in (dict(block_n=32), dict(num_stages=2), dict(dkv_write="scalar"), dict(overlap_dkv=False)):
+        with pytest.raises(ValueError):
+            SparseAttentionBwdSm90Wide(bwd.BwdConfig(576, 512, False, schedule="wide", **bad))
 
 
 # ======================================================================================================
@@ -538,6 +590,69 @@ def test_bwd_op_with_pair_dkv_write(H, D, K, deterministic, monkeypatch):
                                                   topk_length=True, dup=0.2)
     lengths[:4] = torch.tensor([0, 1, 33, 65], dtype=torch.int32)
     check(q, kv, idx, D ** -0.5, 512, sink, lengths, dout, deterministic)
+
+
+WIDE_CASES = [  # (T, H, D, S, K, sink, topk_length, deterministic)
+    (4, 64, 576, 3001, 2048, True, True, False),
+    (4, 128, 576, 3001, 2048, False, False, True),
+    (5, 100, 512, 5000, 2000, True, False, False),
+    (3, 16, 576, 777, 300, False, True, True),
+    (2, 1, 512, 900, 128, True, True, False),
+]
+
+
+@needs_sm90
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: "T{}-H{}-D{}-S{}-K{}-sink{:d}-len{:d}-det{:d}".format(*c))
+def test_bwd_wide_schedule_matches_oracle(case, monkeypatch):
+    """The op run with the wide schedule (64-key tiles) against the fp64 oracle: odd H, K not a multiple of
+    64, invalid / out-of-range / duplicate ids, sink, topk_length, both dkv modes, NaN-poisoned outputs."""
+    monkeypatch.setenv(bwd.ENV_SCHEDULE, "wide")
+    T, H, D, S, K, sink, topk_length, deterministic = case
+    q, kv, idx, attn_sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=T * H + K, sink=sink,
+                                                       topk_length=topk_length)
+    check(q, kv, idx, D ** -0.5, 512, attn_sink, lengths, dout, deterministic)
+
+
+@needs_sm90
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bwd_wide_schedule_tile_edges_and_lonely_rows(deterministic, monkeypatch):
+    """Rows with 0, 1, 31, 32, 33, 63, 64, 65 and 300 slots (edges of the 64-slot tiles and of their 32-key
+    halves), a row of only invalid ids, and a row whose one valid key is named by every slot."""
+    monkeypatch.setenv(bwd.ENV_SCHEDULE, "wide")
+    T, H, D, S, K = 11, 100, 576, 777, 300
+    q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=37, sink=True, topk_length=True)
+    lengths[:] = torch.tensor([0, 1, 31, 32, 33, 63, 64, 65, 300, 300, 300], dtype=torch.int32)
+    idx[9] = -1
+    idx[10] = 5
+    check(q, kv, idx, D ** -0.5, 512, sink, lengths, dout, deterministic)
+
+
+@needs_sm90
+@pytest.mark.parametrize("D", [576, 512])
+def test_bwd_schedules_agree(D, monkeypatch):
+    """Both schedules sum the same products in the same order per output element (S and dP over 32-key
+    pieces, dQ over keys in 16-key steps, each dkv^T value over the 64 heads), so dq and the deterministic
+    dkv agree bit for bit; fast-mode dkv up to the order of the atomics. The wide schedule's deterministic
+    mode is bitwise stable over repeated runs."""
+    T, H, S, K = 9, 128, 2000, 1000
+    q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=71 + D, sink=True,
+                                                  topk_length=True, dup=0.2)
+    out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, sink, lengths)
+    results = {}
+    for schedule in ("split", "wide"):
+        monkeypatch.setenv(bwd.ENV_SCHEDULE, schedule)
+        for deterministic in (False, True):
+            results[schedule, deterministic] = bwd.sparse_attention_backward(
+                dout, q, kv, out, lse, idx, D ** -0.5, 512, sink, lengths, deterministic)
+    for deterministic in (False, True):
+        split, wide = results["split", deterministic], results["wide", deterministic]
+        assert torch.equal(split[0], wide[0]) and torch.equal(split[2], wide[2])
+        if deterministic:
+            assert torch.equal(split[1], wide[1])
+        else:
+            assert rel_err(wide[1], split[1].double()) <= 1e-3
+    again = bwd.sparse_attention_backward(dout, q, kv, out, lse, idx, D ** -0.5, 512, sink, lengths, True)
+    assert all(torch.equal(a, b) for a, b in zip(again, results["wide", True]))
 
 
 @needs_sm90

@@ -35,7 +35,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cutefwd | flashmla | tritonbwd | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: cutebwd | cutefwd | flashmla | tritonbwd | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -160,6 +160,16 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
   ;;
 bwdncu)    # staged: ncu of the CuTe-DSL backward at H = 64 (bwd_ncu above)
   bwd_ncu
+  ;;
+cutebwd)   # staged, at most ~560 s (session 24): the CuTe backward's wide schedule: its GPU tests (and the split
+           # schedule's oracle tests), both schedules' kernels alone with their ablations at H = 64 and 128, then
+           # the op with CUTEBWD_SCHEDULE (default wide) against cuDNN and the op with the split schedule
+  capped 200 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
+    -k "wide or schedules or matches_oracle_heads or tile_edges" "$@"
+  capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
+    --ablation kernel wide no_dkv_write wide_no_dkv_write no_dkv wide_no_dkv
+  DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 180 bench_bwd.log python -m benchmarks.run \
+    --headline --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
   ;;
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton
   capped 220 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"

@@ -91,10 +91,14 @@ class BwdConfig:
     d_v: int
     deterministic: bool         # dkv: per-slot partial rows (True) or fp32 atomics (False)
     dtype: str = "bfloat16"
-    block_n: int = 32           # top-k slots (kv rows) per tile
-    num_stages: int = 2
-    producer_regs: int = 40     # setmaxnreg for the gather warpgroup
-    consumer_regs: int = 232    # setmaxnreg for each math warpgroup (40 + 2 * 232 <= 512)
+    # How a CTA's work is split ("split" or "wide", see SCHEDULES and the kernels' docstrings).
+    schedule: str = "split"
+    # Tiles and registers; 0: the schedule's value (SCHEDULES).
+    block_n: int = 0            # top-k slots (kv rows) per tile
+    num_stages: int = 0         # kv stages in shared memory
+    producer_regs: int = 0      # setmaxnreg for the gather warpgroup
+    consumer_regs: int = 0      # setmaxnreg for the math warpgroups (producer + both consumers <= 504)
+    consumer1_regs: int = 0     # the second one's, where it differs (0: consumer_regs)
     arch: str = "sm_90a"
     # How each thread sends its dkv values (the kernel's `write_dkv*`): "scalar" one 4-byte value per
     # instruction with the address computed per write, "tiled" the same with each key's address computed
@@ -109,6 +113,34 @@ class BwdConfig:
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}: expected one of {tuple(SCHEDULES)}")
+        for name, value in SCHEDULES[self.schedule].items():
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, value)
+
+
+# The kernel's tile schedules and their tiles (`BwdConfig` fields):
+#   "split" (sparse_attention_bwd_kernel.py): 32-key tiles in two kv stages; consumer 0 computes S and P,
+#       consumer 1 dP and dS; both do half of dQ and half of the dkv blocks;
+#   "wide" (sparse_attention_bwd_wide_kernel.py): 64-key tiles in one kv stage; consumer 0 computes S, dP,
+#       P and dS and half of dQ, consumer 1 the other half of dQ and every dkv block. Its wgmmas have N = 64
+#       where "split" has N = 32, so they read half as much shared memory per multiply-add.
+SCHEDULES = {
+    "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232},
+    "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 40, "consumer_regs": 232},
+}
+ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: run the op with another schedule
+
+
+def selected_schedule() -> str:
+    """The schedule the op runs with: BwdConfig's default, or `ENV_SCHEDULE`'s choice."""
+    text = os.environ.get(ENV_SCHEDULE, "").strip() or BwdConfig.schedule
+    if text not in SCHEDULES:
+        raise ValueError(f"{ENV_SCHEDULE}={text!r}: expected one of {tuple(SCHEDULES)}")
+    return text
 
 
 ENV_DKV_WRITE = "DSA_OPS_CUTE_SPARSE_BWD_DKV_WRITE"   # tests and benchmarks: run the op with another path
@@ -218,7 +250,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
     if topk_length is None:
         topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=device)
     config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic),
-                       dkv_write=selected_dkv_write())
+                       dkv_write=selected_dkv_write(), schedule=selected_schedule())
     if not deterministic:
         _launch(config, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_acc, scale)
         return dq, dkv_output(dkv_acc, config.dkv_write, kv.dtype), d_sink
@@ -353,6 +385,10 @@ def unavailable_reason() -> Optional[str]:
 
 
 def _make_kernel(config: BwdConfig):
+    if config.schedule == "wide":
+        from csrc_dsl.cute.sm90.sparse_attention_bwd_wide_kernel import SparseAttentionBwdSm90Wide
+
+        return SparseAttentionBwdSm90Wide(config)
     from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import SparseAttentionBwdSm90
 
     return SparseAttentionBwdSm90(config)
@@ -362,7 +398,8 @@ _HERE = Path(__file__).resolve().parent
 _CACHE = KernelCache(
     "sparse_attention_bwd_sm90", BwdConfig, compile_kernel,
     source_files=[_HERE / "sparse_attention_bwd.py", _HERE / "sparse_attention_bwd_kernel.py",
-                  _HERE / "sparse_attention_fwd_kernel.py", *sorted((_HERE.parent / "common").glob("*.py"))],
+                  _HERE / "sparse_attention_bwd_wide_kernel.py", _HERE / "sparse_attention_fwd_kernel.py",
+                  *sorted((_HERE.parent / "common").glob("*.py"))],
 )
 
 
@@ -375,6 +412,9 @@ _KERNEL_VARIANTS = {
     "serial_dkv": {"overlap_dkv": False},
     "no_dkv_write": {"ablation": "no_dkv_write"},
     "no_dkv": {"ablation": "no_dkv"},
+    "wide": {"schedule": "wide"},
+    "wide_no_dkv_write": {"schedule": "wide", "ablation": "no_dkv_write"},
+    "wide_no_dkv": {"schedule": "wide", "ablation": "no_dkv"},
 }
 
 

@@ -85,14 +85,7 @@ class SparseAttentionBwdSm90:
     runtime values."""
 
     def __init__(self, config):
-        if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
-            raise ValueError(f"unknown ablation {config.ablation!r}")
-        if config.dkv_write not in DKV_WRITES:
-            raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
-        if config.block_n != 32 or config.num_stages != 2:
-            raise ValueError("this kernel is written for block_n = 32 and 2 stages")
-        if config.d_v != 512 or config.head_dim not in (512, 576):
-            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
+        self.check_config(config)
         self.cfg = config
         self.D = config.head_dim
         self.DV = config.d_v
@@ -102,6 +95,21 @@ class SparseAttentionBwdSm90:
         self.rope = self.D - self.DV          # 64 or 0: consumer 0's extra dQ block
         self.num_threads = 3 * 128
         self.deterministic = config.deterministic
+        self.p_exchange_elems = self.BM * self.BN     # fp32 P from consumer 0 to consumer 1
+        self.dp_keys = self.BN
+
+    @staticmethod
+    def check_config(config):
+        if config.schedule != "split":
+            raise ValueError(f"this kernel runs the split schedule, not {config.schedule!r}")
+        if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
+            raise ValueError(f"unknown ablation {config.ablation!r}")
+        if config.dkv_write not in DKV_WRITES:
+            raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
+        if config.block_n != 32 or config.num_stages != 2:
+            raise ValueError("this kernel is written for block_n = 32 and 2 stages")
+        if config.d_v != 512 or config.head_dim not in (512, 576):
+            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -125,6 +133,9 @@ class SparseAttentionBwdSm90:
         K_, MN_ = cute.nvgpu.OperandMajorMode.K, cute.nvgpu.OperandMajorMode.MN
         # S = Q K^T and dP = dO V^T: both operands K-major (the reduction runs along the latent dim).
         mma_s = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, K_, K_, Float32, (1, 1, 1), (BM, BN))
+        # dP in pieces of `dp_keys` keys (the wide schedule: half a tile; here unused, dP is computed like S).
+        mma_dp = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, K_, K_, Float32, (1, 1, 1),
+                                                   (BM, self.dp_keys))
         # dQ += dS K: dS K-major ([head, key]), K read MN-major from the kv tile.
         mma_dq = sm90_utils.make_trivial_tiled_mma(BFloat16, BFloat16, K_, MN_, Float32, (1, 1, 1),
                                                    (BM, DQ_BLOCK))
@@ -140,7 +151,7 @@ class SparseAttentionBwdSm90:
             empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
             q_bar: cute.struct.MemRange[cutlass.Int64, 1]
             ids: cute.struct.MemRange[Int32, BN * self.stages]        # kv row id per slot, -1 invalid
-            p_exchange: cute.struct.MemRange[Float32, BM * BN]         # fp32 P, consumer 0 -> 1
+            p_exchange: cute.struct.MemRange[Float32, self.p_exchange_elems]   # fp32 P, consumer 0 -> 1
             sQ: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sQ_layout)], 1024]
             sdO: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sdO_layout)], 1024]
             sKV: cute.struct.Align[cute.struct.MemRange[BFloat16, cute.cosize(sKV_layout)], 1024]
@@ -156,7 +167,7 @@ class SparseAttentionBwdSm90:
         grid_x = mQ.shape[0] * head_blocks
         self.kernel(mQ, mKV, mIdx, mdO, mL2, mDelta, mTopkLen, mdQ, mDkv, scale_log2, scale,
                     sQ_layout, sdO_layout, sKV_layout, sP_layout,
-                    mma_s, mma_dq, mma_dq_rope, mma_kv).launch(
+                    mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv).launch(
             grid=[grid_x, 1, 1], block=[self.num_threads, 1, 1], stream=stream, min_blocks_per_mp=1)
 
     # -------------------------------------------------------------------------------------------
@@ -168,8 +179,8 @@ class SparseAttentionBwdSm90:
                mDkv: cute.Tensor, scale_log2: Float32, scale: Float32,
                sQ_layout: cute.ComposedLayout, sdO_layout: cute.ComposedLayout,
                sKV_layout: cute.ComposedLayout, sP_layout: cute.ComposedLayout,
-               mma_s: cute.TiledMma, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma,
-               mma_kv: cute.TiledMma):
+               mma_s: cute.TiledMma, mma_dp: cute.TiledMma, mma_dq: cute.TiledMma,
+               mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -199,7 +210,8 @@ class SparseAttentionBwdSm90:
         sdS = storage.sdS.get_tensor(sP_layout.outer, swizzle=sP_layout.inner)
         sIds = storage.ids.get_tensor(cute.make_layout((self.BN, self.stages)))
         # (value, thread): thread i's v-th accumulator value at v * 128 + i (no bank conflicts).
-        sPx = storage.p_exchange.get_tensor(cute.make_layout((self.BM * self.BN // 128, 128), stride=(128, 1)))
+        sPx = storage.p_exchange.get_tensor(
+            cute.make_layout((self.p_exchange_elems // 128, 128), stride=(128, 1)))
 
         k_valid = cutlass.min(mIdx.shape[1], cutlass.max(mTopkLen[token], 0))
         n_tiles = (k_valid + self.BN - 1) // self.BN
@@ -211,12 +223,12 @@ class SparseAttentionBwdSm90:
         elif wg_idx == 1:
             cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
             self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
-                         full_bar, empty_bar, q_bar, mma_s, mma_dq, mma_dq_rope, mma_kv,
+                         full_bar, empty_bar, q_bar, mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv,
                          scale_log2, scale, token, head_block, n_tiles, tidx % 128, 0)
         else:
-            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+            cute.arch.setmaxregister_increase(self.cfg.consumer1_regs or self.cfg.consumer_regs)
             self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
-                         full_bar, empty_bar, q_bar, mma_s, mma_dq, mma_dq_rope, mma_kv,
+                         full_bar, empty_bar, q_bar, mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv,
                          scale_log2, scale, token, head_block, n_tiles, tidx % 128, 1)
 
     # ---- producer: cp.async gathers ------------------------------------------------------------
@@ -282,8 +294,8 @@ class SparseAttentionBwdSm90:
     def consume(self, mL2: cute.Tensor, mDelta: cute.Tensor, mdQ: cute.Tensor, mDkv: cute.Tensor,
                 mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
                 sdS: cute.Tensor, sIds: cute.Tensor, sPx: cute.Tensor, full_bar, empty_bar, q_bar,
-                mma_s: cute.TiledMma, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma,
-                mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
+                mma_s: cute.TiledMma, mma_dp: cute.TiledMma, mma_dq: cute.TiledMma,
+                mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
                 head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
         """Consumer c (0: S and P, 1: dP and dS); see the module docstring for the split."""
         BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
@@ -402,18 +414,8 @@ class SparseAttentionBwdSm90:
             wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, stage], zero_init=False, wait=False)
             if const_expr(with_rope):
                 wgmma(mma_dq_rope, acc_dQr, tRrdS, tRrK[None, None, None, stage], zero_init=False, wait=False)
-            for j in cutlass.range_constexpr(cute.size(key_slot)):
-                slot_in_tile = key_slot[j]
-                kv_id = sIds[slot_in_tile, stage]
-                target = Int64(kv_id)
-                if const_expr(self.deterministic):
-                    target = (Int64(head_block) * num_tokens + token) * topk + it * BN + slot_in_tile
-                    if kv_id < 0:
-                        target = Int64(-1)
-                if const_expr(self.cfg.dkv_write != "scalar"):
-                    address = dkv_base + (target * self.D + dkv_col) * 4
-                    target = address if kv_id >= 0 else Int64(0)
-                key_rows[j] = target
+            self.key_targets(key_rows, key_slot, sIds, stage, it, token, head_block, num_tokens, topk,
+                             dkv_base, dkv_col)
             warpgroup.wait_group(0)
             cute.arch.mbarrier_arrive(empty_bar + stage)
 
@@ -421,28 +423,68 @@ class SparseAttentionBwdSm90:
             # With `overlap_dkv`, block n's wgmmas are issued before block n - 1 is sent, on the other
             # accumulator, so the tensor cores work while this warpgroup shuffles and writes.
             blocks = list(range(c, D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0, 2))
-            overlap = const_expr(self.cfg.overlap_dkv)
-            for n in cutlass.range_constexpr(len(blocks)):
-                b = blocks[n]
-                with_p = b * DKV_BLOCK < DV
-                acc = acc_KV[n % len(acc_KV)]
-                wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True,
-                      wait=not with_p and not overlap)
-                if const_expr(with_p):
-                    wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=not overlap)
-                if const_expr(overlap):
-                    if const_expr(n > 0):
-                        warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
-                        self.write_dkv_block(KV[(n - 1) % 2], KV_coord, key_rows, dkv_base,
-                                             blocks[n - 1] * DKV_BLOCK, tid)
-                    if const_expr(n == len(blocks) - 1):
-                        warpgroup.wait_group(0)
-                        self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
-                else:
-                    self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
+            self.send_dkv_blocks(blocks, mma_kv, acc_KV, KV, KV_coord, tKrQ, tKrdO, tKrdS, tKrP, key_rows,
+                                 dkv_base, tid)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
+
+    @cute.jit
+    def key_targets(self, key_rows: cute.Tensor, key_slot: cute.Tensor, sIds: cute.Tensor, stage: Int32,
+                    it: Int32, token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32,
+                    dkv_base: Int64, dkv_col: Int32):
+        """Where this thread's dkv values of tile `it` go, per key it sends (`dkv_key_slots`): fast mode the
+        kv row's accumulator row, deterministic mode the slot's partial row; as a row (-1: skip) for
+        "scalar" writes, as the address of the thread's first column (0: skip) otherwise. Read from sIds
+        before the kv stage is released (the producer rewrites them with the next tile's ids)."""
+        for j in cutlass.range_constexpr(cute.size(key_slot)):
+            slot_in_tile = key_slot[j]
+            kv_id = sIds[slot_in_tile, stage]
+            target = Int64(kv_id)
+            if const_expr(self.deterministic):
+                target = (Int64(head_block) * num_tokens + token) * topk + it * self.BN + slot_in_tile
+                if kv_id < 0:
+                    target = Int64(-1)
+            if const_expr(self.cfg.dkv_write != "scalar"):
+                address = dkv_base + (target * self.D + dkv_col) * 4
+                target = address if kv_id >= 0 else Int64(0)
+            key_rows[j] = target
+
+    @cute.jit
+    def send_dkv_blocks(self, blocks: cutlass.Constexpr[list], mma_kv: cute.TiledMma, acc_KV: list, KV: list,
+                        KV_coord: cute.Tensor, tKrQ: cute.Tensor, tKrdO: cute.Tensor, tKrdS: cute.Tensor,
+                        tKrP: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64, tid: Int32,
+                        free_barrier: cutlass.Constexpr[int] = 0, signal_free: Boolean = False):
+        """dkv^T blocks `blocks` (64 latent columns each): Q_b^T dS' (+ dO_b^T P on the value columns) ->
+        global memory. With `overlap_dkv`, block n's wgmmas are issued before block n - 1 is sent, on the
+        other accumulator, so the tensor cores work while this warpgroup shuffles and writes.
+        `free_barrier` (the wide schedule): once the last block's wgmmas are done, that is once nothing
+        here reads sP / sdS any more, arrive on that named barrier if `signal_free`."""
+        overlap = const_expr(self.cfg.overlap_dkv)
+        for n in cutlass.range_constexpr(len(blocks)):
+            b = blocks[n]
+            with_p = b * DKV_BLOCK < self.DV
+            acc = acc_KV[n % len(acc_KV)]
+            wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True,
+                  wait=not with_p and not overlap)
+            if const_expr(with_p):
+                wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=not overlap)
+            if const_expr(overlap):
+                if const_expr(n > 0):
+                    warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
+                    self.write_dkv_block(KV[(n - 1) % 2], KV_coord, key_rows, dkv_base,
+                                         blocks[n - 1] * DKV_BLOCK, tid)
+                if const_expr(n == len(blocks) - 1):
+                    warpgroup.wait_group(0)
+                    if const_expr(free_barrier != 0):
+                        if signal_free:
+                            cute.arch.barrier_arrive(barrier_id=free_barrier, number_of_threads=256)
+                    self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
+            else:
+                self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
+        if const_expr(free_barrier != 0 and len(blocks) == 0):
+            if signal_free:
+                cute.arch.barrier_arrive(barrier_id=free_barrier, number_of_threads=256)
 
     @cute.jit
     def dkv_key_slots(self, KV_coord: cute.Tensor, tid: Int32) -> cute.Tensor:
@@ -451,10 +493,11 @@ class SparseAttentionBwdSm90:
         transpose (`write_dkv_vector`)."""
         if const_expr(self.cfg.dkv_write == "vector"):
             lane = tid % 32
-            slots = cute.make_rmem_tensor((4,), Int32)
-            for p in cutlass.range_constexpr(2):
-                for ek in cutlass.range_constexpr(2):
-                    slots[2 * p + ek] = 8 * (2 * p + (lane // 8) % 2) + 2 * (lane % 4) + ek
+            slots = cute.make_rmem_tensor((4 * (self.BN // 32),), Int32)
+            for h in cutlass.range_constexpr(self.BN // 32):       # each 32 keys of the tile
+                for p in cutlass.range_constexpr(2):
+                    for ek in cutlass.range_constexpr(2):
+                        slots[4 * h + 2 * p + ek] = 32 * h + 8 * (2 * p + (lane // 8) % 2) + 2 * (lane % 4) + ek
         elif const_expr(self.cfg.dkv_write == "pair"):
             lane = tid % 32
             slots = cute.make_rmem_tensor((4,), Int32)
@@ -523,17 +566,19 @@ class SparseAttentionBwdSm90:
         stages (lane xor 4, lane xor 8): lane i's block d, sent to lane d, is
         {KV[d % 2, ek + 4p + 2 (d // 2)] : p, ek in {0, 1}}. Afterwards lane (b, i = 2 i_hi + e, q)
         holds, for each (p, ek), latent columns 16w + 8e + 4b + 0..3 (one value from each lane k = 0..3)
-        of key 8 (2p + i_hi) + 2q + ek, whose address `key_rows[2p + ek]` holds (`dkv_key_slots`)."""
+        of key 8 (2p + i_hi) + 2q + ek, whose address `key_rows[2p + ek]` holds (`dkv_key_slots`). A tile of
+        64 keys (the wide schedule) does this for each 32 keys h: columns 8h + c + 2j, keys 32h + ...."""
         lane = tid % 32
         i = (lane // 4) % 4
         # blocks[d][2p + ek]: the values for lane d, before the exchange; from lane d, after it
-        blocks = quad_transpose([[KV[d % 2, ek + 4 * p + 2 * (d // 2)] for p in range(2) for ek in range(2)]
-                                 for d in range(4)], i, 4)
-        for v in cutlass.range_constexpr(4):
-            piece = cute.make_rmem_tensor((4,), Float32)
-            for k in cutlass.range_constexpr(4):
-                piece[k] = blocks[k][v]
-            self.write_dkv_piece(piece, key_rows[v], col0)
+        for h in cutlass.range_constexpr(self.BN // 32):       # each 32 keys: accumulator columns 8h..8h+7
+            blocks = quad_transpose([[KV[d % 2, 8 * h + ek + 4 * p + 2 * (d // 2)] for p in range(2)
+                                      for ek in range(2)] for d in range(4)], i, 4)
+            for v in cutlass.range_constexpr(4):
+                piece = cute.make_rmem_tensor((4,), Float32)
+                for k in cutlass.range_constexpr(4):
+                    piece[k] = blocks[k][v]
+                self.write_dkv_piece(piece, key_rows[4 * h + v], col0)
 
     @cute.jit
     def write_dkv_pair(self, KV: cute.Tensor, key_rows: cute.Tensor, col0: int, tid: Int32):

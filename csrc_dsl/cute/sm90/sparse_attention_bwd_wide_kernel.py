@@ -1,0 +1,189 @@
+"""The backward's "wide" schedule (`BwdConfig.schedule == "wide"`): 64-key tiles in one kv stage.
+
+Same CTA as the split schedule (sparse_attention_bwd_kernel.py, read its docstring first): one query token
+and 64 heads, a producer warpgroup gathering kv rows with cp.async, two consumer warpgroups, dQ in registers,
+dkv^T blocks sent to global memory as 16-byte pieces. What changes is the tile and who does what:
+
+  tile: BN = 64 top-k slots in ONE kv stage (72 KB at D = 576). Q (72 KB), dO (64 KB), the stage and the
+       bf16 P and dS' tiles (8 KB each) fill the 227 KB; there is no fp32 P exchange.
+  c = 0: per half tile of 32 keys: S = Q K^T (64 x 32 over D) and dP = dO V^T (64 x 32 over d_v);
+         P = exp2(S*scale_log2 - L2) (0 on invalid keys), dS' = scale * P * (dP - Delta), both in bf16 to
+         smem (sP, sdS); then dQ[:, 0:256] (+ the RoPE columns) += dS' K over the whole tile.
+         Why halves: dQ (160 fp32 per thread with the RoPE columns) next to a whole tile's S and even half
+         of its dP did not fit in a consumer's 232 registers (ptxas spilled the RoPE block).
+  c = 1: dQ[:, 256:512] += dS' K, then releases the kv stage, then EVERY dkv^T block b = 0 .. D/64 - 1
+         (64 latent columns x 64 keys) = Q_b^T dS' (+ dO_b^T P), sent while the next block's wgmmas run.
+
+Why: every wgmma of the split schedule has N = 32 (its tile's keys), so for each multiply-add it reads 1.5x
+the shared memory that N = 64 needs; the kernel was bound by shared memory (ncu, H200: L1/shared 86.6%,
+tensor pipe 33%). Here the dkv products, two fifths of the FLOPs, have N = 64. The price is the single stage: the
+gather of tile t + 1 starts only when both consumers' dQ products of tile t are done; it then overlaps
+consumer 1's dkv blocks of tile t, and consumer 0 waits for it.
+
+Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
+  full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).
+  SCORES_WRITTEN (c0's 128 threads): all of c0 has written sP / sdS (and fenced) before c0's dQ wgmma.
+  DS_READY:  c0 arrives after writing sP / sdS of tile t; c1 waits before its dQ and dkv wgmmas.
+  DS_FREE:   c1 arrives once its last dkv wgmma of tile t has completed (nothing reads sP / sdS of tile t
+             any more); c0 waits before writing sP / sdS of tile t + 1. Not signalled after the last tile.
+Consumer 1 reads the tile's kv ids (its dkv targets) before it releases the stage.
+"""
+import cutlass
+import cutlass.cute as cute
+from cutlass import BFloat16, Float32, Int32, const_expr
+from cutlass.cute.nvgpu import warpgroup
+
+from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import (BAR_DS_READY, DKV_BLOCK, DQ_BLOCK,
+                                                           SparseAttentionBwdSm90)
+from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import rows_cols_view, wgmma
+
+BAR_DS_FREE = 4
+BAR_SCORES_WRITTEN = 5
+
+
+class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
+    """The wide schedule; the producer, the dkv write path and the epilogue are the split schedule's."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.p_exchange_elems = 128          # no fp32 P exchange (the smallest buffer the layout takes)
+        self.dp_keys = self.BN // 2          # dP in two halves (consumer 0's registers)
+
+    @staticmethod
+    def check_config(config):
+        if config.schedule != "wide":
+            raise ValueError(f"this kernel runs the wide schedule, not {config.schedule!r}")
+        if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
+            raise ValueError(f"unknown ablation {config.ablation!r}")
+        if config.dkv_write != "vector" or not config.overlap_dkv:
+            raise ValueError("the wide schedule sends dkv as 16-byte pieces (dkv_write='vector') with two "
+                             "accumulators (overlap_dkv=True)")
+        if config.block_n != 64 or config.num_stages != 1:
+            raise ValueError("the wide schedule is written for block_n = 64 and 1 stage")
+        if config.d_v != 512 or config.head_dim not in (512, 576):
+            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
+
+    @cute.jit
+    def consume(self, mL2: cute.Tensor, mDelta: cute.Tensor, mdQ: cute.Tensor, mDkv: cute.Tensor,
+                mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
+                sdS: cute.Tensor, sIds: cute.Tensor, sPx: cute.Tensor, full_bar, empty_bar, q_bar,
+                mma_s: cute.TiledMma, mma_dp: cute.TiledMma, mma_dq: cute.TiledMma,
+                mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
+                head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
+        """Consumer c (0: S, dP, P, dS' and dQ[:, :256] + RoPE; 1: dQ[:, 256:512] and every dkv block)."""
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        H = mL2.shape[1]
+        with_rope = const_expr(c == 0 and self.rope > 0)
+
+        # ---- dQ_c += dS' K_c: the kv tile seen as (latent column, key), MN-major (both consumers) ----
+        sKt = cute.composition(sKV, cute.make_layout((D, BN, self.stages), stride=(BN, 1, BN * D)))
+        sKt_c = cute.flat_divide(sKt, (DQ_BLOCK, BN))[None, None, c, 0, None]            # (256, 64, 1)
+        thr_dq = mma_dq.get_slice(tid)
+        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
+        tQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKt_c))
+        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, DQ_BLOCK)), Float32)
+        acc_dQ.fill(0.0)
+        thr_dqr = mma_dq_rope.get_slice(tid)
+        if const_expr(with_rope):
+            sKt_r = cute.flat_divide(sKt, (self.rope, BN))[None, None, DV // self.rope, 0, None]
+            tRrdS = thr_dqr.make_fragment_A(thr_dqr.partition_A(sdS))
+            tRrK = thr_dqr.make_fragment_B(thr_dqr.partition_B(sKt_r))
+            acc_dQr = cute.make_rmem_tensor(thr_dqr.partition_shape_C((BM, self.rope)), Float32)
+            acc_dQr.fill(0.0)
+
+        if const_expr(c == 0):
+            # ---- S = Q K^T and dP = dO V^T, each in two halves of 32 keys (`mma_dp`) -----------------
+            thr_h = mma_dp.get_slice(tid)
+            sK = cute.flat_divide(sKV, (BN // 2, D))[None, None, None, 0, 0]                # (32, D, half)
+            sV = cute.flat_divide(sKV, (BN // 2, DV))[None, None, None, 0, 0]             # (32, d_v, half)
+            tSrQ = thr_h.make_fragment_A(thr_h.partition_A(sQ))
+            tSrK = thr_h.make_fragment_B(thr_h.partition_B(sK))
+            tPrdO = thr_h.make_fragment_A(thr_h.partition_A(sdO))
+            tPrV = thr_h.make_fragment_B(thr_h.partition_B(sV))
+            acc_S = cute.make_rmem_tensor(thr_h.partition_shape_C((BM, BN // 2)), Float32)
+            acc_dP = cute.make_rmem_tensor_like(acc_S, Float32)
+            S = rows_cols_view(acc_S)
+            dP = rows_cols_view(acc_dP)
+            half_coord = cute.flat_divide(cute.make_identity_tensor((BM, BN)), (BM, BN // 2))
+            S_coord = [rows_cols_view(thr_h.partition_C(half_coord[None, None, 0, h])) for h in range(2)]
+            n_rows = cute.size(S, mode=[0])
+            n_cols = cute.size(S, mode=[1])
+            # Per-row constants of this thread's heads (padding heads: L2 = +inf, so P = dS' = 0).
+            row_l2 = cute.make_rmem_tensor((n_rows,), Float32)
+            row_delta = cute.make_rmem_tensor((n_rows,), Float32)
+            for i in cutlass.range_constexpr(n_rows):
+                head = head_block * BM + S_coord[0][i, 0][0]
+                row_l2[i] = Float32.inf
+                row_delta[i] = Float32(0.0)
+                if head < H:
+                    row_l2[i] = mL2[token, head]
+                    row_delta[i] = mDelta[token, head]
+        else:
+            # ---- dkv^T blocks: (latent column, head) views of Q and dO, (key, head) views of dS and P ----
+            thr_kv = mma_kv.get_slice(tid)
+            sQt = cute.composition(sQ, cute.make_layout((D, BM), stride=(BM, 1)))
+            sdOt = cute.composition(sdO, cute.make_layout((DV, BM), stride=(BM, 1)))
+            sdSt = cute.composition(sdS, cute.make_layout((BN, BM), stride=(BM, 1)))
+            sPt = cute.composition(sP, cute.make_layout((BN, BM), stride=(BM, 1)))
+            tKrQ = thr_kv.make_fragment_A(thr_kv.partition_A(
+                cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0]))
+            tKrdO = thr_kv.make_fragment_A(thr_kv.partition_A(
+                cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
+            tKrdS = thr_kv.make_fragment_B(thr_kv.partition_B(sdSt))
+            tKrP = thr_kv.make_fragment_B(thr_kv.partition_B(sPt))
+            acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32) for _ in range(2)]
+            KV = [rows_cols_view(acc) for acc in acc_KV]
+            KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((DKV_BLOCK, BN))))
+            key_slot = self.dkv_key_slots(KV_coord, tid)
+            key_rows = cute.make_rmem_tensor((cute.size(key_slot),), cutlass.Int64)
+            lane = tid % 32
+            dkv_col = 16 * (tid // 32) + 8 * ((lane // 4) % 2) + 4 * (lane // 16)   # `write_dkv_vector`
+            num_tokens, topk = mL2.shape[0], mIdx.shape[1]
+            dkv_base = mDkv.iterator.toint()
+            blocks = list(range(D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0))
+
+        cute.arch.mbarrier_wait(q_bar, 0)
+        for it in cutlass.range(n_tiles, unroll=1):
+            cute.arch.mbarrier_wait(full_bar, it % 2)
+            cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
+            if const_expr(c == 0):
+                for h in cutlass.range_constexpr(2):
+                    wgmma(mma_dp, acc_S, tSrQ, tSrK[None, None, None, h], zero_init=True, wait=False)
+                    wgmma(mma_dp, acc_dP, tPrdO, tPrV[None, None, None, h], zero_init=True, wait=False)
+                    warpgroup.wait_group(1)
+                    # P = exp2(scale_log2 * s - L2), 0 on invalid keys, while dP is still running.
+                    for j in cutlass.range_constexpr(n_cols):
+                        key_ok = sIds[S_coord[h][0, j][1], 0] >= 0
+                        for i in cutlass.range_constexpr(n_rows):
+                            p = cute.math.exp2(S[i, j] * scale_log2 - row_l2[i], fastmath=True)
+                            S[i, j] = p if key_ok else Float32(0.0)
+                    warpgroup.wait_group(0)
+                    if const_expr(h == 0):
+                        if it > 0:
+                            cute.arch.barrier(barrier_id=BAR_DS_FREE, number_of_threads=256)
+                    # dS' = scale * P * (dP - Delta); P and dS' in bf16 to smem for the tensor cores.
+                    for i in cutlass.range_constexpr(n_rows):
+                        for j in cutlass.range_constexpr(n_cols):
+                            p = S[i, j]
+                            r, k = S_coord[h][i, j]
+                            sP[r, k] = BFloat16(p)
+                            sdS[r, k] = BFloat16(scale * p * (dP[i, j] - row_delta[i]))
+                cute.arch.fence_proxy("async.shared", space="cta")   # st.shared -> wgmma reads
+                cute.arch.barrier(barrier_id=BAR_SCORES_WRITTEN, number_of_threads=128)
+                cute.arch.barrier_arrive(barrier_id=BAR_DS_READY, number_of_threads=256)
+                wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, 0], zero_init=False, wait=False)
+                if const_expr(with_rope):
+                    wgmma(mma_dq_rope, acc_dQr, tRrdS, tRrK[None, None, None, 0], zero_init=False, wait=False)
+                warpgroup.wait_group(0)
+                cute.arch.mbarrier_arrive(empty_bar)
+            else:
+                self.key_targets(key_rows, key_slot, sIds, 0, it, token, head_block, num_tokens, topk,
+                                 dkv_base, dkv_col)
+                cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
+                wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, 0], zero_init=False, wait=True)
+                cute.arch.mbarrier_arrive(empty_bar)               # the kv stage may take the next tile
+                self.send_dkv_blocks(blocks, mma_kv, acc_KV, KV, KV_coord, tKrQ, tKrdO, tKrdS, tKrP, key_rows,
+                                     dkv_base, tid, free_barrier=BAR_DS_FREE, signal_free=it + 1 < n_tiles)
+
+        self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
+                      token, head_block, tid, c)

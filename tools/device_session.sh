@@ -167,7 +167,7 @@ cutebwd)   # staged, at most ~560 s (session 24): the CuTe backward's wide sched
   capped 200 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
     -k "wide or schedules or matches_oracle_heads or tile_edges" "$@"
   capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
-    --ablation kernel wide no_dkv_write wide_no_dkv_write no_dkv wide_no_dkv
+    --ablation kernel wide wide_serial no_dkv_write wide_no_dkv_write no_dkv wide_no_dkv
   DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 180 bench_bwd.log python -m benchmarks.run \
     --headline --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
   ;;

@@ -97,8 +97,7 @@ class BwdConfig:
     block_n: int = 0            # top-k slots (kv rows) per tile
     num_stages: int = 0         # kv stages in shared memory
     producer_regs: int = 0      # setmaxnreg for the gather warpgroup
-    consumer_regs: int = 0      # setmaxnreg for the math warpgroups (producer + both consumers <= 504)
-    consumer1_regs: int = 0     # the second one's, where it differs (0: consumer_regs)
+    consumer_regs: int = 0      # setmaxnreg for each math warpgroup (producer + 2 * consumer <= 504)
     arch: str = "sm_90a"
     # How each thread sends its dkv values (the kernel's `write_dkv*`): "scalar" one 4-byte value per
     # instruction with the address computed per write, "tiled" the same with each key's address computed
@@ -415,6 +414,7 @@ _KERNEL_VARIANTS = {
     "wide": {"schedule": "wide"},
     "wide_no_dkv_write": {"schedule": "wide", "ablation": "no_dkv_write"},
     "wide_no_dkv": {"schedule": "wide", "ablation": "no_dkv"},
+    "wide_serial": {"schedule": "wide", "overlap_dkv": False},
 }
 
 

@@ -61,7 +61,7 @@ import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass._mlir import ir
 from cutlass._mlir.dialects import vector as mlir_vector
-from cutlass import BFloat16, Boolean, Float32, Int32, Int64, const_expr
+from cutlass import BFloat16, Float32, Int32, Int64, const_expr
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.memory import SmemAllocator
 from cutlass.tensor_utils import LayoutEnum
@@ -226,7 +226,7 @@ class SparseAttentionBwdSm90:
                          full_bar, empty_bar, q_bar, mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv,
                          scale_log2, scale, token, head_block, n_tiles, tidx % 128, 0)
         else:
-            cute.arch.setmaxregister_increase(self.cfg.consumer1_regs or self.cfg.consumer_regs)
+            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
             self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
                          full_bar, empty_bar, q_bar, mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv,
                          scale_log2, scale, token, head_block, n_tiles, tidx % 128, 1)
@@ -295,8 +295,8 @@ class SparseAttentionBwdSm90:
                 mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
                 sdS: cute.Tensor, sIds: cute.Tensor, sPx: cute.Tensor, full_bar, empty_bar, q_bar,
                 mma_s: cute.TiledMma, mma_dp: cute.TiledMma, mma_dq: cute.TiledMma,
-                mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
-                head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
+                mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32,
+                token: Int32, head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
         """Consumer c (0: S and P, 1: dP and dS); see the module docstring for the split."""
         BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
         H = mL2.shape[1]
@@ -414,8 +414,18 @@ class SparseAttentionBwdSm90:
             wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, stage], zero_init=False, wait=False)
             if const_expr(with_rope):
                 wgmma(mma_dq_rope, acc_dQr, tRrdS, tRrK[None, None, None, stage], zero_init=False, wait=False)
-            self.key_targets(key_rows, key_slot, sIds, stage, it, token, head_block, num_tokens, topk,
-                             dkv_base, dkv_col)
+            for j in cutlass.range_constexpr(cute.size(key_slot)):
+                slot_in_tile = key_slot[j]
+                kv_id = sIds[slot_in_tile, stage]
+                target = Int64(kv_id)
+                if const_expr(self.deterministic):
+                    target = (Int64(head_block) * num_tokens + token) * topk + it * BN + slot_in_tile
+                    if kv_id < 0:
+                        target = Int64(-1)
+                if const_expr(self.cfg.dkv_write != "scalar"):
+                    address = dkv_base + (target * self.D + dkv_col) * 4
+                    target = address if kv_id >= 0 else Int64(0)
+                key_rows[j] = target
             warpgroup.wait_group(0)
             cute.arch.mbarrier_arrive(empty_bar + stage)
 
@@ -423,68 +433,28 @@ class SparseAttentionBwdSm90:
             # With `overlap_dkv`, block n's wgmmas are issued before block n - 1 is sent, on the other
             # accumulator, so the tensor cores work while this warpgroup shuffles and writes.
             blocks = list(range(c, D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0, 2))
-            self.send_dkv_blocks(blocks, mma_kv, acc_KV, KV, KV_coord, tKrQ, tKrdO, tKrdS, tKrP, key_rows,
-                                 dkv_base, tid)
+            overlap = const_expr(self.cfg.overlap_dkv)
+            for n in cutlass.range_constexpr(len(blocks)):
+                b = blocks[n]
+                with_p = b * DKV_BLOCK < DV
+                acc = acc_KV[n % len(acc_KV)]
+                wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True,
+                      wait=not with_p and not overlap)
+                if const_expr(with_p):
+                    wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=not overlap)
+                if const_expr(overlap):
+                    if const_expr(n > 0):
+                        warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
+                        self.write_dkv_block(KV[(n - 1) % 2], KV_coord, key_rows, dkv_base,
+                                             blocks[n - 1] * DKV_BLOCK, tid)
+                    if const_expr(n == len(blocks) - 1):
+                        warpgroup.wait_group(0)
+                        self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
+                else:
+                    self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
-
-    @cute.jit
-    def key_targets(self, key_rows: cute.Tensor, key_slot: cute.Tensor, sIds: cute.Tensor, stage: Int32,
-                    it: Int32, token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32,
-                    dkv_base: Int64, dkv_col: Int32):
-        """Where this thread's dkv values of tile `it` go, per key it sends (`dkv_key_slots`): fast mode the
-        kv row's accumulator row, deterministic mode the slot's partial row; as a row (-1: skip) for
-        "scalar" writes, as the address of the thread's first column (0: skip) otherwise. Read from sIds
-        before the kv stage is released (the producer rewrites them with the next tile's ids)."""
-        for j in cutlass.range_constexpr(cute.size(key_slot)):
-            slot_in_tile = key_slot[j]
-            kv_id = sIds[slot_in_tile, stage]
-            target = Int64(kv_id)
-            if const_expr(self.deterministic):
-                target = (Int64(head_block) * num_tokens + token) * topk + it * self.BN + slot_in_tile
-                if kv_id < 0:
-                    target = Int64(-1)
-            if const_expr(self.cfg.dkv_write != "scalar"):
-                address = dkv_base + (target * self.D + dkv_col) * 4
-                target = address if kv_id >= 0 else Int64(0)
-            key_rows[j] = target
-
-    @cute.jit
-    def send_dkv_blocks(self, blocks: cutlass.Constexpr[list], mma_kv: cute.TiledMma, acc_KV: list, KV: list,
-                        KV_coord: cute.Tensor, tKrQ: cute.Tensor, tKrdO: cute.Tensor, tKrdS: cute.Tensor,
-                        tKrP: cute.Tensor, key_rows: cute.Tensor, dkv_base: Int64, tid: Int32,
-                        free_barrier: cutlass.Constexpr[int] = 0, signal_free: Boolean = False):
-        """dkv^T blocks `blocks` (64 latent columns each): Q_b^T dS' (+ dO_b^T P on the value columns) ->
-        global memory. With `overlap_dkv`, block n's wgmmas are issued before block n - 1 is sent, on the
-        other accumulator, so the tensor cores work while this warpgroup shuffles and writes.
-        `free_barrier` (the wide schedule): once the last block's wgmmas are done, that is once nothing
-        here reads sP / sdS any more, arrive on that named barrier if `signal_free`."""
-        overlap = const_expr(self.cfg.overlap_dkv)
-        for n in cutlass.range_constexpr(len(blocks)):
-            b = blocks[n]
-            with_p = b * DKV_BLOCK < self.DV
-            acc = acc_KV[n % len(acc_KV)]
-            wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True,
-                  wait=not with_p and not overlap)
-            if const_expr(with_p):
-                wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=not overlap)
-            if const_expr(overlap):
-                if const_expr(n > 0):
-                    warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
-                    self.write_dkv_block(KV[(n - 1) % 2], KV_coord, key_rows, dkv_base,
-                                         blocks[n - 1] * DKV_BLOCK, tid)
-                if const_expr(n == len(blocks) - 1):
-                    warpgroup.wait_group(0)
-                    if const_expr(free_barrier != 0):
-                        if signal_free:
-                            cute.arch.barrier_arrive(barrier_id=free_barrier, number_of_threads=256)
-                    self.write_dkv_block(KV[n % 2], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
-            else:
-                self.write_dkv_block(KV[0], KV_coord, key_rows, dkv_base, b * DKV_BLOCK, tid)
-        if const_expr(free_barrier != 0 and len(blocks) == 0):
-            if signal_free:
-                cute.arch.barrier_arrive(barrier_id=free_barrier, number_of_threads=256)
 
     @cute.jit
     def dkv_key_slots(self, KV_coord: cute.Tensor, tid: Int32) -> cute.Tensor:

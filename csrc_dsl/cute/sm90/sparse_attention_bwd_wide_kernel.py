@@ -12,13 +12,21 @@ dkv^T blocks sent to global memory as 16-byte pieces. What changes is the tile a
          Why halves: dQ (160 fp32 per thread with the RoPE columns) next to a whole tile's S and even half
          of its dP did not fit in a consumer's 232 registers (ptxas spilled the RoPE block).
   c = 1: dQ[:, 256:512] += dS' K, then releases the kv stage, then EVERY dkv^T block b = 0 .. D/64 - 1
-         (64 latent columns x 64 keys) = Q_b^T dS' (+ dO_b^T P), sent while the next block's wgmmas run.
+         (64 latent columns x 64 keys) = Q_b^T dS' (+ dO_b^T P), each sent while the next block's wgmmas
+         run (`overlap_dkv`, two accumulators) or after its own (one). The value blocks run in a loop over
+         pairs, not unrolled, and the dkv targets are kept as 32-bit rows: unrolled, with 64-bit addresses,
+         ptxas kept every block's smem descriptors in registers next to dQ and spilled dozens of values.
 
 Why: every wgmma of the split schedule has N = 32 (its tile's keys), so for each multiply-add it reads 1.5x
-the shared memory that N = 64 needs; the kernel was bound by shared memory (ncu, H200: L1/shared 86.6%,
-tensor pipe 33%). Here the dkv products, two fifths of the FLOPs, have N = 64. The price is the single stage: the
-gather of tile t + 1 starts only when both consumers' dQ products of tile t are done; it then overlaps
-consumer 1's dkv blocks of tile t, and consumer 0 waits for it.
+the shared memory that N = 64 needs, and the kernel was bound by shared memory (ncu, H200: L1/shared 86.6%,
+tensor pipe 33%). Here the dkv products, two fifths of the FLOPs, have N = 64, and dQ has K = 64 keys per
+wgmma. The price is the single stage: the gather of tile t + 1 starts only when both consumers' dQ products of
+tile t are done; it then overlaps consumer 1's dkv blocks of tile t, and consumer 0 waits for it. The same
+division of work (one warpgroup on S, dP and dS, the other on dkv, one 64-key kv tile) is what cuDNN's SM90
+DSA backward does, at 6.9 ms against this kernel's split schedule's 9.2 ms (H = 64, H100, session 17).
+STATUS: compiled for sm_90a only (CPU); not yet run on a GPU. Its GPU tests are
+`pytest tests/test_cute_sm90_bwd.py -k "wide or schedules"`, its timing `tools/device_session.sh cutebwd`.
+At D = 576 ptxas still spills a few scalars (about one store and two loads per tile); D = 512 none.
 
 Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
   full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).
@@ -30,7 +38,7 @@ Consumer 1 reads the tile's kv ids (its dkv targets) before it releases the stag
 """
 import cutlass
 import cutlass.cute as cute
-from cutlass import BFloat16, Float32, Int32, const_expr
+from cutlass import BFloat16, Boolean, Float32, Int32, Int64, const_expr
 from cutlass.cute.nvgpu import warpgroup
 
 from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import (BAR_DS_READY, DKV_BLOCK, DQ_BLOCK,
@@ -55,9 +63,8 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             raise ValueError(f"this kernel runs the wide schedule, not {config.schedule!r}")
         if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
             raise ValueError(f"unknown ablation {config.ablation!r}")
-        if config.dkv_write != "vector" or not config.overlap_dkv:
-            raise ValueError("the wide schedule sends dkv as 16-byte pieces (dkv_write='vector') with two "
-                             "accumulators (overlap_dkv=True)")
+        if config.dkv_write != "vector":
+            raise ValueError("the wide schedule sends dkv as 16-byte pieces (dkv_write='vector')")
         if config.block_n != 64 or config.num_stages != 1:
             raise ValueError("the wide schedule is written for block_n = 64 and 1 stage")
         if config.d_v != 512 or config.head_dim not in (512, 576):
@@ -68,8 +75,8 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                 mIdx: cute.Tensor, sQ: cute.Tensor, sdO: cute.Tensor, sKV: cute.Tensor, sP: cute.Tensor,
                 sdS: cute.Tensor, sIds: cute.Tensor, sPx: cute.Tensor, full_bar, empty_bar, q_bar,
                 mma_s: cute.TiledMma, mma_dp: cute.TiledMma, mma_dq: cute.TiledMma,
-                mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32, token: Int32,
-                head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
+                mma_dq_rope: cute.TiledMma, mma_kv: cute.TiledMma, scale_log2: Float32, scale: Float32,
+                token: Int32, head_block: Int32, n_tiles: Int32, tid: Int32, c: cutlass.Constexpr[int]):
         """Consumer c (0: S, dP, P, dS' and dQ[:, :256] + RoPE; 1: dQ[:, 256:512] and every dkv block)."""
         BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
         H = mL2.shape[1]
@@ -131,16 +138,16 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                 cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
             tKrdS = thr_kv.make_fragment_B(thr_kv.partition_B(sdSt))
             tKrP = thr_kv.make_fragment_B(thr_kv.partition_B(sPt))
-            acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32) for _ in range(2)]
+            acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32)
+                      for _ in range(2 if self.cfg.overlap_dkv else 1)]
             KV = [rows_cols_view(acc) for acc in acc_KV]
             KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((DKV_BLOCK, BN))))
             key_slot = self.dkv_key_slots(KV_coord, tid)
-            key_rows = cute.make_rmem_tensor((cute.size(key_slot),), cutlass.Int64)
+            key_rows = cute.make_rmem_tensor((cute.size(key_slot),), Int32)
             lane = tid % 32
             dkv_col = 16 * (tid // 32) + 8 * ((lane // 4) % 2) + 4 * (lane // 16)   # `write_dkv_vector`
             num_tokens, topk = mL2.shape[0], mIdx.shape[1]
-            dkv_base = mDkv.iterator.toint()
-            blocks = list(range(D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0))
+            col_base = mDkv.iterator.toint() + Int64(dkv_col) * 4       # this thread's column of row 0
 
         cute.arch.mbarrier_wait(q_bar, 0)
         for it in cutlass.range(n_tiles, unroll=1):
@@ -177,13 +184,92 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                 warpgroup.wait_group(0)
                 cute.arch.mbarrier_arrive(empty_bar)
             else:
-                self.key_targets(key_rows, key_slot, sIds, 0, it, token, head_block, num_tokens, topk,
-                                 dkv_base, dkv_col)
+                self.key_target_rows(key_rows, key_slot, sIds, it, token, head_block, num_tokens, topk)
                 cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
                 wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, 0], zero_init=False, wait=True)
                 cute.arch.mbarrier_arrive(empty_bar)               # the kv stage may take the next tile
-                self.send_dkv_blocks(blocks, mma_kv, acc_KV, KV, KV_coord, tKrQ, tKrdO, tKrdS, tKrP, key_rows,
-                                     dkv_base, tid, free_barrier=BAR_DS_FREE, signal_free=it + 1 < n_tiles)
+                self.send_dkv_tile(mma_kv, acc_KV, KV, KV_coord, tKrQ, tKrdO, tKrdS, tKrP, key_rows, col_base, tid,
+                                   it + 1 < n_tiles)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
+
+    @cute.jit
+    def key_target_rows(self, key_rows: cute.Tensor, key_slot: cute.Tensor, sIds: cute.Tensor, it: Int32,
+                        token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32):
+        """`key_targets` as 32-bit rows (-1: skip) instead of 64-bit addresses: 8 registers less for the 8
+        keys a thread sends per tile (the consumer holds dQ and two dkv accumulators next to them).
+        Deterministic partial rows number at most head_blocks * chunk * K, which the launcher's workspace
+        budget keeps far below 2^31 (each row is D * 4 bytes of it)."""
+        for j in cutlass.range_constexpr(cute.size(key_slot)):
+            slot_in_tile = key_slot[j]
+            kv_id = sIds[slot_in_tile, 0]
+            target = kv_id
+            if const_expr(self.deterministic):
+                target = (head_block * num_tokens + token) * topk + it * self.BN + slot_in_tile
+                if kv_id < 0:
+                    target = Int32(-1)
+            key_rows[j] = target
+
+    @cute.jit
+    def send_dkv_tile(self, mma_kv: cute.TiledMma, acc_KV: list, KV: list, KV_coord: cute.Tensor,
+                      tKrQ: cute.Tensor, tKrdO: cute.Tensor, tKrdS: cute.Tensor, tKrP: cute.Tensor,
+                      key_rows: cute.Tensor, col_base: Int64, tid: Int32, signal_free: Boolean):
+        """Every dkv^T block of the tile: Q_b^T dS' + dO_b^T P for the d_v value columns, Q_b^T dS' alone
+        for the RoPE block, each sent to global memory; then (`signal_free`) DS_FREE once the last wgmma
+        reading sP / sdS is done. The value blocks run in a loop over pairs (not unrolled): unrolled, ptxas
+        kept every block's smem descriptors in registers next to dQ and spilled. With `overlap_dkv`, block b's
+        wgmmas are issued on one accumulator before block b - 1 is sent from the other."""
+        if const_expr(self.cfg.ablation == "no_dkv"):
+            if signal_free:
+                cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
+        else:
+            value_blocks = self.DV // DKV_BLOCK
+            overlap = const_expr(self.cfg.overlap_dkv)
+            for m in cutlass.range(value_blocks // 2, unroll=1):
+                for e in cutlass.range_constexpr(2):
+                    b = 2 * m + e
+                    acc = acc_KV[e % len(acc_KV)]
+                    wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True, wait=False)
+                    wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=False)
+                    if const_expr(overlap):
+                        warpgroup.wait_group(2)                    # block b - 1 is done, b may run on
+                        if const_expr(e == 1):
+                            self.write_dkv_block(KV[0], KV_coord, key_rows, col_base, b - 1, tid)
+                        elif m > 0:
+                            self.write_dkv_block(KV[1], KV_coord, key_rows, col_base, b - 1, tid)
+                    else:
+                        warpgroup.wait_group(0)
+                        if const_expr(self.rope == 0 and e == 1):
+                            if signal_free and m == value_blocks // 2 - 1:
+                                cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
+                        self.write_dkv_block(KV[0], KV_coord, key_rows, col_base, b, tid)
+            last = value_blocks - 1
+            if const_expr(self.rope > 0):
+                # the RoPE block (Q_b^T dS' only) on the first accumulator
+                wgmma(mma_kv, acc_KV[0], tKrQ[None, None, None, value_blocks], tKrdS, zero_init=True, wait=False)
+                if const_expr(overlap):
+                    warpgroup.wait_group(1)
+                    self.write_dkv_block(KV[1], KV_coord, key_rows, col_base, last, tid)
+                warpgroup.wait_group(0)
+                if signal_free:
+                    cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
+                self.write_dkv_block(KV[0], KV_coord, key_rows, col_base, value_blocks, tid)
+            elif const_expr(overlap):
+                warpgroup.wait_group(0)
+                if signal_free:
+                    cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
+                self.write_dkv_block(KV[1], KV_coord, key_rows, col_base, last, tid)
+
+    @cute.jit
+    def write_dkv_block(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, col_base: Int64,
+                        block: Int32, tid: Int32):
+        """dkv^T block `block` (64 latent columns) as 16-byte pieces (`write_dkv_vector`), the addresses formed
+        here from the 32-bit rows of `key_target_rows` and this thread's column address `col_base` (0: an
+        invalid key)."""
+        addresses = cute.make_rmem_tensor((cute.size(key_rows),), Int64)
+        block_base = col_base + Int64(block) * (DKV_BLOCK * 4)
+        for j in cutlass.range_constexpr(cute.size(key_rows)):
+            row = key_rows[j]
+            addresses[j] = block_base + Int64(row) * (self.D * 4) if row >= 0 else Int64(0)
+        self.write_dkv_vector(KV, addresses, 0, tid)

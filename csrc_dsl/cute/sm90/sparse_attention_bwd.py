@@ -19,6 +19,10 @@ Torch ops in this launcher: Delta = out . dout and L = logaddexp(lse, sink) (bot
 d_sink = -sum_t exp(sink - L) * Delta, the shift of the kernel's Delta by a gradient of lse
 (Delta - grad_lse * exp(L - lse), see `row_terms`), and the final fp32 -> bf16 cast of dkv.
 
+Two tile schedules (`BwdConfig.schedule`, `SCHEDULES` below): "split" (the default, the numbers below) and
+"wide" (sparse_attention_bwd_wide_kernel.py: 64-key tiles, one warpgroup on S, dP and dS, the other on every
+dkv block; built in session 24 after cuDNN's SM90 kernel, compiled for sm_90a, not yet run on a GPU).
+
 Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25) and an H200 (2026-12-04),
 and it is in the SM90 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured
 faster elsewhere). Measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576): 309 / 316 TFLOP/s
@@ -261,6 +265,9 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
     per_query = head_blocks * topk * head_dim * 4
     budget = int(os.environ.get(WORKSPACE_ENV, _DEFAULT_WORKSPACE_MB)) << 20
     chunk = max(1, min(num_tokens, budget // per_query))
+    if config.schedule == "wide" and head_blocks * chunk * topk >= 2 ** 31:
+        # the wide kernel numbers partial rows in 32 bits (`key_target_rows`)
+        raise ValueError(f"{WORKSPACE_ENV}={budget >> 20} MiB gives more than 2^31 partial dkv rows; lower it")
     partial = torch.empty(head_blocks, chunk * topk, head_dim, dtype=torch.float32, device=device)
     sorted_slots, composite = triton_bwd._slots_by_kv_row(indices, topk_length, num_kv_rows)
     reduce_block_d = 64

@@ -255,7 +255,8 @@ def _config_id(config):
     name = f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}"
     if config.schedule == "split":
         return name
-    return f"{name}-{config.schedule}-{config.ablation}" + ("" if config.overlap_dkv else "-serial")
+    return (f"{name}-{config.schedule}-{config.ablation}" + ("" if config.overlap_dkv else "-serial")
+            + ("-halves" if config.kv_halves else ""))
 
 
 def _expected_hgmma(config):
@@ -367,7 +368,8 @@ def test_schedules_fill_their_tiles(monkeypatch):
 @pytest.mark.parametrize("config", WIDE_CONFIGS + [
     bwd.BwdConfig(576, 512, False, schedule="wide", ablation="no_dkv"),
     bwd.BwdConfig(576, 512, False, schedule="wide", overlap_dkv=False),
-    bwd.BwdConfig(512, 512, True, schedule="wide", overlap_dkv=False)], ids=_config_id)
+    bwd.BwdConfig(512, 512, True, schedule="wide", overlap_dkv=False),
+    bwd.BwdConfig(576, 512, False, schedule="wide", kv_halves=True)], ids=_config_id)
 def test_bwd_wide_schedule_compiles_for_sm90a(config):
     """The wide schedule compiles for sm_90a within shared memory, with its static wgmma count: S and dP in
     halves, every dkv^T block in the second consumer, 16-byte dkv writes (stores in deterministic mode).
@@ -558,8 +560,9 @@ def test_bwd_deterministic_is_bitwise_stable(D, monkeypatch):
 @needs_sm90
 @pytest.mark.parametrize("H", [16, 128])
 def test_bwd_dkv_write_paths_agree(H):
-    """Every BwdConfig.dkv_write path, with or without overlap_dkv, writes the same values to the same places:
-    deterministic partial rows bit for bit, fast-mode sums up to the order of the atomics."""
+    """Every BwdConfig.dkv_write path, with or without overlap_dkv, and the wide schedule's variants write the
+    same values to the same places: deterministic partial rows bit for bit, fast-mode sums up to the order of
+    the atomics (see test_bwd_schedules_agree for why the schedules agree bit for bit)."""
     T, S, K, D = 7, 300, 200, 576
     q, kv, idx, _, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=H, topk_length=True, dup=0.2)
     out, lse, _ = forward_for(q, kv, idx, dout, D ** -0.5, 512, None, lengths)
@@ -568,7 +571,9 @@ def test_bwd_dkv_write_paths_agree(H):
     results = {}
     variants = {"scalar": {"dkv_write": "scalar"}, "tiled": {"dkv_write": "tiled"},
                 "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False},
-                "pair": {"dkv_write": "pair"}}
+                "pair": {"dkv_write": "pair"}, "wide": {"schedule": "wide"},
+                "wide_serial": {"schedule": "wide", "overlap_dkv": False},
+                "wide_halves": {"schedule": "wide", "kv_halves": True}}
     for mode, options in variants.items():
         for deterministic in (True, False):
             config = bwd.BwdConfig(D, 512, deterministic, **options)
@@ -579,7 +584,7 @@ def test_bwd_dkv_write_paths_agree(H):
             # "pair" stores the columns in another order: back to latent order, fp32 kept bit for bit
             results[mode, deterministic] = (dq, bwd.dkv_output(target, config.dkv_write, torch.float32))
     torch.cuda.synchronize()
-    for mode in ("tiled", "vector", "serial", "pair"):
+    for mode in ("tiled", "vector", "serial", "pair", "wide", "wide_serial", "wide_halves"):
         for deterministic in (True, False):
             (dq_m, t_m), (dq_s, t_s) = results[mode, deterministic], results["scalar", deterministic]
             assert torch.equal(dq_m, dq_s)

@@ -113,6 +113,9 @@ class BwdConfig:
     # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
     # each block is computed, waited for and sent in turn (False).
     overlap_dkv: bool = True
+    # The wide schedule only: the kv tile's two halves of 32 rows each signal their arrival on their own
+    # barrier, so that consumer 0 starts S and dP of the first half while the second is still in flight.
+    kv_halves: bool = False
     # Performance analysis only (wrong dkv): "no_dkv_write" computes the dkv tiles but sends nothing to
     # global memory (the cost of the reductions), "no_dkv" skips the dkv products too.
     ablation: str = "none"
@@ -422,6 +425,7 @@ _KERNEL_VARIANTS = {
     "wide_no_dkv_write": {"schedule": "wide", "ablation": "no_dkv_write"},
     "wide_no_dkv": {"schedule": "wide", "ablation": "no_dkv"},
     "wide_serial": {"schedule": "wide", "overlap_dkv": False},
+    "wide_halves": {"schedule": "wide", "kv_halves": True},
 }
 
 

@@ -97,6 +97,7 @@ class SparseAttentionBwdSm90:
         self.deterministic = config.deterministic
         self.p_exchange_elems = self.BM * self.BN     # fp32 P from consumer 0 to consumer 1
         self.dp_keys = self.BN
+        self.full_barriers = self.stages              # the producer's "rows landed" barriers, per stage
 
     @staticmethod
     def check_config(config):
@@ -106,8 +107,8 @@ class SparseAttentionBwdSm90:
             raise ValueError(f"unknown ablation {config.ablation!r}")
         if config.dkv_write not in DKV_WRITES:
             raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
-        if config.block_n != 32 or config.num_stages != 2:
-            raise ValueError("this kernel is written for block_n = 32 and 2 stages")
+        if config.block_n != 32 or config.num_stages != 2 or config.kv_halves:
+            raise ValueError("this kernel is written for block_n = 32 and 2 stages, one full barrier each")
         if config.d_v != 512 or config.head_dim not in (512, 576):
             raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
 
@@ -147,7 +148,7 @@ class SparseAttentionBwdSm90:
 
         @cute.struct
         class SharedStorage:
-            full_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
+            full_bar: cute.struct.MemRange[cutlass.Int64, self.full_barriers]
             empty_bar: cute.struct.MemRange[cutlass.Int64, self.stages]
             q_bar: cute.struct.MemRange[cutlass.Int64, 1]
             ids: cute.struct.MemRange[Int32, BN * self.stages]        # kv row id per slot, -1 invalid
@@ -196,9 +197,11 @@ class SparseAttentionBwdSm90:
         q_bar = storage.q_bar.data_ptr()
         if warp_idx == 0:
             with cute.arch.elect_one():
-                for s in cutlass.range_constexpr(self.stages):
-                    cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 id-write arrivals
-                    cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
+                for s in cutlass.range_constexpr(max(self.full_barriers, self.stages)):
+                    if const_expr(s < self.full_barriers):
+                        cute.arch.mbarrier_init(full_bar + s, 256)    # 128 cp.async + 128 id-write arrivals
+                    if const_expr(s < self.stages):
+                        cute.arch.mbarrier_init(empty_bar + s, 256)   # every consumer thread
                 cute.arch.mbarrier_init(q_bar, 128)
         cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
@@ -266,6 +269,8 @@ class SparseAttentionBwdSm90:
             stage = it % self.stages
             phase = (it // self.stages) % 2
             cute.arch.mbarrier_wait(empty_bar + stage, phase ^ 1)
+            # the stage's full barriers: one per stage, or one per group of rows (`full_barriers`)
+            groups = self.full_barriers // self.stages
             for p in cutlass.range_constexpr(passes):
                 r = row_in_pass + 16 * p
                 kv_id = slot_ids[p]
@@ -274,8 +279,10 @@ class SparseAttentionBwdSm90:
                 copy_row(copy_16B, src_row, sKV[r, None, stage], D, piece, valid)
                 if piece == 0:
                     sIds[r, stage] = kv_id if valid else Int32(-1)
-            cute.arch.cp_async_mbarrier_arrive_noinc(full_bar + stage)
-            cute.arch.mbarrier_arrive(full_bar + stage)
+                if const_expr((p + 1) % (passes // groups) == 0):      # the last pass of a group
+                    bar = full_bar + stage * groups + (p + 1) // (passes // groups) - 1
+                    cute.arch.cp_async_mbarrier_arrive_noinc(bar)
+                    cute.arch.mbarrier_arrive(bar)
             if it + 1 < n_tiles:
                 self.load_slot_ids(mIdx, slot_ids, token, it + 1, k_valid, row_in_pass)
 

@@ -35,6 +35,9 @@ Synchronisation per tile t (named barriers between the consumers, 256 threads un
   DS_FREE:   c1 arrives once its last dkv wgmma of tile t has completed (nothing reads sP / sdS of tile t
              any more); c0 waits before writing sP / sdS of tile t + 1. Not signalled after the last tile.
 Consumer 1 reads the tile's kv ids (its dkv targets) before it releases the stage.
+`BwdConfig.kv_halves`: the producer signals each half of 32 rows on its own full barrier; consumer 0 issues S
+and dP of the first half as soon as it lands and waits for the second while they run, so the second half's
+gather overlaps those products. (Consumer 1 waits for both.)
 """
 import cutlass
 import cutlass.cute as cute
@@ -56,6 +59,7 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
         super().__init__(config)
         self.p_exchange_elems = 128          # no fp32 P exchange (the smallest buffer the layout takes)
         self.dp_keys = self.BN // 2          # dP in two halves (consumer 0's registers)
+        self.full_barriers = 2 if config.kv_halves else 1
 
     @staticmethod
     def check_config(config):
@@ -151,12 +155,20 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
 
         cute.arch.mbarrier_wait(q_bar, 0)
         for it in cutlass.range(n_tiles, unroll=1):
+            # the kv tile has landed (`kv_halves`: its first half, for consumer 0)
             cute.arch.mbarrier_wait(full_bar, it % 2)
+            if const_expr(self.full_barriers == 2 and c == 1):
+                cute.arch.mbarrier_wait(full_bar + 1, it % 2)
             cute.arch.fence_proxy("async.shared", space="cta")   # cp.async data -> wgmma reads
             if const_expr(c == 0):
                 for h in cutlass.range_constexpr(2):
                     wgmma(mma_dp, acc_S, tSrQ, tSrK[None, None, None, h], zero_init=True, wait=False)
                     wgmma(mma_dp, acc_dP, tPrdO, tPrV[None, None, None, h], zero_init=True, wait=False)
+                    if const_expr(h == 0 and self.full_barriers == 2):
+                        # the second half lands while the first half's products run (waiting for it later,
+                        # between the halves, made ptxas spill the second half's precomputed addresses)
+                        cute.arch.mbarrier_wait(full_bar + 1, it % 2)
+                        cute.arch.fence_proxy("async.shared", space="cta")
                     warpgroup.wait_group(1)
                     # P = exp2(scale_log2 * s - L2), 0 on invalid keys, while dP is still running.
                     for j in cutlass.range_constexpr(n_cols):

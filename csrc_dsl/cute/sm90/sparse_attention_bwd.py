@@ -108,8 +108,10 @@ class BwdConfig:
     # once per tile (3.4% faster on the H200, 2026-12-04), "vector" 16-byte pieces after a lane
     # transpose, so that a warp instruction covers 64 contiguous bytes of a key instead of 32; "pair" the
     # same pieces after one exchange stage instead of two, the fp32 accumulator's columns stored in
-    # `pair_column_order` (put back by `dkv_output`). Off: both versions measured slower (the module docstring).
-    dkv_write: str = "vector"
+    # `pair_column_order` (put back by `dkv_output`). "" is the schedule's (SCHEDULES): "vector" for "split"
+    # ("pair" measured slower there, the module docstring); "pair" for "wide", whose dkv blocks have the keys
+    # as rows, so that its 16-byte pieces need no exchange at all in that stored order.
+    dkv_write: str = ""
     # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
     # each block is computed, waited for and sent in turn (False).
     overlap_dkv: bool = True
@@ -124,7 +126,7 @@ class BwdConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: expected one of {tuple(SCHEDULES)}")
         for name, value in SCHEDULES[self.schedule].items():
-            if getattr(self, name) == 0:
+            if getattr(self, name) in (0, ""):
                 object.__setattr__(self, name, value)
 
 
@@ -135,8 +137,8 @@ class BwdConfig:
 #       P and dS and half of dQ, consumer 1 the other half of dQ and every dkv block. Its wgmmas have N = 64
 #       where "split" has N = 32, so they read half as much shared memory per multiply-add.
 SCHEDULES = {
-    "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232},
-    "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 40, "consumer_regs": 232},
+    "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector"},
+    "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "pair"},
 }
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: run the op with another schedule
 
@@ -154,9 +156,9 @@ DKV_WRITES = ("scalar", "tiled", "vector", "pair")
 
 
 def selected_dkv_write() -> str:
-    """The dkv write path the op runs with: BwdConfig's default, or `ENV_DKV_WRITE`'s choice."""
-    text = os.environ.get(ENV_DKV_WRITE, "").strip() or BwdConfig.dkv_write
-    if text not in DKV_WRITES:
+    """The dkv write path the op runs with: `ENV_DKV_WRITE`'s choice, or "" (the schedule's, SCHEDULES)."""
+    text = os.environ.get(ENV_DKV_WRITE, "").strip()
+    if text and text not in DKV_WRITES:
         raise ValueError(f"{ENV_DKV_WRITE}={text!r}: expected one of {DKV_WRITES}")
     return text
 
@@ -268,9 +270,6 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
     per_query = head_blocks * topk * head_dim * 4
     budget = int(os.environ.get(WORKSPACE_ENV, _DEFAULT_WORKSPACE_MB)) << 20
     chunk = max(1, min(num_tokens, budget // per_query))
-    if config.schedule == "wide" and head_blocks * chunk * topk >= 2 ** 31:
-        # the wide kernel numbers partial rows in 32 bits (`key_target_rows`)
-        raise ValueError(f"{WORKSPACE_ENV}={budget >> 20} MiB gives more than 2^31 partial dkv rows; lower it")
     partial = torch.empty(head_blocks, chunk * topk, head_dim, dtype=torch.float32, device=device)
     sorted_slots, composite = triton_bwd._slots_by_kv_row(indices, topk_length, num_kv_rows)
     reduce_block_d = 64

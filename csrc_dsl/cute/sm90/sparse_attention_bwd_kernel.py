@@ -470,11 +470,10 @@ class SparseAttentionBwdSm90:
         transpose (`write_dkv_vector`)."""
         if const_expr(self.cfg.dkv_write == "vector"):
             lane = tid % 32
-            slots = cute.make_rmem_tensor((4 * (self.BN // 32),), Int32)
-            for h in cutlass.range_constexpr(self.BN // 32):       # each 32 keys of the tile
-                for p in cutlass.range_constexpr(2):
-                    for ek in cutlass.range_constexpr(2):
-                        slots[4 * h + 2 * p + ek] = 32 * h + 8 * (2 * p + (lane // 8) % 2) + 2 * (lane % 4) + ek
+            slots = cute.make_rmem_tensor((4,), Int32)
+            for p in cutlass.range_constexpr(2):
+                for ek in cutlass.range_constexpr(2):
+                    slots[2 * p + ek] = 8 * (2 * p + (lane // 8) % 2) + 2 * (lane % 4) + ek
         elif const_expr(self.cfg.dkv_write == "pair"):
             lane = tid % 32
             slots = cute.make_rmem_tensor((4,), Int32)
@@ -543,19 +542,17 @@ class SparseAttentionBwdSm90:
         stages (lane xor 4, lane xor 8): lane i's block d, sent to lane d, is
         {KV[d % 2, ek + 4p + 2 (d // 2)] : p, ek in {0, 1}}. Afterwards lane (b, i = 2 i_hi + e, q)
         holds, for each (p, ek), latent columns 16w + 8e + 4b + 0..3 (one value from each lane k = 0..3)
-        of key 8 (2p + i_hi) + 2q + ek, whose address `key_rows[2p + ek]` holds (`dkv_key_slots`). A tile of
-        64 keys (the wide schedule) does this for each 32 keys h: columns 8h + c + 2j, keys 32h + ...."""
+        of key 8 (2p + i_hi) + 2q + ek, whose address `key_rows[2p + ek]` holds (`dkv_key_slots`)."""
         lane = tid % 32
         i = (lane // 4) % 4
         # blocks[d][2p + ek]: the values for lane d, before the exchange; from lane d, after it
-        for h in cutlass.range_constexpr(self.BN // 32):       # each 32 keys: accumulator columns 8h..8h+7
-            blocks = quad_transpose([[KV[d % 2, 8 * h + ek + 4 * p + 2 * (d // 2)] for p in range(2)
-                                      for ek in range(2)] for d in range(4)], i, 4)
-            for v in cutlass.range_constexpr(4):
-                piece = cute.make_rmem_tensor((4,), Float32)
-                for k in cutlass.range_constexpr(4):
-                    piece[k] = blocks[k][v]
-                self.write_dkv_piece(piece, key_rows[4 * h + v], col0)
+        blocks = quad_transpose([[KV[d % 2, ek + 4 * p + 2 * (d // 2)] for p in range(2) for ek in range(2)]
+                                 for d in range(4)], i, 4)
+        for v in cutlass.range_constexpr(4):
+            piece = cute.make_rmem_tensor((4,), Float32)
+            for k in cutlass.range_constexpr(4):
+                piece[k] = blocks[k][v]
+            self.write_dkv_piece(piece, key_rows[v], col0)
 
     @cute.jit
     def write_dkv_pair(self, KV: cute.Tensor, key_rows: cute.Tensor, col0: int, tid: Int32):

@@ -2,7 +2,8 @@
 
 Same CTA as the split schedule (sparse_attention_bwd_kernel.py, read its docstring first): one query token
 and 64 heads, a producer warpgroup gathering kv rows with cp.async, two consumer warpgroups, dQ in registers,
-dkv^T blocks sent to global memory as 16-byte pieces. What changes is the tile and who does what:
+dkv sent to global memory as 16-byte fp32 reductions (stores in deterministic mode). What changes is the
+tile and who does what:
 
   tile: BN = 64 top-k slots in ONE kv stage (72 KB at D = 576). Q (72 KB), dO (64 KB), the stage and the
        bf16 P and dS' tiles (8 KB each) fill the 227 KB; there is no fp32 P exchange.
@@ -11,11 +12,13 @@ dkv^T blocks sent to global memory as 16-byte pieces. What changes is the tile a
          smem (sP, sdS); then dQ[:, 0:256] (+ the RoPE columns) += dS' K over the whole tile.
          Why halves: dQ (160 fp32 per thread with the RoPE columns) next to a whole tile's S and even half
          of its dP did not fit in a consumer's 232 registers (ptxas spilled the RoPE block).
-  c = 1: dQ[:, 256:512] += dS' K, then releases the kv stage, then EVERY dkv^T block b = 0 .. D/64 - 1
-         (64 latent columns x 64 keys) = Q_b^T dS' (+ dO_b^T P), each sent while the next block's wgmmas
-         run (`overlap_dkv`, two accumulators) or after its own (one). The value blocks run in a loop over
-         pairs, not unrolled, and the dkv targets are kept as 32-bit rows: unrolled, with 64-bit addresses,
-         ptxas kept every block's smem descriptors in registers next to dQ and spilled dozens of values.
+  c = 1: dQ[:, 256:512] += dS' K, then releases the kv stage, then EVERY dkv block b = 0 .. D/64 - 1 with
+         the keys as rows: (64 keys x 64 latent columns) = dS'^T Q_b (+ P^T dO_b), each sent while the next
+         block's wgmmas run (`overlap_dkv`, two accumulators) or after its own (one). With keys as rows a
+         thread holds 16 columns of 2 keys, which go out as four 16-byte pieces per key with no lane
+         exchange, because the fp32 accumulator stores each block's columns permuted (`pair_column_order`,
+         put back by the launcher's cast); the split schedule, whose 32-key tile cannot be a wgmma's M,
+         computes dkv^T and needs 16 shuffles per 16 values (`write_dkv_vector`).
 
 Why: every wgmma of the split schedule has N = 32 (its tile's keys), so for each multiply-add it reads 1.5x
 the shared memory that N = 64 needs, and the kernel was bound by shared memory (ncu, H200: L1/shared 86.6%,
@@ -26,7 +29,8 @@ division of work (one warpgroup on S, dP and dS, the other on dkv, one 64-key kv
 DSA backward does, at 6.9 ms against this kernel's split schedule's 9.2 ms (H = 64, H100, session 17).
 STATUS: compiled for sm_90a only (CPU); not yet run on a GPU. Its GPU tests are
 `pytest tests/test_cute_sm90_bwd.py -k "wide or schedules"`, its timing `tools/device_session.sh cutebwd`.
-At D = 576 ptxas still spills a few scalars (about one store and two loads per tile); D = 512 none.
+ptxas spills a few scalars that live across the warp-role split (about 28 bytes stored once, 100-160 bytes
+of reloads from L1 per CTA and tile); the split schedule has none.
 
 Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
   full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).
@@ -67,8 +71,9 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             raise ValueError(f"this kernel runs the wide schedule, not {config.schedule!r}")
         if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
             raise ValueError(f"unknown ablation {config.ablation!r}")
-        if config.dkv_write != "vector":
-            raise ValueError("the wide schedule sends dkv as 16-byte pieces (dkv_write='vector')")
+        if config.dkv_write != "pair":
+            raise ValueError("the wide schedule stores the dkv accumulator's columns in pair order "
+                             "(dkv_write='pair')")
         if config.block_n != 64 or config.num_stages != 1:
             raise ValueError("the wide schedule is written for block_n = 64 and 1 stage")
         if config.d_v != 512 or config.head_dim not in (512, 576):
@@ -130,28 +135,32 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                     row_l2[i] = mL2[token, head]
                     row_delta[i] = mDelta[token, head]
         else:
-            # ---- dkv^T blocks: (latent column, head) views of Q and dO, (key, head) views of dS and P ----
+            # ---- dkv blocks, keys as rows: (key, head) views of dS' and P (A), (latent column, head) views of
+            # Q and dO (B); both MN-major reads of the tiles the other products read K-major ------------------
             thr_kv = mma_kv.get_slice(tid)
             sQt = cute.composition(sQ, cute.make_layout((D, BM), stride=(BM, 1)))
             sdOt = cute.composition(sdO, cute.make_layout((DV, BM), stride=(BM, 1)))
             sdSt = cute.composition(sdS, cute.make_layout((BN, BM), stride=(BM, 1)))
             sPt = cute.composition(sP, cute.make_layout((BN, BM), stride=(BM, 1)))
-            tKrQ = thr_kv.make_fragment_A(thr_kv.partition_A(
-                cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0]))
-            tKrdO = thr_kv.make_fragment_A(thr_kv.partition_A(
+            tKrdS = thr_kv.make_fragment_A(thr_kv.partition_A(sdSt))
+            tKrP = thr_kv.make_fragment_A(thr_kv.partition_A(sPt))
+            tKrQ = thr_kv.make_fragment_B(thr_kv.partition_B(
+                cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0]))                # (64, heads, block)
+            tKrdO = thr_kv.make_fragment_B(thr_kv.partition_B(
                 cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
-            tKrdS = thr_kv.make_fragment_B(thr_kv.partition_B(sdSt))
-            tKrP = thr_kv.make_fragment_B(thr_kv.partition_B(sPt))
-            acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((DKV_BLOCK, BN)), Float32)
+            acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((BN, DKV_BLOCK)), Float32)
                       for _ in range(2 if self.cfg.overlap_dkv else 1)]
             KV = [rows_cols_view(acc) for acc in acc_KV]
-            KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((DKV_BLOCK, BN))))
-            key_slot = self.dkv_key_slots(KV_coord, tid)
-            key_rows = cute.make_rmem_tensor((cute.size(key_slot),), Int32)
-            lane = tid % 32
-            dkv_col = 16 * (tid // 32) + 8 * ((lane // 4) % 2) + 4 * (lane // 16)   # `write_dkv_vector`
+            KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((BN, DKV_BLOCK))))
+            # This thread's two keys (rows) and, per 64-column block, its 16 columns 8 nt + 2 q + (0, 1), which
+            # the stored order puts at 16 m + 4 q + (0 .. 3) for nt = 2 m, 2 m + 1 (`pair_column_order`).
+            key_slot = cute.make_rmem_tensor((cute.size(KV[0], mode=[0]),), Int32)
+            for rh in cutlass.range_constexpr(cute.size(key_slot)):
+                key_slot[rh] = KV_coord[rh, 0][0]
+            key_addrs = cute.make_rmem_tensor((cute.size(key_slot),), Int64)
+            stored_col = 2 * KV_coord[0, 0][1]                                  # 4 q
             num_tokens, topk = mL2.shape[0], mIdx.shape[1]
-            col_base = mDkv.iterator.toint() + Int64(dkv_col) * 4       # this thread's column of row 0
+            col_base = mDkv.iterator.toint() + Int64(stored_col) * 4          # this thread's column of row 0
 
         cute.arch.mbarrier_wait(q_bar, 0)
         for it in cutlass.range(n_tiles, unroll=1):
@@ -196,92 +205,79 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                 warpgroup.wait_group(0)
                 cute.arch.mbarrier_arrive(empty_bar)
             else:
-                self.key_target_rows(key_rows, key_slot, sIds, it, token, head_block, num_tokens, topk)
+                self.key_addresses(key_addrs, key_slot, sIds, it, token, head_block, num_tokens, topk, col_base)
                 cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
                 wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, 0], zero_init=False, wait=True)
                 cute.arch.mbarrier_arrive(empty_bar)               # the kv stage may take the next tile
-                self.send_dkv_tile(mma_kv, acc_KV, KV, KV_coord, tKrQ, tKrdO, tKrdS, tKrP, key_rows, col_base, tid,
-                                   it + 1 < n_tiles)
+                self.send_dkv_tile(mma_kv, acc_KV, KV, tKrQ, tKrdO, tKrdS, tKrP, key_addrs, it + 1 < n_tiles)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
 
     @cute.jit
-    def key_target_rows(self, key_rows: cute.Tensor, key_slot: cute.Tensor, sIds: cute.Tensor, it: Int32,
-                        token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32):
-        """`key_targets` as 32-bit rows (-1: skip) instead of 64-bit addresses: 8 registers less for the 8
-        keys a thread sends per tile (the consumer holds dQ and two dkv accumulators next to them).
-        Deterministic partial rows number at most head_blocks * chunk * K, which the launcher's workspace
-        budget keeps far below 2^31 (each row is D * 4 bytes of it)."""
+    def key_addresses(self, key_rows: cute.Tensor, key_slot: cute.Tensor, sIds: cute.Tensor, it: Int32,
+                        token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32, col_base: Int64):
+        """Where this thread's two keys of tile `it` send their dkv values: the address of the thread's first
+        (stored) column in the key's target row (0: an invalid key, nothing is sent), the target row being
+        the kv row in fast mode and the slot's partial row in deterministic mode. Read from sIds before the
+        kv stage is released (the producer rewrites them with the next tile's ids). Each block's columns are
+        then a compile-time offset from it (an immediate in the reduction's address)."""
         for j in cutlass.range_constexpr(cute.size(key_slot)):
             slot_in_tile = key_slot[j]
             kv_id = sIds[slot_in_tile, 0]
-            target = kv_id
+            target = Int64(kv_id)
             if const_expr(self.deterministic):
-                target = (head_block * num_tokens + token) * topk + it * self.BN + slot_in_tile
-                if kv_id < 0:
-                    target = Int32(-1)
-            key_rows[j] = target
+                target = (Int64(head_block) * num_tokens + token) * topk + it * self.BN + slot_in_tile
+            key_rows[j] = col_base + target * (self.D * 4) if kv_id >= 0 else Int64(0)
 
     @cute.jit
-    def send_dkv_tile(self, mma_kv: cute.TiledMma, acc_KV: list, KV: list, KV_coord: cute.Tensor,
-                      tKrQ: cute.Tensor, tKrdO: cute.Tensor, tKrdS: cute.Tensor, tKrP: cute.Tensor,
-                      key_rows: cute.Tensor, col_base: Int64, tid: Int32, signal_free: Boolean):
-        """Every dkv^T block of the tile: Q_b^T dS' + dO_b^T P for the d_v value columns, Q_b^T dS' alone
-        for the RoPE block, each sent to global memory; then (`signal_free`) DS_FREE once the last wgmma
-        reading sP / sdS is done. The value blocks run in a loop over pairs (not unrolled): unrolled, ptxas
-        kept every block's smem descriptors in registers next to dQ and spilled. With `overlap_dkv`, block b's
-        wgmmas are issued on one accumulator before block b - 1 is sent from the other."""
-        if const_expr(self.cfg.ablation == "no_dkv"):
+    def send_dkv_tile(self, mma_kv: cute.TiledMma, acc_KV: list, KV: list, tKrQ: cute.Tensor,
+                      tKrdO: cute.Tensor, tKrdS: cute.Tensor, tKrP: cute.Tensor, key_rows: cute.Tensor,
+                      signal_free: Boolean):
+        """Every dkv block of the tile (keys as rows): dS'^T Q_b + P^T dO_b on the d_v value columns, dS'^T Q_b
+        alone on the RoPE block, each sent to global memory; then (`signal_free`) DS_FREE as soon as the last
+        wgmma reading sP / sdS is done. With `overlap_dkv`, block n's wgmmas are issued on one accumulator
+        before block n - 1 is sent from the other. Unrolled: in a loop over the blocks ptxas could not see
+        which accumulator a wait had completed and serialized every wgmma of the kernel (C7514)."""
+        blocks = list(range(self.D // DKV_BLOCK if self.cfg.ablation != "no_dkv" else 0))
+        overlap = const_expr(self.cfg.overlap_dkv)
+        for n in cutlass.range_constexpr(len(blocks)):
+            b = blocks[n]
+            with_p = b * DKV_BLOCK < self.DV
+            acc = acc_KV[n % len(acc_KV)]
+            wgmma(mma_kv, acc, tKrdS, tKrQ[None, None, None, b], zero_init=True, wait=False)
+            if const_expr(with_p):
+                wgmma(mma_kv, acc, tKrP, tKrdO[None, None, None, b], zero_init=False, wait=False)
+            last = n == len(blocks) - 1
+            if const_expr(overlap):
+                if const_expr(n > 0):
+                    warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
+                    self.write_dkv_block(KV[(n - 1) % 2], key_rows, blocks[n - 1])
+                if const_expr(last):
+                    warpgroup.wait_group(0)
+                    if signal_free:
+                        cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
+                    self.write_dkv_block(KV[n % 2], key_rows, b)
+            else:
+                warpgroup.wait_group(0)
+                if const_expr(last):
+                    if signal_free:
+                        cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
+                self.write_dkv_block(KV[0], key_rows, b)
+        if const_expr(len(blocks) == 0):
             if signal_free:
                 cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-        else:
-            value_blocks = self.DV // DKV_BLOCK
-            overlap = const_expr(self.cfg.overlap_dkv)
-            for m in cutlass.range(value_blocks // 2, unroll=1):
-                for e in cutlass.range_constexpr(2):
-                    b = 2 * m + e
-                    acc = acc_KV[e % len(acc_KV)]
-                    wgmma(mma_kv, acc, tKrQ[None, None, None, b], tKrdS, zero_init=True, wait=False)
-                    wgmma(mma_kv, acc, tKrdO[None, None, None, b], tKrP, zero_init=False, wait=False)
-                    if const_expr(overlap):
-                        warpgroup.wait_group(2)                    # block b - 1 is done, b may run on
-                        if const_expr(e == 1):
-                            self.write_dkv_block(KV[0], KV_coord, key_rows, col_base, b - 1, tid)
-                        elif m > 0:
-                            self.write_dkv_block(KV[1], KV_coord, key_rows, col_base, b - 1, tid)
-                    else:
-                        warpgroup.wait_group(0)
-                        if const_expr(self.rope == 0 and e == 1):
-                            if signal_free and m == value_blocks // 2 - 1:
-                                cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                        self.write_dkv_block(KV[0], KV_coord, key_rows, col_base, b, tid)
-            last = value_blocks - 1
-            if const_expr(self.rope > 0):
-                # the RoPE block (Q_b^T dS' only) on the first accumulator
-                wgmma(mma_kv, acc_KV[0], tKrQ[None, None, None, value_blocks], tKrdS, zero_init=True, wait=False)
-                if const_expr(overlap):
-                    warpgroup.wait_group(1)
-                    self.write_dkv_block(KV[1], KV_coord, key_rows, col_base, last, tid)
-                warpgroup.wait_group(0)
-                if signal_free:
-                    cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                self.write_dkv_block(KV[0], KV_coord, key_rows, col_base, value_blocks, tid)
-            elif const_expr(overlap):
-                warpgroup.wait_group(0)
-                if signal_free:
-                    cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                self.write_dkv_block(KV[1], KV_coord, key_rows, col_base, last, tid)
 
     @cute.jit
-    def write_dkv_block(self, KV: cute.Tensor, KV_coord: cute.Tensor, key_rows: cute.Tensor, col_base: Int64,
-                        block: Int32, tid: Int32):
-        """dkv^T block `block` (64 latent columns) as 16-byte pieces (`write_dkv_vector`), the addresses formed
-        here from the 32-bit rows of `key_target_rows` and this thread's column address `col_base` (0: an
-        invalid key)."""
-        addresses = cute.make_rmem_tensor((cute.size(key_rows),), Int64)
-        block_base = col_base + Int64(block) * (DKV_BLOCK * 4)
-        for j in cutlass.range_constexpr(cute.size(key_rows)):
-            row = key_rows[j]
-            addresses[j] = block_base + Int64(row) * (self.D * 4) if row >= 0 else Int64(0)
-        self.write_dkv_vector(KV, addresses, 0, tid)
+    def write_dkv_block(self, KV: cute.Tensor, key_rows: cute.Tensor, block: int):
+        """dkv block `block` (64 keys x 64 latent columns, keys as rows) to global memory: per key row of the
+        thread, four 16-byte pieces straight from the accumulator, no lane exchange. Accumulator column
+        j = 4 m + k of a row is latent column 8 (2 m + k // 2) + 2 q + k % 2 and goes to stored column
+        16 m + 4 q + k, so the 4 lanes of a row (q = 0 .. 3) cover 64 contiguous bytes per instruction, as
+        `write_dkv_vector` does; `dkv_output` puts the columns back in latent order (`pair_column_order`)."""
+        for rh in cutlass.range_constexpr(cute.size(key_rows)):
+            for m in cutlass.range_constexpr(cute.size(KV, mode=[1]) // 4):
+                piece = cute.make_rmem_tensor((4,), Float32)
+                for k in cutlass.range_constexpr(4):
+                    piece[k] = KV[rh, 4 * m + k]
+                self.write_dkv_piece(piece, key_rows[rh], block * DKV_BLOCK + 16 * m)

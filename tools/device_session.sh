@@ -9,6 +9,8 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh suite                  # top-k vs cuDNN, whole suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
+#   source .device/s3/stage.sh && bash tools/device_session.sh cutebwd   # CuTe bwd wide schedule: tests, kernels
+#   source .device/s3/stage.sh && bash tools/device_session.sh cutebwdop # then the op (wide) vs cuDNN
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdncu                 # CuTe bwd ncu at H = 64
 #   source .device/s3/stage.sh && bash tools/device_session.sh layouts   # top-k tests, indexer MMA layouts vs cuDNN
@@ -35,7 +37,7 @@
 set -uo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-phase=${1:?phase: cutebwd | cutefwd | flashmla | tritonbwd | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
+phase=${1:?phase: cutebwd | cutebwdop | cutefwd | flashmla | tritonbwd | headline | scoreops | detcheck | score | layouts | cute | bench | recheck | profile | topk | full | suite | bwdprof | bwdncu | bwdcheck | verify}; shift || true
 
 capped() {  # capped SECONDS LOGNAME cmd...: run, tee the log, show its tail
   local secs=$1 log=$2; shift 2
@@ -161,14 +163,16 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
 bwdncu)    # staged: ncu of the CuTe-DSL backward at H = 64 (bwd_ncu above)
   bwd_ncu
   ;;
-cutebwd)   # staged, at most ~560 s (session 24): the CuTe backward's wide schedule: its GPU tests (and the split
-           # schedule's oracle tests), both schedules' kernels alone with their ablations at H = 64 and 128, then
-           # the op with CUTEBWD_SCHEDULE (default wide) against cuDNN and the op with the split schedule
-  capped 200 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
-    -k "wide or schedules or matches_oracle_heads or tile_edges" "$@"
-  capped 150 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
-    --ablation kernel wide wide_serial no_dkv_write wide_no_dkv_write no_dkv wide_no_dkv
-  DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 180 bench_bwd.log python -m benchmarks.run \
+cutebwd)   # staged, at most ~540 s (session 24): the CuTe backward's wide schedule: its GPU tests (and the split
+           # schedule's oracle tests), then both schedules' kernels alone, with ablations, at H = 64 and 128
+  capped 220 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
+    -k "wide or schedules or paths_agree or matches_oracle_heads or tile_edges" "$@"
+  capped 300 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
+    --ablation kernel wide wide_serial wide_halves no_dkv_write wide_no_dkv_write no_dkv wide_no_dkv
+  ;;
+cutebwdop) # staged, at most ~240 s, right after cutebwd: the op with CUTEBWD_SCHEDULE (default wide) against
+           # cuDNN's SM90 backward, same run
+  DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 230 bench_bwd.log python -m benchmarks.run \
     --headline --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
   ;;
 bwdcheck)  # staged: after a change to the CuTe-DSL backward: its tests, ablations, then vs cuDNN and Triton

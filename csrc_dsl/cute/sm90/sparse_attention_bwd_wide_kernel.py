@@ -28,7 +28,8 @@ tile t are done; it then overlaps consumer 1's dkv blocks of tile t, and consume
 division of work (one warpgroup on S, dP and dS, the other on dkv, one 64-key kv tile) is what cuDNN's SM90
 DSA backward does, at 6.9 ms against this kernel's split schedule's 9.2 ms (H = 64, H100, session 17).
 STATUS: compiled for sm_90a only (CPU); not yet run on a GPU. Its GPU tests are
-`pytest tests/test_cute_sm90_bwd.py -k "wide or schedules"`, its timing `tools/device_session.sh cutebwd`.
+`pytest tests/test_cute_sm90_bwd.py -k "wide or schedules or paths_agree"`, its timing `tools/device_session.sh
+cutebwd` and `cutebwdop`.
 ptxas spills a few scalars that live across the warp-role split (about 28 bytes stored once, 100-160 bytes
 of reloads from L1 per CTA and tile); the split schedule has none.
 

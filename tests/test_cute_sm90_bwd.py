@@ -648,10 +648,11 @@ def test_bwd_wide_schedule_tile_edges_and_lonely_rows(deterministic, monkeypatch
 @needs_sm90
 @pytest.mark.parametrize("D", [576, 512])
 def test_bwd_schedules_agree(D, monkeypatch):
-    """Both schedules sum the same products in the same order per output element (S and dP over 32-key
-    pieces, dQ over keys in 16-key steps, each dkv^T value over the 64 heads), so dq and the deterministic
-    dkv agree bit for bit; fast-mode dkv up to the order of the atomics. The wide schedule's deterministic
-    mode is bitwise stable over repeated runs."""
+    """Both schedules sum the same products in the same order per output element (S and dP as 64 x 32
+    wgmmas, dQ over keys in 16-key steps, each dkv value over the 64 heads in 16-head steps: as dkv^T in the
+    split schedule, with the keys as rows in the wide one), so dq and the deterministic dkv should agree bit
+    for bit; fast-mode dkv up to the order of the atomics. The wide schedule's deterministic mode is bitwise
+    stable over repeated runs."""
     T, H, S, K = 9, 128, 2000, 1000
     q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=71 + D, sink=True,
                                                   topk_length=True, dup=0.2)

@@ -134,8 +134,9 @@ class BwdConfig:
 #   "split" (sparse_attention_bwd_kernel.py): 32-key tiles in two kv stages; consumer 0 computes S and P,
 #       consumer 1 dP and dS; both do half of dQ and half of the dkv blocks;
 #   "wide" (sparse_attention_bwd_wide_kernel.py): 64-key tiles in one kv stage; consumer 0 computes S, dP,
-#       P and dS and half of dQ, consumer 1 the other half of dQ and every dkv block. Its wgmmas have N = 64
-#       where "split" has N = 32, so they read half as much shared memory per multiply-add.
+#       P and dS and half of dQ, consumer 1 the other half of dQ and every dkv block, with the keys as the
+#       wgmma's M: its dkv products have N = 64 where "split" has N = 32 (two thirds of the shared-memory
+#       reads per multiply-add), and its dkv values leave the accumulator with no lane exchange.
 SCHEDULES = {
     "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector"},
     "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "pair"},

@@ -190,13 +190,19 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                     if const_expr(h == 0):
                         if it > 0:
                             cute.arch.barrier(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                    # dS' = scale * P * (dP - Delta); P and dS' in bf16 to smem for the tensor cores.
+                    # dS' = scale * P * (dP - Delta); P and dS' in bf16 to smem for the tensor cores, two
+                    # neighbouring keys (accumulator columns 2n, 2n + 1) per 4-byte store.
                     for i in cutlass.range_constexpr(n_rows):
-                        for j in cutlass.range_constexpr(n_cols):
-                            p = S[i, j]
-                            r, k = S_coord[h][i, j]
-                            sP[r, k] = BFloat16(p)
-                            sdS[r, k] = BFloat16(scale * p * (dP[i, j] - row_delta[i]))
+                        for n in cutlass.range_constexpr(n_cols // 2):
+                            r, k = S_coord[h][i, 2 * n]
+                            p_pair = cute.make_rmem_tensor((2,), BFloat16)
+                            ds_pair = cute.make_rmem_tensor((2,), BFloat16)
+                            for e in cutlass.range_constexpr(2):
+                                p = S[i, 2 * n + e]
+                                p_pair[e] = BFloat16(p)
+                                ds_pair[e] = BFloat16(scale * p * (dP[i, 2 * n + e] - row_delta[i]))
+                            cute.autovec_copy(p_pair, cute.local_tile(sP[r, None], (2,), (k // 2,)))
+                            cute.autovec_copy(ds_pair, cute.local_tile(sdS[r, None], (2,), (k // 2,)))
                 cute.arch.fence_proxy("async.shared", space="cta")   # st.shared -> wgmma reads
                 cute.arch.barrier(barrier_id=BAR_SCORES_WRITTEN, number_of_threads=128)
                 cute.arch.barrier_arrive(barrier_id=BAR_DS_READY, number_of_threads=256)

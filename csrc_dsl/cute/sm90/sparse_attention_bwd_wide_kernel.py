@@ -30,8 +30,8 @@ DSA backward does, at 6.9 ms against this kernel's split schedule's 9.2 ms (H = 
 STATUS: compiled for sm_90a only (CPU); not yet run on a GPU. Its GPU tests are
 `pytest tests/test_cute_sm90_bwd.py -k "wide or schedules or paths_agree"`, its timing `tools/device_session.sh
 cutebwd` and `cutebwdop`.
-ptxas spills a few scalars that live across the warp-role split (about 28 bytes stored once, 100-160 bytes
-of reloads from L1 per CTA and tile); the split schedule has none.
+ptxas spills a few scalars that live across the warp-role split, reloaded from L1 (up to 28 bytes stored,
+124 bytes of loads in the SASS; BENCHMARKS.md, session 24); the split schedule has none.
 
 Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
   full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).

@@ -350,7 +350,9 @@ def test_schedules_fill_their_tiles(monkeypatch):
     split, wide = bwd.BwdConfig(576, 512, False), bwd.BwdConfig(576, 512, False, schedule="wide")
     assert (split.block_n, split.num_stages) == (32, 2) and (wide.block_n, wide.num_stages) == (64, 1)
     for config in (split, wide):
-        assert config.producer_regs + 2 * config.consumer_regs <= 504       # 168 registers x 384 threads
+        consumer1 = config.consumer1_regs or config.consumer_regs
+        assert config.producer_regs + config.consumer_regs + consumer1 <= 504     # 168 registers x 384 threads
+        assert all(r % 8 == 0 and 24 <= r <= 256 for r in (config.producer_regs, config.consumer_regs, consumer1))
     assert bwd.BwdConfig(576, 512, False, schedule="wide", block_n=32).block_n == 32   # explicit values stay
     with pytest.raises(ValueError, match="schedule"):
         bwd.BwdConfig(576, 512, False, schedule="diagonal")
@@ -374,8 +376,8 @@ def test_bwd_wide_schedule_compiles_for_sm90a(config):
     halves, every dkv block in the second consumer), 16-byte dkv writes straight from the accumulator (no
     shuffle anywhere: 8 pieces per thread and block; stores in deterministic mode), and wgmmas that ptxas
     did not serialize (C7514, which a loop over the dkv blocks caused).
-    (Not yet asserted: no spills. ptxas still spills a few scalars that live across the warp-role split,
-    reloaded from L1 a few times per tile; their bytes are in BENCHMARKS.md, session 24.)"""
+    (Not yet asserted: no spills. The producer still spills a few values at its 32 registers; the counts
+    are in BENCHMARKS.md, session 24.)"""
     ptx, cubin, smem_bytes = bwd.compile_for_inspection(config)
     assert 0 < smem_bytes <= 232448
     assert fake_compile.cubin_resources(cubin).registers <= 168

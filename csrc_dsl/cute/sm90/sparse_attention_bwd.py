@@ -101,7 +101,8 @@ class BwdConfig:
     block_n: int = 0            # top-k slots (kv rows) per tile
     num_stages: int = 0         # kv stages in shared memory
     producer_regs: int = 0      # setmaxnreg for the gather warpgroup
-    consumer_regs: int = 0      # setmaxnreg for each math warpgroup (producer + 2 * consumer <= 504)
+    consumer_regs: int = 0      # setmaxnreg for the math warpgroups (producer + both consumers <= 504)
+    consumer1_regs: int = 0     # the second one's, where it differs (0: consumer_regs)
     arch: str = "sm_90a"
     # How each thread sends its dkv values (the kernel's `write_dkv*`): "scalar" one 4-byte value per
     # instruction with the address computed per write, "tiled" the same with each key's address computed
@@ -139,7 +140,8 @@ class BwdConfig:
 #       reads per multiply-add), and its dkv values leave the accumulator with no lane exchange.
 SCHEDULES = {
     "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector"},
-    "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "pair"},
+    "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 32, "consumer_regs": 240, "consumer1_regs": 232,
+             "dkv_write": "pair"},
 }
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: run the op with another schedule
 

@@ -221,18 +221,30 @@ class SparseAttentionBwdSm90:
 
         if wg_idx == 0:
             cute.arch.setmaxregister_decrease(self.cfg.producer_regs)
+            w_token, w_block, w_valid, w_tiles = self.role_work(mQ, mIdx, mTopkLen, token, head_block, k_valid,
+                                                                n_tiles)
             self.produce(mQ, mKV, mIdx, mdO, sQ, sdO, sKV, sIds, full_bar, empty_bar, q_bar,
-                         token, head_block, k_valid, n_tiles, tidx)
+                         w_token, w_block, w_valid, w_tiles, tidx)
         elif wg_idx == 1:
             cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+            w_token, w_block, w_valid, w_tiles = self.role_work(mQ, mIdx, mTopkLen, token, head_block, k_valid,
+                                                                n_tiles)
             self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
                          full_bar, empty_bar, q_bar, mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv,
-                         scale_log2, scale, token, head_block, n_tiles, tidx % 128, 0)
+                         scale_log2, scale, w_token, w_block, w_tiles, tidx % 128, 0)
         else:
-            cute.arch.setmaxregister_increase(self.cfg.consumer_regs)
+            cute.arch.setmaxregister_increase(self.cfg.consumer1_regs or self.cfg.consumer_regs)
+            w_token, w_block, w_valid, w_tiles = self.role_work(mQ, mIdx, mTopkLen, token, head_block, k_valid,
+                                                                n_tiles)
             self.consume(mL2, mDelta, mdQ, mDkv, mIdx, sQ, sdO, sKV, sP, sdS, sIds, sPx,
                          full_bar, empty_bar, q_bar, mma_s, mma_dp, mma_dq, mma_dq_rope, mma_kv,
-                         scale_log2, scale, token, head_block, n_tiles, tidx % 128, 1)
+                         scale_log2, scale, w_token, w_block, w_tiles, tidx % 128, 1)
+
+    def role_work(self, mQ: cute.Tensor, mIdx: cute.Tensor, mTopkLen: cute.Tensor, token: Int32,
+                  head_block: Int32, k_valid: Int32, n_tiles: Int32):
+        """The CTA's (token, head block, valid slots, tiles) as a warpgroup role uses them: here the values
+        computed before the role split, as they are (the wide schedule recomputes them in each role)."""
+        return token, head_block, k_valid, n_tiles
 
     # ---- producer: cp.async gathers ------------------------------------------------------------
     @cute.jit

@@ -30,8 +30,8 @@ DSA backward does, at 6.9 ms against this kernel's split schedule's 9.2 ms (H = 
 STATUS: compiled for sm_90a only (CPU); not yet run on a GPU. Its GPU tests are
 `pytest tests/test_cute_sm90_bwd.py -k "wide or schedules or paths_agree"`, its timing `tools/device_session.sh
 cutebwd` and `cutebwdop`.
-ptxas spills a few scalars that live across the warp-role split, reloaded from L1 (up to 28 bytes stored,
-124 bytes of loads in the SASS; BENCHMARKS.md, session 24); the split schedule has none.
+Registers: producer 32, consumer 0 240, consumer 1 232 (`SCHEDULES`); the producer still spills 2-8 values at
+32 registers (BENCHMARKS.md, session 24); the split schedule has none.
 
 Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
   full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).
@@ -79,6 +79,19 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             raise ValueError("the wide schedule is written for block_n = 64 and 1 stage")
         if config.d_v != 512 or config.head_dim not in (512, 576):
             raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
+
+    @cute.jit
+    def role_work(self, mQ: cute.Tensor, mIdx: cute.Tensor, mTopkLen: cute.Tensor, token: Int32,
+                  head_block: Int32, k_valid: Int32, n_tiles: Int32):
+        """(token, head block, valid slots, tiles) recomputed after the role's setmaxnreg, from the block index:
+        the values computed before the split lived across it and ptxas spilled them (loaded back from local
+        memory in every tile); the recomputation is an integer division and one load per CTA."""
+        bidx, _, _ = cute.arch.block_idx()
+        head_blocks = (mQ.shape[1] + self.BM - 1) // self.BM
+        w_token = bidx // head_blocks
+        w_block = bidx - w_token * head_blocks
+        w_valid = cutlass.min(mIdx.shape[1], cutlass.max(mTopkLen[w_token], 0))
+        return w_token, w_block, w_valid, (w_valid + self.BN - 1) // self.BN
 
     @cute.jit
     def consume(self, mL2: cute.Tensor, mDelta: cute.Tensor, mdQ: cute.Tensor, mDkv: cute.Tensor,

@@ -58,7 +58,8 @@ BAR_SCORES_WRITTEN = 5
 
 
 class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
-    """The wide schedule; the producer, the dkv write path and the epilogue are the split schedule's."""
+    """The wide schedule; the producer, the 16-byte dkv write (`write_dkv_piece`) and the epilogue are the
+    split schedule's."""
 
     def __init__(self, config):
         super().__init__(config)

@@ -168,6 +168,44 @@ def test_disk_cache_round_trip(tmp_path, monkeypatch):
         compile_cache._CACHES[fwd.FwdConfig] = fwd._CACHE  # a KernelCache registers itself for its config type
 
 
+def test_warm_cache_sets_cover_the_ops_and_the_device_phases():
+    from csrc_dsl.cute.sm90 import sparse_attention_bwd as bwd
+    from tools import warm_cute_cache
+
+    shipped, device = warm_cute_cache.shipped_configs(), warm_cute_cache.device_configs()
+    assert set(fwd.shipped_configs()) | set(bwd.shipped_configs()) <= set(shipped)
+    assert set(shipped) <= set(device) and len(set(device)) == len(device)
+    schedules = {(c.schedule, c.kv_halves, c.overlap_dkv) for c in device if isinstance(c, bwd.BwdConfig)}
+    assert {("split", False, True), ("wide", False, True), ("wide", True, True), ("wide", False, False)} <= schedules
+    for config in device:
+        compile_cache.check_static(config)
+
+
+@needs_dsl
+def test_warm_cache_writes_objects_a_fresh_cache_loads(tmp_path, monkeypatch):
+    """tools/warm_cute_cache.py compiles in spawned workers into the given folder; a fresh cache in this
+    process then loads the object instead of compiling (what a lent GPU does with the carried folder)."""
+    pytest.importorskip("tvm_ffi")
+    from tools import warm_cute_cache
+
+    config = fwd.FwdConfig(head_dim=512, d_v=512, has_sink=False, has_topk_length=False)
+    monkeypatch.setattr(warm_cute_cache, "shipped_configs", lambda: [config])
+    monkeypatch.setenv(compile_cache.ENV_DISK_CACHE, "1")
+    monkeypatch.setenv(compile_cache.ENV_CACHE_DIR, str(tmp_path / "unused"))   # main() points it at --dir
+    assert warm_cute_cache.main(["--dir", str(tmp_path / "cache"), "--set", "shipped", "--jobs", "1"]) == 0
+
+    def must_not_compile(config):
+        raise AssertionError("compiled although the warmed folder holds it")
+
+    try:
+        reader = compile_cache.KernelCache("sparse_attention_fwd_sm90", fwd.FwdConfig, must_not_compile,
+                                           fwd._CACHE._source_files)
+        assert reader.path_for(config).is_file()
+        assert callable(reader.get(config))
+    finally:
+        compile_cache._CACHES[fwd.FwdConfig] = fwd._CACHE  # a KernelCache registers itself for its config type
+
+
 # ======================================================================================================
 # Every shipped variant compiles for sm_90a, without spills (CPU)
 # ======================================================================================================

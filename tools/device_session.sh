@@ -9,6 +9,8 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh suite                  # top-k vs cuDNN, whole suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
+# Before the CuTe phases, on the CPU machine: python -m tools.warm_cute_cache --dir .device/cute_cache (about 2 MB
+# for the shipped set, seconds per configuration), then carry ".device/cute_cache" with the third staging call.
 #   source .device/s3/stage.sh && bash tools/device_session.sh cutebwd   # CuTe bwd wide schedule: tests, kernels
 #   source .device/s3/stage.sh && bash tools/device_session.sh cutebwdop # then the op (wide) vs cuDNN
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
@@ -66,6 +68,9 @@ bwd_ncu() {  # ncu (full set) of the CuTe-DSL backward at H = 64, its key metric
 }
 
 pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
+# CuTe-DSL kernels compiled ahead on the CPU machine (`python -m tools.warm_cute_cache --dir .device/cute_cache`,
+# carried with the call): loaded instead of compiled here
+if [ -d .device/cute_cache ]; then export DSA_OPS_CUTE_CACHE_DIR="$PWD/.device/cute_cache"; fi
 
 case "$phase" in
 tritonbwd)  # no staging, at most 480 s (session 22's s22b): the Triton forward's and backward's GPU tests; the

@@ -723,13 +723,15 @@ def test_bwd_empty_inputs():
 
 
 @needs_sm90
+@pytest.mark.parametrize("schedule", ["split", "wide"])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_bwd_cuda_graph_replay_equals_eager(deterministic):
+def test_bwd_cuda_graph_replay_equals_eager(deterministic, schedule, monkeypatch):
+    monkeypatch.setenv(bwd.ENV_SCHEDULE, schedule)
     T, H, D, S, K = 16, 64, 576, 4000, 2000
     q, kv, idx, sink, lengths, dout = make_inputs(T=T, H=H, D=D, S=S, K=K, seed=99, sink=True, topk_length=True)
     scale = D ** -0.5
     out, lse, _ = forward_for(q, kv, idx, dout, scale, 512, sink, lengths)
-    bwd.warmup([bwd.BwdConfig(D, 512, deterministic)])                 # no compile inside the capture
+    bwd.warmup([bwd.BwdConfig(D, 512, deterministic, schedule=schedule)])   # no compile inside the capture
     args = lambda: (dout, q, kv, out, lse, idx, scale, 512, sink, lengths, deterministic)  # noqa: E731
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -171,7 +171,7 @@ bwdncu)    # staged: ncu of the CuTe-DSL backward at H = 64 (bwd_ncu above)
 cutebwd)   # staged, at most ~540 s (session 24): the CuTe backward's wide schedule: its GPU tests (and the split
            # schedule's oracle tests), then both schedules' kernels alone, with ablations, at H = 64 and 128
   capped 220 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
-    -k "wide or schedules or paths_agree or matches_oracle_heads or tile_edges" "$@"
+    -k "wide or schedules or paths_agree or matches_oracle_heads or tile_edges or cuda_graph" "$@"
   capped 300 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
     --ablation kernel wide wide_serial wide_halves no_dkv_write wide_no_dkv_write no_dkv wide_no_dkv
   ;;

@@ -260,8 +260,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
 
     if topk_length is None:
         topk_length = torch.full((num_tokens,), topk, dtype=torch.int32, device=device)
-    config = BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=bool(deterministic),
-                       dkv_write=selected_dkv_write(), schedule=selected_schedule())
+    config = _op_config(head_dim, d_v, bool(deterministic), selected_dkv_write(), selected_schedule())
     if not deterministic:
         _launch(config, q, kv, indices, dout, l2, delta, topk_length, dq, dkv_acc, scale)
         return dq, dkv_output(dkv_acc, config.dkv_write, kv.dtype), d_sink
@@ -289,6 +288,14 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale: float, d_v:
                 part[hb], sorted_slots, bounds, dkv_acc, t_begin * topk, num_kv_rows,
                 D=head_dim, BLOCK_D=reduce_block_d, BLOCK_E=16, num_warps=2)
     return dq, dkv_output(dkv_acc, config.dkv_write, kv.dtype), d_sink
+
+
+@functools.lru_cache(maxsize=None)
+def _op_config(head_dim: int, d_v: int, deterministic: bool, dkv_write: str, schedule: str) -> BwdConfig:
+    """The op's BwdConfig, built once per key: `BwdConfig.__post_init__` (the schedule's tiles) is on the
+    launch path otherwise."""
+    return BwdConfig(head_dim=head_dim, d_v=d_v, deterministic=deterministic, dkv_write=dkv_write,
+                     schedule=schedule)
 
 
 def row_terms(out, dout, lse, attn_sink, grad_lse=None):

@@ -99,18 +99,25 @@ class SparseAttentionBwdSm90:
         self.dp_keys = self.BN
         self.full_barriers = self.stages              # the producer's "rows landed" barriers, per stage
 
-    @staticmethod
-    def check_config(config):
-        if config.schedule != "split":
-            raise ValueError(f"this kernel runs the split schedule, not {config.schedule!r}")
+    SCHEDULE = "split"
+
+    @classmethod
+    def check_config(cls, config):
+        """What every schedule needs, then the schedule's own tiles (`check_tiles`)."""
+        if config.schedule != cls.SCHEDULE:
+            raise ValueError(f"this kernel runs the {cls.SCHEDULE} schedule, not {config.schedule!r}")
         if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
             raise ValueError(f"unknown ablation {config.ablation!r}")
+        if config.d_v != 512 or config.head_dim not in (512, 576):
+            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
+        cls.check_tiles(config)
+
+    @staticmethod
+    def check_tiles(config):
         if config.dkv_write not in DKV_WRITES:
             raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
         if config.block_n != 32 or config.num_stages != 2 or config.kv_halves:
             raise ValueError("this kernel is written for block_n = 32 and 2 stages, one full barrier each")
-        if config.d_v != 512 or config.head_dim not in (512, 576):
-            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch
@@ -338,30 +345,15 @@ class SparseAttentionBwdSm90:
         acc_P = cute.make_rmem_tensor_like(acc_S, Float32)    # consumer 1: P read back from sPx
         P = rows_cols_view(acc_P)
 
-        # ---- dQ_c += dS K_c: the kv tile seen as (latent column, key), MN-major ----------------------
-        sKt = cute.composition(sKV, cute.make_layout((D, BN, self.stages), stride=(BN, 1, BN * D)))
-        sKt_c = cute.flat_divide(sKt, (DQ_BLOCK, BN))[None, None, c, 0, None]            # (256, 32, stage)
-        thr_dq = mma_dq.get_slice(tid)
-        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
-        tQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKt_c))
-        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, DQ_BLOCK)), Float32)
-        acc_dQ.fill(0.0)
-        thr_dqr = mma_dq_rope.get_slice(tid)
-        if const_expr(with_rope):
-            sKt_r = cute.flat_divide(sKt, (self.rope, BN))[None, None, DV // self.rope, 0, None]
-            tRrdS = thr_dqr.make_fragment_A(thr_dqr.partition_A(sdS))
-            tRrK = thr_dqr.make_fragment_B(thr_dqr.partition_B(sKt_r))
-            acc_dQr = cute.make_rmem_tensor(thr_dqr.partition_shape_C((BM, self.rope)), Float32)
-            acc_dQr.fill(0.0)
+        # ---- dQ_c += dS K_c ---------------------------------------------------------------------------
+        thr_dq, tQrdS, tQrK, acc_dQ, thr_dqr, tRrdS, tRrK, acc_dQr = self.dq_operands(
+            mma_dq, mma_dq_rope, sKV, sdS, tid, c, with_rope)
 
         # ---- dkv^T blocks: (latent column, head) views of Q and dO, (key, head) views of dS and P ----
         thr_kv = mma_kv.get_slice(tid)
-        sQt = cute.composition(sQ, cute.make_layout((D, BM), stride=(BM, 1)))
-        sdOt = cute.composition(sdO, cute.make_layout((DV, BM), stride=(BM, 1)))
-        sdSt = cute.composition(sdS, cute.make_layout((BN, BM), stride=(BM, 1)))
-        sPt = cute.composition(sP, cute.make_layout((BN, BM), stride=(BM, 1)))
-        tKrQ = thr_kv.make_fragment_A(thr_kv.partition_A(cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0]))
-        tKrdO = thr_kv.make_fragment_A(thr_kv.partition_A(cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
+        sQ_blocks, sdO_blocks, sdSt, sPt = self.dkv_operand_views(sQ, sdO, sdS, sP)
+        tKrQ = thr_kv.make_fragment_A(thr_kv.partition_A(sQ_blocks))
+        tKrdO = thr_kv.make_fragment_A(thr_kv.partition_A(sdO_blocks))
         tKrdS = thr_kv.make_fragment_B(thr_kv.partition_B(sdSt))
         tKrP = thr_kv.make_fragment_B(thr_kv.partition_B(sPt))
         # two accumulators with `overlap_dkv`: block n's products run while block n - 1 is being sent
@@ -474,6 +466,40 @@ class SparseAttentionBwdSm90:
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
+
+    def dq_operands(self, mma_dq: cute.TiledMma, mma_dq_rope: cute.TiledMma, sKV: cute.Tensor, sdS: cute.Tensor,
+                    tid: Int32, c: int, with_rope: bool):
+        """Consumer c's dQ products, dQ[:, 256 c : 256 (c + 1)] (+ the RoPE columns with `with_rope`) += dS' K:
+        (thr_dq, dS' fragments, K fragments, zeroed accumulator) and the same for the RoPE block (None
+        without it). The kv tile is read as (latent column, key), MN-major; stage index last."""
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        sKt = cute.composition(sKV, cute.make_layout((D, BN, self.stages), stride=(BN, 1, BN * D)))
+        sKt_c = cute.flat_divide(sKt, (DQ_BLOCK, BN))[None, None, c, 0, None]            # (256, BN, stage)
+        thr_dq = mma_dq.get_slice(tid)
+        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
+        tQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKt_c))
+        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, DQ_BLOCK)), Float32)
+        acc_dQ.fill(0.0)
+        thr_dqr = mma_dq_rope.get_slice(tid)
+        tRrdS = tRrK = acc_dQr = None
+        if with_rope:
+            sKt_r = cute.flat_divide(sKt, (self.rope, BN))[None, None, DV // self.rope, 0, None]
+            tRrdS = thr_dqr.make_fragment_A(thr_dqr.partition_A(sdS))
+            tRrK = thr_dqr.make_fragment_B(thr_dqr.partition_B(sKt_r))
+            acc_dQr = cute.make_rmem_tensor(thr_dqr.partition_shape_C((BM, self.rope)), Float32)
+            acc_dQr.fill(0.0)
+        return thr_dq, tQrdS, tQrK, acc_dQ, thr_dqr, tRrdS, tRrK, acc_dQr
+
+    def dkv_operand_views(self, sQ: cute.Tensor, sdO: cute.Tensor, sdS: cute.Tensor, sP: cute.Tensor):
+        """The dkv products' operands, all transposed (MN-major) views of tiles the other products read
+        K-major: Q and dO as (latent column, head, 64-column block), dS' and P as (key, head)."""
+        BM, BN, D, DV = self.BM, self.BN, self.D, self.DV
+        sQt = cute.composition(sQ, cute.make_layout((D, BM), stride=(BM, 1)))
+        sdOt = cute.composition(sdO, cute.make_layout((DV, BM), stride=(BM, 1)))
+        sdSt = cute.composition(sdS, cute.make_layout((BN, BM), stride=(BM, 1)))
+        sPt = cute.composition(sP, cute.make_layout((BN, BM), stride=(BM, 1)))
+        return (cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0],
+                cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0], sdSt, sPt)
 
     @cute.jit
     def dkv_key_slots(self, KV_coord: cute.Tensor, tid: Int32) -> cute.Tensor:

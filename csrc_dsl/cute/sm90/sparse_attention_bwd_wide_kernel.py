@@ -49,8 +49,7 @@ import cutlass.cute as cute
 from cutlass import BFloat16, Boolean, Float32, Int32, Int64, const_expr
 from cutlass.cute.nvgpu import warpgroup
 
-from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import (BAR_DS_READY, DKV_BLOCK, DQ_BLOCK,
-                                                           SparseAttentionBwdSm90)
+from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import BAR_DS_READY, DKV_BLOCK, SparseAttentionBwdSm90
 from csrc_dsl.cute.sm90.sparse_attention_fwd_kernel import rows_cols_view, wgmma
 
 BAR_DS_FREE = 4
@@ -67,19 +66,15 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
         self.dp_keys = self.BN // 2          # dP in two halves (consumer 0's registers)
         self.full_barriers = 2 if config.kv_halves else 1
 
+    SCHEDULE = "wide"
+
     @staticmethod
-    def check_config(config):
-        if config.schedule != "wide":
-            raise ValueError(f"this kernel runs the wide schedule, not {config.schedule!r}")
-        if config.ablation not in ("none", "no_dkv_write", "no_dkv"):
-            raise ValueError(f"unknown ablation {config.ablation!r}")
+    def check_tiles(config):
         if config.dkv_write != "pair":
             raise ValueError("the wide schedule stores the dkv accumulator's columns in pair order "
                              "(dkv_write='pair')")
         if config.block_n != 64 or config.num_stages != 1:
             raise ValueError("the wide schedule is written for block_n = 64 and 1 stage")
-        if config.d_v != 512 or config.head_dim not in (512, 576):
-            raise ValueError(f"unsupported head dims D={config.head_dim}, d_v={config.d_v}")
 
     @cute.jit
     def role_work(self, mQ: cute.Tensor, mIdx: cute.Tensor, mTopkLen: cute.Tensor, token: Int32,
@@ -106,21 +101,9 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
         H = mL2.shape[1]
         with_rope = const_expr(c == 0 and self.rope > 0)
 
-        # ---- dQ_c += dS' K_c: the kv tile seen as (latent column, key), MN-major (both consumers) ----
-        sKt = cute.composition(sKV, cute.make_layout((D, BN, self.stages), stride=(BN, 1, BN * D)))
-        sKt_c = cute.flat_divide(sKt, (DQ_BLOCK, BN))[None, None, c, 0, None]            # (256, 64, 1)
-        thr_dq = mma_dq.get_slice(tid)
-        tQrdS = thr_dq.make_fragment_A(thr_dq.partition_A(sdS))
-        tQrK = thr_dq.make_fragment_B(thr_dq.partition_B(sKt_c))
-        acc_dQ = cute.make_rmem_tensor(thr_dq.partition_shape_C((BM, DQ_BLOCK)), Float32)
-        acc_dQ.fill(0.0)
-        thr_dqr = mma_dq_rope.get_slice(tid)
-        if const_expr(with_rope):
-            sKt_r = cute.flat_divide(sKt, (self.rope, BN))[None, None, DV // self.rope, 0, None]
-            tRrdS = thr_dqr.make_fragment_A(thr_dqr.partition_A(sdS))
-            tRrK = thr_dqr.make_fragment_B(thr_dqr.partition_B(sKt_r))
-            acc_dQr = cute.make_rmem_tensor(thr_dqr.partition_shape_C((BM, self.rope)), Float32)
-            acc_dQr.fill(0.0)
+        # ---- dQ_c += dS' K_c (both consumers) ---------------------------------------------------------
+        thr_dq, tQrdS, tQrK, acc_dQ, thr_dqr, tRrdS, tRrK, acc_dQr = self.dq_operands(
+            mma_dq, mma_dq_rope, sKV, sdS, tid, c, with_rope)
 
         if const_expr(c == 0):
             # ---- S = Q K^T and dP = dO V^T, each in two halves of 32 keys (`mma_dp`) -----------------
@@ -153,16 +136,11 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             # ---- dkv blocks, keys as rows: (key, head) views of dS' and P (A), (latent column, head) views of
             # Q and dO (B); both MN-major reads of the tiles the other products read K-major ------------------
             thr_kv = mma_kv.get_slice(tid)
-            sQt = cute.composition(sQ, cute.make_layout((D, BM), stride=(BM, 1)))
-            sdOt = cute.composition(sdO, cute.make_layout((DV, BM), stride=(BM, 1)))
-            sdSt = cute.composition(sdS, cute.make_layout((BN, BM), stride=(BM, 1)))
-            sPt = cute.composition(sP, cute.make_layout((BN, BM), stride=(BM, 1)))
+            sQ_blocks, sdO_blocks, sdSt, sPt = self.dkv_operand_views(sQ, sdO, sdS, sP)
             tKrdS = thr_kv.make_fragment_A(thr_kv.partition_A(sdSt))
             tKrP = thr_kv.make_fragment_A(thr_kv.partition_A(sPt))
-            tKrQ = thr_kv.make_fragment_B(thr_kv.partition_B(
-                cute.flat_divide(sQt, (DKV_BLOCK, BM))[None, None, None, 0]))                # (64, heads, block)
-            tKrdO = thr_kv.make_fragment_B(thr_kv.partition_B(
-                cute.flat_divide(sdOt, (DKV_BLOCK, BM))[None, None, None, 0]))
+            tKrQ = thr_kv.make_fragment_B(thr_kv.partition_B(sQ_blocks))                  # (64, heads, block)
+            tKrdO = thr_kv.make_fragment_B(thr_kv.partition_B(sdO_blocks))
             acc_KV = [cute.make_rmem_tensor(thr_kv.partition_shape_C((BN, DKV_BLOCK)), Float32)
                       for _ in range(2 if self.cfg.overlap_dkv else 1)]
             KV = [rows_cols_view(acc) for acc in acc_KV]
@@ -273,24 +251,24 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             if const_expr(overlap):
                 if const_expr(n > 0):
                     warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
-                    self.write_dkv_block(KV[(n - 1) % 2], key_rows, blocks[n - 1])
+                    self.write_dkv_rows(KV[(n - 1) % 2], key_rows, blocks[n - 1])
                 if const_expr(last):
                     warpgroup.wait_group(0)
                     if signal_free:
                         cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                    self.write_dkv_block(KV[n % 2], key_rows, b)
+                    self.write_dkv_rows(KV[n % 2], key_rows, b)
             else:
                 warpgroup.wait_group(0)
                 if const_expr(last):
                     if signal_free:
                         cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                self.write_dkv_block(KV[0], key_rows, b)
+                self.write_dkv_rows(KV[0], key_rows, b)
         if const_expr(len(blocks) == 0):
             if signal_free:
                 cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
 
     @cute.jit
-    def write_dkv_block(self, KV: cute.Tensor, key_rows: cute.Tensor, block: int):
+    def write_dkv_rows(self, KV: cute.Tensor, key_rows: cute.Tensor, block: int):
         """dkv block `block` (64 keys x 64 latent columns, keys as rows) to global memory: per key row of the
         thread, four 16-byte pieces straight from the accumulator, no lane exchange. Accumulator column
         j = 4 m + k of a row is latent column 8 (2 m + k // 2) + 2 q + k % 2 and goes to stored column

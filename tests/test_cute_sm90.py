@@ -175,8 +175,10 @@ def test_warm_cache_sets_cover_the_ops_and_the_device_phases():
     shipped, device = warm_cute_cache.shipped_configs(), warm_cute_cache.device_configs()
     assert set(fwd.shipped_configs()) | set(bwd.shipped_configs()) <= set(shipped)
     assert set(shipped) <= set(device) and len(set(device)) == len(device)
-    schedules = {(c.schedule, c.kv_halves, c.overlap_dkv) for c in device if isinstance(c, bwd.BwdConfig)}
-    assert {("split", False, True), ("wide", False, True), ("wide", True, True), ("wide", False, False)} <= schedules
+    schedules = {(c.schedule, c.kv_halves, c.overlap_dkv, c.dkv_lines) for c in device
+                 if isinstance(c, bwd.BwdConfig)}
+    assert {("split", False, True, False), ("wide", False, False, True), ("wide", False, True, True),
+            ("wide", False, False, False), ("wide", False, True, False), ("wide", True, False, True)} <= schedules
     for config in device:
         compile_cache.check_static(config)
 

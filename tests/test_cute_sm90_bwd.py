@@ -255,8 +255,8 @@ def _config_id(config):
     name = f"D{config.head_dim}-dv{config.d_v}-det{int(config.deterministic)}"
     if config.schedule == "split":
         return name
-    return (f"{name}-{config.schedule}-{config.ablation}" + ("" if config.overlap_dkv else "-serial")
-            + ("-halves" if config.kv_halves else ""))
+    return (f"{name}-{config.schedule}-{config.ablation}" + ("-overlap" if config.overlap_dkv else "-serial")
+            + ("-lines" if config.dkv_lines else "-64B") + ("-halves" if config.kv_halves else ""))
 
 
 def _expected_hgmma(config):
@@ -354,6 +354,9 @@ def test_schedules_fill_their_tiles(monkeypatch):
         assert config.producer_regs + config.consumer_regs + consumer1 <= 504     # 168 registers x 384 threads
         assert all(r % 8 == 0 and 24 <= r <= 256 for r in (config.producer_regs, config.consumer_regs, consumer1))
     assert bwd.BwdConfig(576, 512, False, schedule="wide", block_n=32).block_n == 32   # explicit values stay
+    assert (split.overlap_dkv, split.dkv_lines) == (True, False) and (wide.overlap_dkv, wide.dkv_lines) == (False, True)
+    assert bwd.BwdConfig(576, 512, False, overlap_dkv=False).overlap_dkv is False       # False is not "unset"
+    assert bwd.BwdConfig(576, 512, False, schedule="wide", dkv_lines=False).dkv_lines is False
     with pytest.raises(ValueError, match="schedule"):
         bwd.BwdConfig(576, 512, False, schedule="diagonal")
     monkeypatch.delenv(bwd.ENV_SCHEDULE, raising=False)
@@ -368,14 +371,16 @@ def test_schedules_fill_their_tiles(monkeypatch):
 @needs_dsl
 @pytest.mark.parametrize("config", WIDE_CONFIGS + [
     bwd.BwdConfig(576, 512, False, schedule="wide", ablation="no_dkv"),
-    bwd.BwdConfig(576, 512, False, schedule="wide", overlap_dkv=False),
-    bwd.BwdConfig(512, 512, True, schedule="wide", overlap_dkv=False),
+    bwd.BwdConfig(576, 512, False, schedule="wide", overlap_dkv=True),
+    bwd.BwdConfig(576, 512, False, schedule="wide", dkv_lines=False),
+    bwd.BwdConfig(512, 512, True, schedule="wide", dkv_lines=False, overlap_dkv=True),
     bwd.BwdConfig(576, 512, False, schedule="wide", kv_halves=True)], ids=_config_id)
 def test_bwd_wide_schedule_compiles_for_sm90a(config):
     """The wide schedule compiles for sm_90a within shared memory, with its static wgmma count (S and dP in
-    halves, every dkv block in the second consumer), 16-byte dkv writes straight from the accumulator (no
-    shuffle anywhere: 8 pieces per thread and block; stores in deterministic mode), and wgmmas that ptxas
-    did not serialize (C7514, which a loop over the dkv blocks caused).
+    halves, every dkv block in the second consumer), 16-byte dkv writes (8 pieces per thread and block;
+    stores in deterministic mode) straight from the accumulator with no shuffle, or with `dkv_lines` after
+    4 shuffles per 8 values (16 per block), and wgmmas that ptxas did not serialize (C7514, which a loop
+    over the dkv blocks caused).
     (Not yet asserted: no spills. The producer still spills a few values at its 32 registers; the counts
     are in BENCHMARKS.md, session 24.)"""
     ptx, cubin, smem_bytes = bwd.compile_for_inspection(config)
@@ -387,8 +392,9 @@ def test_bwd_wide_schedule_compiles_for_sm90a(config):
     sass = fake_compile.sass(cubin)
     if sass is not None:
         assert fake_compile.count_opcodes(sass, "HGMMA")["HGMMA"] == _expected_hgmma(config)
-        assert fake_compile.count_opcodes(sass, "SHFL")["SHFL"] == 0
-        pieces = 8 * (config.head_dim // 64) if config.ablation == "none" else 0
+        blocks = config.head_dim // 64 if config.ablation != "no_dkv" else 0
+        assert fake_compile.count_opcodes(sass, "SHFL")["SHFL"] == (16 * blocks if config.dkv_lines else 0)
+        pieces = 8 * blocks if config.ablation == "none" else 0
         if config.deterministic:
             assert "REDG" not in sass and sass.count("STG.E.128") >= pieces
         else:
@@ -396,11 +402,14 @@ def test_bwd_wide_schedule_compiles_for_sm90a(config):
 
 
 def test_wide_kernel_rejects_other_tiles():
+    from csrc_dsl.cute.sm90.sparse_attention_bwd_kernel import SparseAttentionBwdSm90
     from csrc_dsl.cute.sm90.sparse_attention_bwd_wide_kernel import SparseAttentionBwdSm90Wide
 
     for bad in (dict(block_n=32), dict(num_stages=2), dict(dkv_write="scalar"), dict(dkv_write="vector")):
         with pytest.raises(ValueError):
             SparseAttentionBwdSm90Wide(bwd.BwdConfig(576, 512, False, schedule="wide", **bad))
+    with pytest.raises(ValueError, match="dkv_lines"):
+        SparseAttentionBwdSm90(bwd.BwdConfig(576, 512, False, dkv_lines=True))
 
 
 # ======================================================================================================
@@ -576,7 +585,9 @@ def test_bwd_dkv_write_paths_agree(H):
     variants = {"scalar": {"dkv_write": "scalar"}, "tiled": {"dkv_write": "tiled"},
                 "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False},
                 "pair": {"dkv_write": "pair"}, "wide": {"schedule": "wide"},
-                "wide_serial": {"schedule": "wide", "overlap_dkv": False},
+                "wide_overlap": {"schedule": "wide", "overlap_dkv": True},
+                "wide_64B": {"schedule": "wide", "dkv_lines": False},
+                "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
                 "wide_halves": {"schedule": "wide", "kv_halves": True}}
     for mode, options in variants.items():
         for deterministic in (True, False):
@@ -588,7 +599,7 @@ def test_bwd_dkv_write_paths_agree(H):
             # "pair" stores the columns in another order: back to latent order, fp32 kept bit for bit
             results[mode, deterministic] = (dq, bwd.dkv_output(target, config.dkv_write, torch.float32))
     torch.cuda.synchronize()
-    for mode in ("tiled", "vector", "serial", "pair", "wide", "wide_serial", "wide_halves"):
+    for mode in [m for m in variants if m != "scalar"]:
         for deterministic in (True, False):
             (dq_m, t_m), (dq_s, t_s) = results[mode, deterministic], results["scalar", deterministic]
             assert torch.equal(dq_m, dq_s)

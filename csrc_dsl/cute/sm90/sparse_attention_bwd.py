@@ -114,8 +114,12 @@ class BwdConfig:
     # as rows, so that its 16-byte pieces need no exchange at all in that stored order.
     dkv_write: str = ""
     # Two dkv accumulators: a block's wgmmas run while the warpgroup sends the block before (True), or
-    # each block is computed, waited for and sent in turn (False).
-    overlap_dkv: bool = True
+    # each block is computed, waited for and sent in turn (False). None: the schedule's (SCHEDULES).
+    overlap_dkv: Optional[bool] = None
+    # The wide schedule only: lanes of neighbouring quads trade 16-byte pieces (4 shuffles per 8 values) so
+    # that one warp instruction covers 128 contiguous bytes (a whole L2 line) of each of 4 keys, not 64 bytes
+    # of each of 8; same stored column order. None: the schedule's (SCHEDULES).
+    dkv_lines: Optional[bool] = None
     # The wide schedule only: the kv tile's two halves of 32 rows each signal their arrival on their own
     # barrier, so that consumer 0 starts S and dP of the first half while the second is still in flight.
     kv_halves: bool = False
@@ -127,7 +131,8 @@ class BwdConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: expected one of {tuple(SCHEDULES)}")
         for name, value in SCHEDULES[self.schedule].items():
-            if getattr(self, name) in (0, ""):
+            given = getattr(self, name)
+            if given is None or (not isinstance(given, bool) and given in (0, "")):   # False is a choice
                 object.__setattr__(self, name, value)
 
 
@@ -139,9 +144,10 @@ class BwdConfig:
 #       wgmma's M: its dkv products have N = 64 where "split" has N = 32 (two thirds of the shared-memory
 #       reads per multiply-add), and its dkv values leave the accumulator with no lane exchange.
 SCHEDULES = {
-    "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector"},
+    "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector",
+              "overlap_dkv": True, "dkv_lines": False},
     "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 32, "consumer_regs": 240, "consumer1_regs": 232,
-             "dkv_write": "pair"},
+             "dkv_write": "pair", "overlap_dkv": False, "dkv_lines": True},
 }
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: run the op with another schedule
 
@@ -433,7 +439,9 @@ _KERNEL_VARIANTS = {
     "wide": {"schedule": "wide"},
     "wide_no_dkv_write": {"schedule": "wide", "ablation": "no_dkv_write"},
     "wide_no_dkv": {"schedule": "wide", "ablation": "no_dkv"},
-    "wide_serial": {"schedule": "wide", "overlap_dkv": False},
+    "wide_overlap": {"schedule": "wide", "overlap_dkv": True},
+    "wide_64B": {"schedule": "wide", "dkv_lines": False},
+    "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
     "wide_halves": {"schedule": "wide", "kv_halves": True},
 }
 

@@ -147,11 +147,22 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             KV_coord = rows_cols_view(thr_kv.partition_C(cute.make_identity_tensor((BN, DKV_BLOCK))))
             # This thread's two keys (rows) and, per 64-column block, its 16 columns 8 nt + 2 q + (0, 1), which
             # the stored order puts at 16 m + 4 q + (0 .. 3) for nt = 2 m, 2 m + 1 (`pair_column_order`).
-            key_slot = cute.make_rmem_tensor((cute.size(KV[0], mode=[0]),), Int32)
-            for rh in cutlass.range_constexpr(cute.size(key_slot)):
-                key_slot[rh] = KV_coord[rh, 0][0]
+            # `dkv_lines`: the lanes of quads g and g ^ 1 (rows 2i, 2i + 1) both send to both rows, so each
+            # thread needs the address of both: slots (own & ~1, own | 1) per row half, in that order.
+            n_rh = cute.size(KV[0], mode=[0])
+            lines = const_expr(self.cfg.dkv_lines)
+            key_slot = cute.make_rmem_tensor((2 * n_rh if lines else n_rh,), Int32)
+            for rh in cutlass.range_constexpr(n_rh):
+                own = KV_coord[rh, 0][0]
+                if const_expr(lines):
+                    key_slot[2 * rh] = own - own % 2
+                    key_slot[2 * rh + 1] = own - own % 2 + 1
+                else:
+                    key_slot[rh] = own
             key_addrs = cute.make_rmem_tensor((cute.size(key_slot),), Int64)
             stored_col = 2 * KV_coord[0, 0][1]                                  # 4 q
+            if const_expr(lines):
+                stored_col += 16 * (KV_coord[0, 0][0] % 2)                      # + 16 for an odd quad
             num_tokens, topk = mL2.shape[0], mIdx.shape[1]
             col_base = mDkv.iterator.toint() + Int64(stored_col) * 4          # this thread's column of row 0
 
@@ -208,7 +219,7 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                 cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
                 wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, 0], zero_init=False, wait=True)
                 cute.arch.mbarrier_arrive(empty_bar)               # the kv stage may take the next tile
-                self.send_dkv_tile(mma_kv, acc_KV, KV, tKrQ, tKrdO, tKrdS, tKrP, key_addrs, it + 1 < n_tiles)
+                self.send_dkv_tile(mma_kv, acc_KV, KV, tKrQ, tKrdO, tKrdS, tKrP, key_addrs, it + 1 < n_tiles, tid)
 
         self.epilogue(mdQ, sQ, thr_dq, thr_dqr, acc_dQ, acc_dQr if const_expr(with_rope) else None,
                       token, head_block, tid, c)
@@ -232,7 +243,7 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
     @cute.jit
     def send_dkv_tile(self, mma_kv: cute.TiledMma, acc_KV: list, KV: list, tKrQ: cute.Tensor,
                       tKrdO: cute.Tensor, tKrdS: cute.Tensor, tKrP: cute.Tensor, key_rows: cute.Tensor,
-                      signal_free: Boolean):
+                      signal_free: Boolean, tid: Int32):
         """Every dkv block of the tile (keys as rows): dS'^T Q_b + P^T dO_b on the d_v value columns, dS'^T Q_b
         alone on the RoPE block, each sent to global memory; then (`signal_free`) DS_FREE as soon as the last
         wgmma reading sP / sdS is done. With `overlap_dkv`, block n's wgmmas are issued on one accumulator
@@ -251,32 +262,64 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             if const_expr(overlap):
                 if const_expr(n > 0):
                     warpgroup.wait_group(2 if with_p else 1)       # block n - 1 is done, n may run on
-                    self.write_dkv_rows(KV[(n - 1) % 2], key_rows, blocks[n - 1])
+                    self.write_dkv_rows(KV[(n - 1) % 2], key_rows, blocks[n - 1], tid)
                 if const_expr(last):
                     warpgroup.wait_group(0)
                     if signal_free:
                         cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                    self.write_dkv_rows(KV[n % 2], key_rows, b)
+                    self.write_dkv_rows(KV[n % 2], key_rows, b, tid)
             else:
                 warpgroup.wait_group(0)
                 if const_expr(last):
                     if signal_free:
                         cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
-                self.write_dkv_rows(KV[0], key_rows, b)
+                self.write_dkv_rows(KV[0], key_rows, b, tid)
         if const_expr(len(blocks) == 0):
             if signal_free:
                 cute.arch.barrier_arrive(barrier_id=BAR_DS_FREE, number_of_threads=256)
 
     @cute.jit
-    def write_dkv_rows(self, KV: cute.Tensor, key_rows: cute.Tensor, block: int):
+    def write_dkv_rows(self, KV: cute.Tensor, key_rows: cute.Tensor, block: int, tid: Int32):
         """dkv block `block` (64 keys x 64 latent columns, keys as rows) to global memory: per key row of the
         thread, four 16-byte pieces straight from the accumulator, no lane exchange. Accumulator column
         j = 4 m + k of a row is latent column 8 (2 m + k // 2) + 2 q + k % 2 and goes to stored column
         16 m + 4 q + k, so the 4 lanes of a row (q = 0 .. 3) cover 64 contiguous bytes per instruction, as
-        `write_dkv_vector` does; `dkv_output` puts the columns back in latent order (`pair_column_order`)."""
+        `write_dkv_vector` does; `dkv_output` puts the columns back in latent order (`pair_column_order`).
+        `dkv_lines`: see `write_dkv_lines`."""
+        if const_expr(self.cfg.dkv_lines):
+            self.write_dkv_lines(KV, key_rows, block, tid)
+            return
         for rh in cutlass.range_constexpr(cute.size(key_rows)):
             for m in cutlass.range_constexpr(cute.size(KV, mode=[1]) // 4):
                 piece = cute.make_rmem_tensor((4,), Float32)
                 for k in cutlass.range_constexpr(4):
                     piece[k] = KV[rh, 4 * m + k]
                 self.write_dkv_piece(piece, key_rows[rh], block * DKV_BLOCK + 16 * m)
+
+    @cute.jit
+    def write_dkv_lines(self, KV: cute.Tensor, key_rows: cute.Tensor, block: int, tid: Int32):
+        """`write_dkv_rows` with whole 128-byte lines: L2 takes fp32 reductions about 1.2x faster in 128-byte
+        pieces than in 64-byte ones (benchmarks/bench_dkv_reduction.py, H100: 819 against 685 G values/s).
+        Quads g (even) and g + 1 hold rows e = g and o = g + 1 (and e + 8, o + 8); per pair of pieces
+        (m = 2p, 2p + 1, stored columns 32p .. 32p + 31 of a row), the even quad keeps row e's piece 2p and
+        sends row e's piece 2p + 1, the odd quad keeps row o's piece 2p + 1 and sends row o's piece 2p. Then
+        the 8 lanes write all 32 columns of row e in one instruction and of row o in the next, each lane at
+        its stored column 32p + 16 (g % 2) + 4q (in the address, `key_addresses`). Every exchange of the
+        block comes before its first write, as in `write_dkv_pair` (a write sits in a branch that the
+        shuffles cannot cross)."""
+        odd = (tid // 4) % 2 == 1
+        n_rh = cute.size(KV, mode=[0])
+        n_pairs = cute.size(KV, mode=[1]) // 8
+        pieces = cute.make_rmem_tensor((4, n_rh * n_pairs * 2), Float32)      # (value, (row e|o, pair, rh))
+        for rh in cutlass.range_constexpr(n_rh):
+            for p in cutlass.range_constexpr(n_pairs):
+                for k in cutlass.range_constexpr(4):
+                    first, second = KV[rh, 8 * p + k], KV[rh, 8 * p + 4 + k]       # pieces 2p and 2p + 1
+                    got = cute.arch.shuffle_sync_bfly(first if odd else second, offset=4)
+                    pieces[k, 2 * (rh * n_pairs + p)] = got if odd else first            # row e
+                    pieces[k, 2 * (rh * n_pairs + p) + 1] = second if odd else got       # row o
+        for rh in cutlass.range_constexpr(n_rh):
+            for p in cutlass.range_constexpr(n_pairs):
+                for e in cutlass.range_constexpr(2):
+                    self.write_dkv_piece(pieces[None, 2 * (rh * n_pairs + p) + e], key_rows[2 * rh + e],
+                                         block * DKV_BLOCK + 32 * p)

@@ -171,9 +171,9 @@ bwdncu)    # staged: ncu of the CuTe-DSL backward at H = 64 (bwd_ncu above)
 cutebwd)   # staged, at most ~540 s (session 24): the CuTe backward's wide schedule: its GPU tests (and the split
            # schedule's oracle tests), then both schedules' kernels alone, with ablations, at H = 64 and 128
   capped 220 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
-    -k "wide or schedules or paths_agree or matches_oracle_heads or tile_edges or cuda_graph" "$@"
+    -k "wide or schedules or paths_agree" "$@"
   capped 300 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
-    --ablation kernel wide wide_overlap wide_64B wide_64B_overlap wide_halves no_dkv_write wide_no_dkv_write \
+    --ablation kernel wide wide_p40 wide_overlap wide_64B wide_64B_overlap no_dkv_write wide_no_dkv_write \
     wide_no_dkv
   ;;
 cutebwdop) # staged, at most ~240 s, right after cutebwd: the op with CUTEBWD_SCHEDULE (default wide) against

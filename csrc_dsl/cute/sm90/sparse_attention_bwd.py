@@ -443,6 +443,7 @@ _KERNEL_VARIANTS = {
     "wide_64B": {"schedule": "wide", "dkv_lines": False},
     "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
     "wide_halves": {"schedule": "wide", "kv_halves": True},
+    "wide_p40": {"schedule": "wide", "producer_regs": 40, "consumer1_regs": 224},   # no spills at D = 576
 }
 
 

@@ -85,8 +85,9 @@ def assert_grad_close(x, ref, name):
 # ======================================================================================================
 def test_shipped_configs_are_static_and_cover_the_op():
     configs = bwd.shipped_configs()
-    assert {(c.head_dim, c.d_v, c.deterministic) for c in configs} == {
-        (576, 512, False), (576, 512, True), (512, 512, False), (512, 512, True)}
+    assert configs[0] == bwd.BwdConfig(512, 512, False) and configs[0].schedule == "wide"   # the op's default
+    assert {(c.schedule, c.head_dim, c.d_v, c.deterministic) for c in configs} == {
+        (schedule, D, 512, det) for schedule in bwd.SCHEDULES for D in (576, 512) for det in (False, True)}
     for config in configs:
         compile_cache.check_static(config)
     assert compile_cache.cache_for(configs[0]) is bwd._CACHE
@@ -281,23 +282,37 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
     assert "wgmma.mma_async" in ptx and "cp.async.cg.shared.global" in ptx
     assert 0 < smem_bytes <= 232448                                     # SM90 opt-in limit per CTA
 
+    # The split schedule spills nothing. The wide one keeps a few values in local memory (BENCHMARKS.md,
+    # session 25): the producer 1 value per tile at D = 576, consumer 0 4 values across its tile loop at
+    # D = 512. Register splits without them exist at D = 576 (producer 40, consumer 1 224) but measured
+    # 0.6% / 3.4% slower at H = 64 / 128 on the H100; none was found at D = 512. Consumer 1, which sends
+    # every dkv value, must never touch local memory.
+    max_spills, max_stack = (4, 16) if config.schedule == "wide" else (0, 0)
     resources = fake_compile.cubin_resources(cubin)
     assert 0 < resources.registers <= 168                              # 384 threads at launch
-    assert resources.stack_frame == 0
+    assert resources.stack_frame <= max_stack
 
     report = fake_compile.ptxas_report(ptx)
     if report is not None:
-        assert report.spill_stores == 0 and report.spill_loads == 0, report.text
-        assert report.stack_frame == 0, report.text
+        assert report.spill_stores <= max_stack and report.spill_loads <= max_stack, report.text
+        assert report.stack_frame <= max_stack, report.text
         assert "C7514" not in report.text, report.text        # wgmmas not serialized by ptxas
 
     sass = fake_compile.sass(cubin)
     if sass is not None:
         ops = fake_compile.count_opcodes(sass, "HGMMA", "LDGSTS", "REDG", "LDL", "STL", "USETMAXREG")
         assert ops["HGMMA"] == _expected_hgmma(config)
-        # Q and dO rows (4 passes of 16 rows) + kv rows (2 passes), one 16-byte piece per 64 columns.
-        assert ops["LDGSTS"] == 4 * (config.head_dim + config.d_v) // 64 + 2 * config.head_dim // 64
-        assert ops["LDL"] == 0 and ops["STL"] == 0
+        # Q and dO rows (4 passes of 16 rows) + kv rows (a pass per 16 rows of the tile), one 16-byte piece per
+        # 64 columns.
+        kv_passes = config.block_n // 16
+        assert ops["LDGSTS"] == 4 * (config.head_dim + config.d_v) // 64 + kv_passes * config.head_dim // 64
+        assert ops["LDL"] <= max_spills and ops["STL"] <= max_spills
+        if config.schedule == "wide":
+            assert config.consumer1_regs != config.consumer_regs    # consumer 1's code found by its setmaxnreg
+            consumer1 = sass.split(f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {config.consumer1_regs:#x}")[1]
+            consumer1 = consumer1.split("USETMAXREG")[0]
+            assert "STL" not in consumer1 and "LDL" not in consumer1
+            assert ("STG.E.128" if config.deterministic else "REDG.E.ADD.F32x4") in consumer1   # its dkv writes
         assert ops["USETMAXREG"] >= 2                                  # producer down, consumers up
         if config.deterministic:
             assert ops["REDG"] == 0                                    # plain stores, no float atomics
@@ -306,13 +321,13 @@ def test_bwd_compiles_for_sm90a_without_spills(config):
 
 
 @needs_dsl
-@pytest.mark.parametrize("config", [bwd.BwdConfig(576, 512, False, ablation="no_dkv_write"),
-                                    bwd.BwdConfig(576, 512, False, dkv_write="scalar"),
-                                    bwd.BwdConfig(576, 512, False, dkv_write="vector"),
-                                    bwd.BwdConfig(576, 512, True, dkv_write="vector"),
-                                    bwd.BwdConfig(576, 512, False, overlap_dkv=False),
-                                    bwd.BwdConfig(576, 512, False, dkv_write="pair"),
-                                    bwd.BwdConfig(576, 512, True, dkv_write="pair")],
+@pytest.mark.parametrize("config", [bwd.BwdConfig(576, 512, False, schedule="split", **fields) for fields in (
+                                    dict(ablation="no_dkv_write"), dict(dkv_write="scalar"),
+                                    dict(dkv_write="vector"))] + [
+                                    bwd.BwdConfig(576, 512, True, schedule="split", dkv_write="vector"),
+                                    bwd.BwdConfig(576, 512, False, schedule="split", overlap_dkv=False),
+                                    bwd.BwdConfig(576, 512, False, schedule="split", dkv_write="pair"),
+                                    bwd.BwdConfig(576, 512, True, schedule="split", dkv_write="pair")],
                          ids=["no_dkv_write", "scalar_dkv", "vector_dkv", "vector_dkv_det", "serial_dkv",
                               "pair_dkv", "pair_dkv_det"])
 def test_bwd_variants_compile_without_spills(config):
@@ -347,7 +362,7 @@ WIDE_CONFIGS = [bwd.BwdConfig(D, 512, det, schedule="wide") for D in (576, 512) 
 
 
 def test_schedules_fill_their_tiles(monkeypatch):
-    split, wide = bwd.BwdConfig(576, 512, False), bwd.BwdConfig(576, 512, False, schedule="wide")
+    split, wide = bwd.BwdConfig(576, 512, False, schedule="split"), bwd.BwdConfig(576, 512, False, schedule="wide")
     assert (split.block_n, split.num_stages) == (32, 2) and (wide.block_n, wide.num_stages) == (64, 1)
     for config in (split, wide):
         consumer1 = config.consumer1_regs or config.consumer_regs
@@ -355,7 +370,7 @@ def test_schedules_fill_their_tiles(monkeypatch):
         assert all(r % 8 == 0 and 24 <= r <= 256 for r in (config.producer_regs, config.consumer_regs, consumer1))
     assert bwd.BwdConfig(576, 512, False, schedule="wide", block_n=32).block_n == 32   # explicit values stay
     assert (split.overlap_dkv, split.dkv_lines) == (True, False) and (wide.overlap_dkv, wide.dkv_lines) == (False, True)
-    assert bwd.BwdConfig(576, 512, False, overlap_dkv=False).overlap_dkv is False       # False is not "unset"
+    assert bwd.BwdConfig(576, 512, False, schedule="split", overlap_dkv=False).overlap_dkv is False  # not "unset"
     assert bwd.BwdConfig(576, 512, False, schedule="wide", dkv_lines=False).dkv_lines is False
     with pytest.raises(ValueError, match="schedule"):
         bwd.BwdConfig(576, 512, False, schedule="diagonal")
@@ -409,7 +424,7 @@ def test_wide_kernel_rejects_other_tiles():
         with pytest.raises(ValueError):
             SparseAttentionBwdSm90Wide(bwd.BwdConfig(576, 512, False, schedule="wide", **bad))
     with pytest.raises(ValueError, match="dkv_lines"):
-        SparseAttentionBwdSm90(bwd.BwdConfig(576, 512, False, dkv_lines=True))
+        SparseAttentionBwdSm90(bwd.BwdConfig(576, 512, False, schedule="split", dkv_lines=True))
 
 
 # ======================================================================================================
@@ -582,9 +597,11 @@ def test_bwd_dkv_write_paths_agree(H):
     delta, l2, _ = bwd.row_terms(out, dout, lse, None)
     head_blocks = (H + 63) // 64
     results = {}
-    variants = {"scalar": {"dkv_write": "scalar"}, "tiled": {"dkv_write": "tiled"},
-                "vector": {"dkv_write": "vector"}, "serial": {"dkv_write": "vector", "overlap_dkv": False},
-                "pair": {"dkv_write": "pair"}, "wide": {"schedule": "wide"},
+    split = {"schedule": "split"}
+    variants = {"scalar": {**split, "dkv_write": "scalar"}, "tiled": {**split, "dkv_write": "tiled"},
+                "vector": {**split, "dkv_write": "vector"},
+                "serial": {**split, "dkv_write": "vector", "overlap_dkv": False},
+                "pair": {**split, "dkv_write": "pair"}, "wide": {"schedule": "wide"},
                 "wide_overlap": {"schedule": "wide", "overlap_dkv": True},
                 "wide_64B": {"schedule": "wide", "dkv_lines": False},
                 "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
@@ -616,6 +633,7 @@ def test_bwd_dkv_write_paths_agree(H):
 def test_bwd_op_with_pair_dkv_write(H, D, K, deterministic, monkeypatch):
     """The op with `dkv_write="pair"` (permuted accumulator columns, put back by the launcher) against the
     oracle: tile edges, sink, topk_length, duplicates, both head dims and modes."""
+    monkeypatch.setenv(bwd.ENV_SCHEDULE, "split")
     monkeypatch.setenv(bwd.ENV_DKV_WRITE, "pair")
     q, kv, idx, sink, lengths, dout = make_inputs(T=8, H=H, D=D, S=777, K=K, seed=H + K, sink=True,
                                                   topk_length=True, dup=0.2)

@@ -19,16 +19,20 @@ Torch ops in this launcher: Delta = out . dout and L = logaddexp(lse, sink) (bot
 d_sink = -sum_t exp(sink - L) * Delta, the shift of the kernel's Delta by a gradient of lse
 (Delta - grad_lse * exp(L - lse), see `row_terms`), and the final fp32 -> bf16 cast of dkv.
 
-Two tile schedules (`BwdConfig.schedule`, `SCHEDULES` below): "split" (the default, the numbers below) and
-"wide" (sparse_attention_bwd_wide_kernel.py: 64-key tiles, one warpgroup on S, dP and dS, the other on every
-dkv block; built in session 24 after cuDNN's SM90 kernel, compiled for sm_90a, not yet run on a GPU).
+Two tile schedules (`BwdConfig.schedule`, `SCHEDULES` below): "wide", the default since session 25
+(sparse_attention_bwd_wide_kernel.py: 64-key tiles, one warpgroup on S, dP and dS, the other on every dkv
+block, with the keys as the wgmma's M and whole 128-byte lines per reduction instruction), and "split" (32-key
+tiles, both warpgroups on a half of everything; the history and numbers below are its). Measured on the H100
+(session 25, T = 4096, S_kv = 8192, K = 2048, D = 576, kernel alone, same run): wide 7.61 / 15.11 ms against
+split 9.19 / 17.99 ms at H = 64 / 128 (1.21x / 1.19x); the op 0.87-0.89x cuDNN's SM90 backward (was 0.75-0.77x).
 
 Status: its GPU tests (tests/test_cute_sm90_bwd.py) pass on an H100 (2026-11-25) and an H200 (2026-12-04),
 and it is in the SM90 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministic: H <= 64; Triton measured
-faster elsewhere). Measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576): 309 / 316 TFLOP/s
-at H=64 / 128, 1.57-1.65x the Triton backward, 0.74-0.76x cuDNN's SM90 backward in the same run.
-Where the time goes (kernel alone, H=64, H200: 9.3 ms): without the dkv writes 7.2 ms, without the dkv
-products too 3.9 ms. The dkv reductions are 2048 x 576 fp32 values per (token, 64-head) CTA, i.e. 19 GB at
+faster elsewhere). The split schedule, measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576):
+309 / 316 TFLOP/s at H=64 / 128, 1.57-1.65x the Triton backward, 0.74-0.76x cuDNN's SM90 backward in the same
+run; the wide schedule on the H100 (session 25): 375 / 380 TFLOP/s, 0.87 / 0.89x cuDNN in the same run.
+The rest of this docstring is the split schedule's history. Where the time goes (kernel alone, H=64, H200:
+9.3 ms): without the dkv writes 7.2 ms, without the dkv products too 3.9 ms. The dkv reductions are 2048 x 576 fp32 values per (token, 64-head) CTA, i.e. 19 GB at
 H=64; L2 takes them faster the longer the contiguous piece of a row that one warp instruction covers
 (benchmarks/bench_dkv_reduction.py on the H200: 571 / 794 / 957 G values/s for 32 / 64 / 128 bytes).
 `BwdConfig.dkv_write` picks the write path; measured, kernel alone at H = 16 / 64 / 128:
@@ -95,8 +99,9 @@ class BwdConfig:
     d_v: int
     deterministic: bool         # dkv: per-slot partial rows (True) or fp32 atomics (False)
     dtype: str = "bfloat16"
-    # How a CTA's work is split ("split" or "wide", see SCHEDULES and the kernels' docstrings).
-    schedule: str = "split"
+    # How a CTA's work is split ("wide" or "split", see SCHEDULES and the kernels' docstrings). "wide" since
+    # session 25: 1.19-1.21x faster than "split" on the H100, kernel alone (BENCHMARKS.md).
+    schedule: str = "wide"
     # Tiles and registers; 0: the schedule's value (SCHEDULES).
     block_n: int = 0            # top-k slots (kv rows) per tile
     num_stages: int = 0         # kv stages in shared memory
@@ -199,8 +204,10 @@ def dkv_output(dkv_acc, dkv_write: str, dtype):
 
 
 def shipped_configs() -> list[BwdConfig]:
-    """Every variant the op can run; CI compiles all of them (tests/test_cute_sm90_bwd.py)."""
-    return [BwdConfig(head_dim, d_v, deterministic)
+    """Every variant the op can run (the default schedule's, then the other's, which `ENV_SCHEDULE` selects);
+    CI compiles all of them (tests/test_cute_sm90_bwd.py)."""
+    schedules = [BwdConfig.schedule, *(s for s in SCHEDULES if s != BwdConfig.schedule)]
+    return [BwdConfig(head_dim, d_v, deterministic, schedule=schedule) for schedule in schedules
             for head_dim in SUPPORTED_HEAD_DIMS for d_v in SUPPORTED_DV for deterministic in (False, True)]
 
 
@@ -427,15 +434,16 @@ _CACHE = KernelCache(
 )
 
 
-# The benchmark's kernel-alone variants: BwdConfig fields over the defaults.
+# The benchmark's kernel-alone variants: BwdConfig fields over the defaults ("kernel": the op's default).
 _KERNEL_VARIANTS = {
     "kernel": {},
-    "scalar_dkv": {"dkv_write": "scalar"},
-    "tiled_dkv": {"dkv_write": "tiled"},
-    "pair_dkv": {"dkv_write": "pair"},
-    "serial_dkv": {"overlap_dkv": False},
-    "no_dkv_write": {"ablation": "no_dkv_write"},
-    "no_dkv": {"ablation": "no_dkv"},
+    "split": {"schedule": "split"},
+    "scalar_dkv": {"schedule": "split", "dkv_write": "scalar"},
+    "tiled_dkv": {"schedule": "split", "dkv_write": "tiled"},
+    "pair_dkv": {"schedule": "split", "dkv_write": "pair"},
+    "serial_dkv": {"schedule": "split", "overlap_dkv": False},
+    "no_dkv_write": {"schedule": "split", "ablation": "no_dkv_write"},
+    "no_dkv": {"schedule": "split", "ablation": "no_dkv"},
     "wide": {"schedule": "wide"},
     "wide_no_dkv_write": {"schedule": "wide", "ablation": "no_dkv_write"},
     "wide_no_dkv": {"schedule": "wide", "ablation": "no_dkv"},

@@ -14,11 +14,14 @@ tile and who does what:
          of its dP did not fit in a consumer's 232 registers (ptxas spilled the RoPE block).
   c = 1: dQ[:, 256:512] += dS' K, then releases the kv stage, then EVERY dkv block b = 0 .. D/64 - 1 with
          the keys as rows: (64 keys x 64 latent columns) = dS'^T Q_b (+ P^T dO_b), each sent while the next
-         block's wgmmas run (`overlap_dkv`, two accumulators) or after its own (one). With keys as rows a
-         thread holds 16 columns of 2 keys, which go out as four 16-byte pieces per key with no lane
-         exchange, because the fp32 accumulator stores each block's columns permuted (`pair_column_order`,
-         put back by the launcher's cast); the split schedule, whose 32-key tile cannot be a wgmma's M,
-         computes dkv^T and needs 16 shuffles per 16 values (`write_dkv_vector`).
+         block's wgmmas run (`overlap_dkv`, two accumulators) or after its own (one, the default). With keys
+         as rows a thread holds 16 columns of 2 keys, which can go out as four 16-byte pieces per key with no
+         lane exchange, because the fp32 accumulator stores each block's columns permuted
+         (`pair_column_order`, put back by the launcher's cast): 64 bytes of a key per warp instruction. By
+         default (`dkv_lines`) neighbouring quads first trade half their pieces (4 shuffles per 8 values) so
+         that an instruction covers a whole 128-byte line of a key, which L2 takes 1.2x faster. The split
+         schedule, whose 32-key tile cannot be a wgmma's M, computes dkv^T and needs 16 shuffles per 16
+         values for 64 bytes (`write_dkv_vector`).
 
 Why: every wgmma of the split schedule has N = 32 (its tile's keys), so for each multiply-add it reads 1.5x
 the shared memory that N = 64 needs, and the kernel was bound by shared memory (ncu, H200: L1/shared 86.6%,
@@ -27,15 +30,22 @@ wgmma. The price is the single stage: the gather of tile t + 1 starts only when 
 tile t are done; it then overlaps consumer 1's dkv blocks of tile t, and consumer 0 waits for it. The same
 division of work (one warpgroup on S, dP and dS, the other on dkv, one 64-key kv tile) is what cuDNN's SM90
 DSA backward does, at 6.9 ms against this kernel's split schedule's 9.2 ms (H = 64, H100, session 17).
-STATUS (session 25, H100): its GPU tests pass (`pytest tests/test_cute_sm90_bwd.py -k "wide or schedules or
-paths_agree"`: the oracle, tile edges, CUDA-graph replay, dq and deterministic dkv bitwise equal to the split
-schedule's). Kernel alone at H = 64 / 128 (T = 4096, K = 2048, D = 576): 8.06 / 16.36 ms with one dkv
-accumulator and 64-byte pieces, against the split schedule's 9.09 / 17.99 in the same run; without the dkv
-writes 4.82 / 9.56. The writes are the bound: 64 bytes of a key per warp instruction is a rate at which L2
-needs 7.05 ms for H = 64's 4.83 G values (benchmarks/bench_dkv_reduction.py), hence `dkv_lines`
-(`write_dkv_lines`). Timing: `tools/device_session.sh cutebwd` and `cutebwdop`.
-Registers: producer 32, consumer 0 240, consumer 1 232 (`SCHEDULES`); the producer still spills 2-8 values at
-32 registers (BENCHMARKS.md, session 24); the split schedule has none.
+STATUS (session 25, H100): the op's default schedule. Its GPU tests pass (`pytest tests/test_cute_sm90_bwd.py`:
+the oracle, tile edges, CUDA-graph replay, dq and deterministic dkv bitwise equal to the split schedule's).
+Kernel alone, T = 4096, S_kv = 8192, K = 2048, D = 576, H = 64 / 128 (BENCHMARKS.md, session 25, run 2):
+  split schedule                                   9.19 / 17.99 ms
+  wide, 64-byte pieces, one dkv accumulator         8.08 / 16.41
+  wide, 64-byte pieces, two (`overlap_dkv`)         8.47 / 16.84
+  wide, `dkv_lines`, one accumulator (default)      7.61 / 15.11
+  wide, `dkv_lines`, two                            7.53 / 17.74
+  wide without the dkv writes / without dkv         6.24 / 13.15 and 3.92 / 8.50 (lines: the shuffles stay)
+The writes are what bounds it: 4.83 G fp32 reductions at H = 64, which L2 takes at 685 G values/s in 64-byte
+pieces and 819 in 128-byte ones on this H100 (benchmarks/bench_dkv_reduction.py): 7.05 and 5.90 ms.
+Timing: `tools/device_session.sh cutebwd` and `cutebwdop`.
+Registers: producer 32, consumer 0 240, consumer 1 232 (`SCHEDULES`). What ptxas keeps in local memory (the
+split schedule: nothing): at D = 576 one producer value per tile, at D = 512 four consumer-0 values across
+its tile loop; consumer 1 none. The spill-free split at D = 576 (producer 40, consumer 1 224) measured 0.6% /
+3.4% slower at H = 64 / 128 (`wide_p40`).
 
 Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
   full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).

@@ -31,10 +31,11 @@ and it is in the SM90 row of dsa_ops/dispatch.py for 16 < H <= 128 (deterministi
 faster elsewhere). The split schedule, measured on the H200 (BENCHMARKS.md, T=4096, S_kv=8192, K=2048, D=576):
 309 / 316 TFLOP/s at H=64 / 128, 1.57-1.65x the Triton backward, 0.74-0.76x cuDNN's SM90 backward in the same
 run; the wide schedule on the H100 (session 25): 375 / 380 TFLOP/s, 0.87 / 0.89x cuDNN in the same run.
-The rest of this docstring is the split schedule's history. Where the time goes (kernel alone, H=64, H200:
-9.3 ms): without the dkv writes 7.2 ms, without the dkv products too 3.9 ms. The dkv reductions are
-2048 x 576 fp32 values per (token, 64-head) CTA, i.e. 19 GB at H=64; L2 takes them faster the longer the contiguous piece of a row that one warp instruction covers
-(benchmarks/bench_dkv_reduction.py on the H200: 571 / 794 / 957 G values/s for 32 / 64 / 128 bytes).
+The rest of this docstring is the split schedule's history. Where the time goes (kernel alone, H=64, H200: 9.3 ms):
+without the dkv writes 7.2 ms, without the dkv products too 3.9 ms. The dkv reductions are 2048 x 576 fp32 values
+per (token, 64-head) CTA, i.e. 19 GB at H=64; L2 takes them faster the longer the contiguous piece of a row that
+one warp instruction covers (benchmarks/bench_dkv_reduction.py on the H200: 571 / 794 / 957 G values/s for 32 / 64
+/ 128 bytes).
 `BwdConfig.dkv_write` picks the write path; measured, kernel alone at H = 16 / 64 / 128:
   - "scalar": 4-byte reductions straight from the wgmma accumulator (32-byte pieces), the address redone
     per write: 10.59 / 10.70 / 21.89 ms;

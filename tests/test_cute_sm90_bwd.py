@@ -257,7 +257,8 @@ def _config_id(config):
     if config.schedule == "split":
         return name
     return (f"{name}-{config.schedule}-{config.ablation}" + ("-overlap" if config.overlap_dkv else "-serial")
-            + ("-lines" if config.dkv_lines else "-64B") + ("-halves" if config.kv_halves else ""))
+            + ("-lines" if config.dkv_lines else "-64B") + ("-uniform" if config.uniform_send else "")
+            + ("-halves" if config.kv_halves else ""))
 
 
 def _expected_hgmma(config):
@@ -389,7 +390,9 @@ def test_schedules_fill_their_tiles(monkeypatch):
     bwd.BwdConfig(576, 512, False, schedule="wide", overlap_dkv=True),
     bwd.BwdConfig(576, 512, False, schedule="wide", dkv_lines=False),
     bwd.BwdConfig(512, 512, True, schedule="wide", dkv_lines=False, overlap_dkv=True),
-    bwd.BwdConfig(576, 512, False, schedule="wide", kv_halves=True)], ids=_config_id)
+    bwd.BwdConfig(576, 512, False, schedule="wide", kv_halves=True),
+    bwd.BwdConfig(576, 512, False, schedule="wide", uniform_send=True),
+    bwd.BwdConfig(512, 512, True, schedule="wide", uniform_send=True, overlap_dkv=True)], ids=_config_id)
 def test_bwd_wide_schedule_compiles_for_sm90a(config):
     """The wide schedule compiles for sm_90a within shared memory, with its static wgmma count (S and dP in
     halves, every dkv block in the second consumer), 16-byte dkv writes (8 pieces per thread and block;
@@ -409,6 +412,12 @@ def test_bwd_wide_schedule_compiles_for_sm90a(config):
         assert fake_compile.count_opcodes(sass, "HGMMA")["HGMMA"] == _expected_hgmma(config)
         blocks = config.head_dim // 64 if config.ablation != "no_dkv" else 0
         assert fake_compile.count_opcodes(sass, "SHFL")["SHFL"] == (16 * blocks if config.dkv_lines else 0)
+        if config.dkv_lines:
+            # consumer 1's selects: per block and thread, 8 values of each of 4 (row half, pair of pieces) are
+            # exchanged, with 12 selects per 8 values, or 8 with `uniform_send`
+            consumer1 = sass.split(f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {config.consumer1_regs:#x}")[1]
+            consumer1 = consumer1.split("USETMAXREG")[0]
+            assert consumer1.count("FSEL") == (32 if config.uniform_send else 48) * blocks
         pieces = 8 * blocks if config.ablation == "none" else 0
         if config.deterministic:
             assert "REDG" not in sass and sass.count("STG.E.128") >= pieces
@@ -425,6 +434,9 @@ def test_wide_kernel_rejects_other_tiles():
             SparseAttentionBwdSm90Wide(bwd.BwdConfig(576, 512, False, schedule="wide", **bad))
     with pytest.raises(ValueError, match="dkv_lines"):
         SparseAttentionBwdSm90(bwd.BwdConfig(576, 512, False, schedule="split", dkv_lines=True))
+    with pytest.raises(ValueError, match="uniform_send"):
+        SparseAttentionBwdSm90Wide(bwd.BwdConfig(576, 512, False, schedule="wide", dkv_lines=False,
+                                                 uniform_send=True))
 
 
 # ======================================================================================================
@@ -605,6 +617,8 @@ def test_bwd_dkv_write_paths_agree(H):
                 "wide_overlap": {"schedule": "wide", "overlap_dkv": True},
                 "wide_64B": {"schedule": "wide", "dkv_lines": False},
                 "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
+                "wide_uniform": {"schedule": "wide", "uniform_send": True},
+                "wide_uniform_overlap": {"schedule": "wide", "uniform_send": True, "overlap_dkv": True},
                 "wide_halves": {"schedule": "wide", "kv_halves": True}}
     for mode, options in variants.items():
         for deterministic in (True, False):

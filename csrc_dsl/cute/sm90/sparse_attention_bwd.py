@@ -126,6 +126,9 @@ class BwdConfig:
     # that one warp instruction covers 128 contiguous bytes (a whole L2 line) of each of 4 keys, not 64 bytes
     # of each of 8; same stored column order. None: the schedule's (SCHEDULES).
     dkv_lines: Optional[bool] = None
+    # With dkv_lines: every lane sends the same accumulator piece and the odd rows' pieces are written from
+    # the other half of the line (8 selects per 8 values instead of 12). Session 25: compiled, not yet timed.
+    uniform_send: bool = False
     # The wide schedule only: the kv tile's two halves of 32 rows each signal their arrival on their own
     # barrier, so that consumer 0 starts S and dP of the first half while the second is still in flight.
     kv_halves: bool = False
@@ -453,6 +456,8 @@ _KERNEL_VARIANTS = {
     "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
     "wide_halves": {"schedule": "wide", "kv_halves": True},
     "wide_p40": {"schedule": "wide", "producer_regs": 40, "consumer1_regs": 224},   # no spills at D = 576
+    "wide_uniform": {"schedule": "wide", "uniform_send": True},
+    "wide_uniform_overlap": {"schedule": "wide", "uniform_send": True, "overlap_dkv": True},
 }
 
 

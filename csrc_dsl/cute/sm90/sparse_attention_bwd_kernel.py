@@ -118,8 +118,9 @@ class SparseAttentionBwdSm90:
             raise ValueError(f"unknown dkv_write {config.dkv_write!r}")
         if config.block_n != 32 or config.num_stages != 2 or config.kv_halves:
             raise ValueError("this kernel is written for block_n = 32 and 2 stages, one full barrier each")
-        if config.dkv_lines:
-            raise ValueError("dkv_lines is the wide schedule's (its dkv blocks have the keys as rows)")
+        if config.dkv_lines or config.uniform_send:
+            raise ValueError("dkv_lines and uniform_send are the wide schedule's (its dkv blocks have the keys as "
+                             "rows)")
 
     # -------------------------------------------------------------------------------------------
     # Host side: layouts, MMAs, shared storage, launch

@@ -89,6 +89,8 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                              "(dkv_write='pair')")
         if config.block_n != 64 or config.num_stages != 1:
             raise ValueError("the wide schedule is written for block_n = 64 and 1 stage")
+        if config.uniform_send and not config.dkv_lines:
+            raise ValueError("uniform_send is a way of exchanging pieces for dkv_lines")
 
     @cute.jit
     def role_work(self, mQ: cute.Tensor, mIdx: cute.Tensor, mTopkLen: cute.Tensor, token: Int32,
@@ -175,10 +177,15 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                     key_slot[rh] = own
             key_addrs = cute.make_rmem_tensor((cute.size(key_slot),), Int64)
             stored_col = 2 * KV_coord[0, 0][1]                                  # 4 q
+            odd_quad = KV_coord[0, 0][0] % 2
             if const_expr(lines):
-                stored_col += 16 * (KV_coord[0, 0][0] % 2)                      # + 16 for an odd quad
+                stored_col += 16 * odd_quad                                     # + 16 for an odd quad
             num_tokens, topk = mL2.shape[0], mIdx.shape[1]
             col_base = mDkv.iterator.toint() + Int64(stored_col) * 4          # this thread's column of row 0
+            # `uniform_send`: an odd row's pieces go 16 columns the other way (`write_dkv_lines`)
+            col_base_o = col_base
+            if const_expr(self.cfg.uniform_send):
+                col_base_o = col_base + Int64(64 - 128 * odd_quad)
 
         cute.arch.mbarrier_wait(q_bar, 0)
         for it in cutlass.range(n_tiles, unroll=1):
@@ -229,7 +236,8 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
                 warpgroup.wait_group(0)
                 cute.arch.mbarrier_arrive(empty_bar)
             else:
-                self.key_addresses(key_addrs, key_slot, sIds, it, token, head_block, num_tokens, topk, col_base)
+                self.key_addresses(key_addrs, key_slot, sIds, it, token, head_block, num_tokens, topk, col_base,
+                                   col_base_o)
                 cute.arch.barrier(barrier_id=BAR_DS_READY, number_of_threads=256)
                 wgmma(mma_dq, acc_dQ, tQrdS, tQrK[None, None, None, 0], zero_init=False, wait=True)
                 cute.arch.mbarrier_arrive(empty_bar)               # the kv stage may take the next tile
@@ -240,7 +248,8 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
 
     @cute.jit
     def key_addresses(self, key_rows: cute.Tensor, key_slot: cute.Tensor, sIds: cute.Tensor, it: Int32,
-                        token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32, col_base: Int64):
+                        token: Int32, head_block: Int32, num_tokens: Int32, topk: Int32, col_base: Int64,
+                        col_base_o: Int64):
         """Where this thread's two keys of tile `it` send their dkv values: the address of the thread's first
         (stored) column in the key's target row (0: an invalid key, nothing is sent), the target row being
         the kv row in fast mode and the slot's partial row in deterministic mode. Read from sIds before the
@@ -252,7 +261,8 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             target = Int64(kv_id)
             if const_expr(self.deterministic):
                 target = (Int64(head_block) * num_tokens + token) * topk + it * self.BN + slot_in_tile
-            key_rows[j] = col_base + target * (self.D * 4) if kv_id >= 0 else Int64(0)
+            base = col_base_o if const_expr(j % 2 == 1 and self.cfg.dkv_lines) else col_base   # odd rows
+            key_rows[j] = base + target * (self.D * 4) if kv_id >= 0 else Int64(0)
 
     @cute.jit
     def send_dkv_tile(self, mma_kv: cute.TiledMma, acc_KV: list, KV: list, tKrQ: cute.Tensor,
@@ -329,9 +339,17 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
             for p in cutlass.range_constexpr(n_pairs):
                 for k in cutlass.range_constexpr(4):
                     first, second = KV[rh, 8 * p + k], KV[rh, 8 * p + 4 + k]       # pieces 2p and 2p + 1
-                    got = cute.arch.shuffle_sync_bfly(first if odd else second, offset=4)
-                    pieces[k, 2 * (rh * n_pairs + p)] = got if odd else first            # row e
-                    pieces[k, 2 * (rh * n_pairs + p) + 1] = second if odd else got       # row o
+                    if const_expr(self.cfg.uniform_send):
+                        # every lane sends piece 2p + 1: the odd quad then writes its own piece 2p of row o
+                        # at 32p + 4q, the even quad the received piece 2p + 1 of row o at 32p + 16 + 4q
+                        # (`col_base_o`); row e as below. One select fewer per value.
+                        got = cute.arch.shuffle_sync_bfly(second, offset=4)
+                        pieces[k, 2 * (rh * n_pairs + p)] = got if odd else first        # row e
+                        pieces[k, 2 * (rh * n_pairs + p) + 1] = first if odd else got    # row o
+                    else:
+                        got = cute.arch.shuffle_sync_bfly(first if odd else second, offset=4)
+                        pieces[k, 2 * (rh * n_pairs + p)] = got if odd else first        # row e
+                        pieces[k, 2 * (rh * n_pairs + p) + 1] = second if odd else got   # row o
         for rh in cutlass.range_constexpr(n_rh):
             for p in cutlass.range_constexpr(n_pairs):
                 for e in cutlass.range_constexpr(2):

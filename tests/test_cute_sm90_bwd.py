@@ -277,7 +277,7 @@ def _expected_hgmma(config):
 
 @needs_dsl
 @pytest.mark.parametrize("config", bwd.shipped_configs(), ids=_config_id)
-def test_bwd_compiles_for_sm90a_without_spills(config):
+def test_bwd_shipped_configs_compile_for_sm90a(config):
     ptx, cubin, smem_bytes = bwd.compile_for_inspection(config)
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and "cp.async.cg.shared.global" in ptx

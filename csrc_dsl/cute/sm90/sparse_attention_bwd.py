@@ -151,7 +151,9 @@ class BwdConfig:
 #   "wide" (sparse_attention_bwd_wide_kernel.py): 64-key tiles in one kv stage; consumer 0 computes S, dP,
 #       P and dS and half of dQ, consumer 1 the other half of dQ and every dkv block, with the keys as the
 #       wgmma's M: its dkv products have N = 64 where "split" has N = 32 (two thirds of the shared-memory
-#       reads per multiply-add), and its dkv values leave the accumulator with no lane exchange.
+#       reads per multiply-add), and its dkv values leave the accumulator with one lane exchange (4 shuffles
+#       per 8 values) for whole 128-byte lines per instruction, or none for 64-byte pieces (dkv_lines=False).
+# Measured choices (H100, session 25): "wide" with one dkv accumulator and dkv_lines (BENCHMARKS.md).
 SCHEDULES = {
     "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector",
               "overlap_dkv": True, "dkv_lines": False},

@@ -328,9 +328,9 @@ class SparseAttentionBwdSm90Wide(SparseAttentionBwdSm90):
         (m = 2p, 2p + 1, stored columns 32p .. 32p + 31 of a row), the even quad keeps row e's piece 2p and
         sends row e's piece 2p + 1, the odd quad keeps row o's piece 2p + 1 and sends row o's piece 2p. Then
         the 8 lanes write all 32 columns of row e in one instruction and of row o in the next, each lane at
-        its stored column 32p + 16 (g % 2) + 4q (in the address, `key_addresses`). Every exchange of the
-        block comes before its first write, as in `write_dkv_pair` (a write sits in a branch that the
-        shuffles cannot cross)."""
+        its stored column 32p + 16 (g % 2) + 4q (in the address, `key_addresses`). `uniform_send` trades the
+        same pieces with one select fewer per value (see below). Every exchange of the block comes before its
+        first write, as in `write_dkv_pair` (a write sits in a branch that the shuffles cannot cross)."""
         odd = (tid // 4) % 2 == 1
         n_rh = cute.size(KV, mode=[0])
         n_pairs = cute.size(KV, mode=[1]) // 8

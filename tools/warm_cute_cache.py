@@ -36,7 +36,8 @@ def device_configs() -> list:
     configs = list(shipped_configs())
     for head_dim in bwd.SUPPORTED_HEAD_DIMS:
         for deterministic in (False, True):
-            variants = [*bwd._KERNEL_VARIANTS.values(), *({"schedule": "split", "dkv_write": w} for w in bwd.DKV_WRITES)]
+            variants = [*bwd._KERNEL_VARIANTS.values(),
+                        *({"schedule": "split", "dkv_write": w} for w in bwd.DKV_WRITES)]
             for fields in variants:
                 config = bwd.BwdConfig(head_dim, 512, deterministic, **fields)
                 if config not in configs:

@@ -1,6 +1,19 @@
 """What a launcher needs at call time."""
 from __future__ import annotations
 
+import os
+
+
+def env_choice(name: str, choices, default: str) -> str:
+    """The value of environment variable `name` (one of `choices`, else ValueError), or `default` when it is
+    unset or blank: how the launchers let tests and benchmarks pick a kernel variant."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if text not in choices:
+        raise ValueError(f"{name}={text!r}: expected one of {tuple(choices)}")
+    return text
+
 
 def current_stream():
     """torch's current CUDA stream as the driver handle a compiled kernel takes.

@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Optional
 
 from csrc_dsl.cute.common import KernelCache, current_stream, is_sm90, launch_unavailable_reason
+from csrc_dsl.cute.common.launch import env_choice
 from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
 
 LOG2_E = 1.4426950408889634
@@ -165,10 +166,7 @@ ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: ru
 
 def selected_schedule() -> str:
     """The schedule the op runs with: BwdConfig's default, or `ENV_SCHEDULE`'s choice."""
-    text = os.environ.get(ENV_SCHEDULE, "").strip() or BwdConfig.schedule
-    if text not in SCHEDULES:
-        raise ValueError(f"{ENV_SCHEDULE}={text!r}: expected one of {tuple(SCHEDULES)}")
-    return text
+    return env_choice(ENV_SCHEDULE, SCHEDULES, BwdConfig.schedule)
 
 
 ENV_DKV_WRITE = "DSA_OPS_CUTE_SPARSE_BWD_DKV_WRITE"   # tests and benchmarks: run the op with another path
@@ -177,10 +175,7 @@ DKV_WRITES = ("scalar", "tiled", "vector", "pair")
 
 def selected_dkv_write() -> str:
     """The dkv write path the op runs with: `ENV_DKV_WRITE`'s choice, or "" (the schedule's, SCHEDULES)."""
-    text = os.environ.get(ENV_DKV_WRITE, "").strip()
-    if text and text not in DKV_WRITES:
-        raise ValueError(f"{ENV_DKV_WRITE}={text!r}: expected one of {DKV_WRITES}")
-    return text
+    return env_choice(ENV_DKV_WRITE, DKV_WRITES, "")
 
 
 def pair_column_order(head_dim: int):

@@ -8,13 +8,13 @@ sparse_attention_fwd_kernel.py, imported only when a variant is compiled.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from csrc_dsl.cute.common import KernelCache, current_stream, is_sm90, launch_unavailable_reason
 from csrc_dsl.cute.common import unavailable_reason as _dsl_unavailable_reason
+from csrc_dsl.cute.common.launch import env_choice
 
 LOG2_E = 1.4426950408889634
 
@@ -173,10 +173,7 @@ VARIANTS = {"seesaw": {},                                     # one CTA per item
 
 def selected_variant() -> dict:
     """The FwdConfig fields the op runs with: those of DEFAULT_VARIANT, or of the variant `ENV_VARIANT` names."""
-    text = os.environ.get(ENV_VARIANT, "").strip() or DEFAULT_VARIANT
-    if text not in VARIANTS:
-        raise ValueError(f"{ENV_VARIANT}={text!r}: expected one of {tuple(VARIANTS)}")
-    return dict(VARIANTS[text])
+    return dict(VARIANTS[env_choice(ENV_VARIANT, VARIANTS, DEFAULT_VARIANT)])
 
 
 def warmup(configs=None) -> int:

@@ -168,19 +168,18 @@ bwdprof)   # staged: where the CuTe-DSL backward's time goes (ablations at three
 bwdncu)    # staged: ncu of the CuTe-DSL backward at H = 64 (bwd_ncu above)
   bwd_ncu
   ;;
-cutebwd)   # staged, ~300 s (session 25): the CuTe backward's wide schedule (the default since session 25): its GPU
-           # tests, then its kernels alone against the split schedule, with ablations, at H = 64 and 128 (D = 576),
-           # then the default against split at D = 512 and at H = 16 and 32
-  capped 240 cute_bwd_wide_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py \
-    -k "wide or schedules or paths_agree" "$@"
-  capped 200 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
-    --ablation kernel split wide_uniform wide_uniform_overlap wide_overlap wide_64B wide_no_dkv_write wide_no_dkv
+cutebwd)   # staged, at most ~500 s: the CuTe backward's GPU tests (the whole file; wide is the default since
+           # session 25), then its kernels alone against the split schedule, with ablations, at H = 64 and 128 (D = 576)
+  capped 300 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
+  capped 240 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
+    --ablation kernel split wide_uniform wide_uniform_p40 wide_p40 wide_uniform_overlap wide_overlap wide_64B \
+    wide_no_dkv_write wide_no_dkv
+  ;;
+cutebwdop) # staged, at most ~440 s, right after cutebwd: the default against split at D = 512 and at H = 16 / 32
+           # (with Triton), then the op with CUTEBWD_SCHEDULE (default wide) against cuDNN's SM90 backward, same run
   capped 100 bwd_ablation_d512.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 --D 512 --no-triton \
     --ablation kernel split wide_uniform
   capped 100 bwd_ablation_h16.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 32 --ablation kernel split
-  ;;
-cutebwdop) # staged, at most ~240 s, right after cutebwd: the op with CUTEBWD_SCHEDULE (default wide) against
-           # cuDNN's SM90 backward, same run
   DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 230 bench_bwd.log python -m benchmarks.run \
     --headline --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
   ;;

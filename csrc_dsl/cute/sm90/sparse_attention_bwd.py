@@ -455,6 +455,7 @@ _KERNEL_VARIANTS = {
     "wide_p40": {"schedule": "wide", "producer_regs": 40, "consumer1_regs": 224},   # no spills at D = 576
     "wide_uniform": {"schedule": "wide", "uniform_send": True},
     "wide_uniform_overlap": {"schedule": "wide", "uniform_send": True, "overlap_dkv": True},
+    "wide_uniform_p40": {"schedule": "wide", "uniform_send": True, "producer_regs": 40, "consumer1_regs": 224},
 }
 
 

@@ -9,8 +9,9 @@
 #   source .device/s3/stage.sh && bash tools/device_session.sh full [pytest args]     # top-k vs cuDNN, tests, suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh suite                  # top-k vs cuDNN, whole suite
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdprof [pytest args]  # CuTe bwd ablations + ncu
-# Before the CuTe phases, on the CPU machine: python -m tools.warm_cute_cache --dir .device/cute_cache (about 2 MB
-# for the shipped set, seconds per configuration), then carry ".device/cute_cache" with the third staging call.
+# Before the CuTe phases, on the CPU machine, with a Python 3.12 like the GPU machine's (the cache key holds the
+# Python version): python -m tools.warm_cute_cache --dir .device/cute_cache (about 10 MB for the device set, 4 min
+# on 2 cores), then carry ".device/cute_cache" with the third staging call.
 #   source .device/s3/stage.sh && bash tools/device_session.sh cutebwd   # CuTe bwd wide schedule: tests, kernels
 #   source .device/s3/stage.sh && bash tools/device_session.sh cutebwdop # then the op (wide) vs cuDNN
 #   source .device/s3/stage.sh && bash tools/device_session.sh bwdcheck               # CuTe bwd tests + vs cuDNN
@@ -70,7 +71,12 @@ bwd_ncu() {  # ncu (full set) of the CuTe-DSL backward at H = 64, its key metric
 pip install -e . --no-deps --no-build-isolation -q 2>&1 | tail -2
 # CuTe-DSL kernels compiled ahead on the CPU machine (`python -m tools.warm_cute_cache --dir .device/cute_cache`,
 # carried with the call): loaded instead of compiled here
-if [ -d .device/cute_cache ]; then export DSA_OPS_CUTE_CACHE_DIR="$PWD/.device/cute_cache"; fi
+if [ -d .device/cute_cache ]; then
+  export DSA_OPS_CUTE_CACHE_DIR="$PWD/.device/cute_cache"
+  # the cache key's fingerprint holds the Python version: warm it with the GPU machine's (3.12) or nothing loads
+  python -c "from csrc_dsl.cute.sm90.sparse_attention_bwd import _CACHE as c; d = c.directory
+print('cute cache:', d, 'found' if d.is_dir() else 'NOT FOUND (every kernel compiles here)')" 2>&1 | tail -1
+fi
 
 case "$phase" in
 tritonbwd)  # no staging, at most 480 s (session 22's s22b): the Triton forward's and backward's GPU tests; the
@@ -172,13 +178,15 @@ cutebwd)   # staged, at most ~500 s: the CuTe backward's GPU tests (the whole fi
            # session 25), then its kernels alone against the split schedule, with ablations, at H = 64 and 128 (D = 576)
   capped 300 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
   capped 240 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
-    --ablation kernel split wide_uniform wide_uniform_p40 wide_p40 wide_uniform_overlap wide_overlap wide_64B \
-    wide_no_dkv_write wide_no_dkv
+    --ablation ${CUTEBWD_VARIANTS:-kernel split wide_uniform wide_uniform_p40 wide_p40 wide_uniform_overlap wide_overlap \
+    wide_64B wide_no_dkv_write wide_no_dkv}
   ;;
 cutebwdop) # staged, at most ~440 s, right after cutebwd: the default against split at D = 512 and at H = 16 / 32
            # (with Triton), then the op with CUTEBWD_SCHEDULE (default wide) against cuDNN's SM90 backward, same run
-  capped 100 bwd_ablation_d512.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 --D 512 --no-triton \
-    --ablation kernel split wide_uniform
+  if [ -z "${SKIP_D512:-}" ]; then
+    capped 100 bwd_ablation_d512.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 --D 512 --no-triton \
+      --ablation kernel split wide_uniform
+  fi
   capped 100 bwd_ablation_h16.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 32 --ablation kernel split
   DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 230 bench_bwd.log python -m benchmarks.run \
     --headline --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"

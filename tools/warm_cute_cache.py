@@ -6,8 +6,10 @@ A lent GPU's time is scarce and each compile there takes seconds (the backward's
 variants are about 50 configurations). Compiled here, the exported objects (about 130 KB each) travel with a
 device call (`carry: [".device/cute_cache"]`) and `tools/device_session.sh` points the cache at them
 (`DSA_OPS_CUTE_CACHE_DIR`), so the GPU machine loads instead of compiling. The cache key holds a fingerprint
-of the kernel sources and the cutlass version, so objects from other sources are never loaded; an object the
-GPU machine cannot load costs only a compile there (compile_cache warns and carries on).
+of the kernel sources, the cutlass version and the Python version, so objects from other sources are never
+loaded; run this with the GPU machine's Python (3.12), or its cache folder has another name there and every
+kernel compiles again. An object the GPU machine cannot load costs only a compile there (compile_cache warns
+and carries on).
 
 Sets: "shipped" is every configuration the ops can run; "device" adds what tools/device_session.sh's CuTe
 phases compile besides: the backward's benchmark variants (`_KERNEL_VARIANTS`) and dkv write paths, in both

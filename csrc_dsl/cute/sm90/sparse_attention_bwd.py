@@ -128,8 +128,8 @@ class BwdConfig:
     # of each of 8; same stored column order. None: the schedule's (SCHEDULES).
     dkv_lines: Optional[bool] = None
     # With dkv_lines: every lane sends the same accumulator piece and the odd rows' pieces are written from
-    # the other half of the line (8 selects per 8 values instead of 12). Session 25: compiled, not yet timed.
-    uniform_send: bool = False
+    # the other half of the line (8 selects per 8 values instead of 12). None: the schedule's (SCHEDULES).
+    uniform_send: Optional[bool] = None
     # The wide schedule only: the kv tile's two halves of 32 rows each signal their arrival on their own
     # barrier, so that consumer 0 starts S and dP of the first half while the second is still in flight.
     kv_halves: bool = False
@@ -140,9 +140,13 @@ class BwdConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: expected one of {tuple(SCHEDULES)}")
-        for name, value in SCHEDULES[self.schedule].items():
+        defaults = {**SCHEDULES[self.schedule], **HEAD_DIM_REGISTERS.get((self.schedule, self.head_dim), {})}
+        for name, value in defaults.items():
             given = getattr(self, name)
             if given is None or (not isinstance(given, bool) and given in (0, "")):   # False is a choice
+                # uniform_send is a way of sending lines: 64-byte pieces (dkv_lines=False) go without it
+                if name == "uniform_send" and not self.dkv_lines:
+                    value = False
                 object.__setattr__(self, name, value)
 
 
@@ -157,10 +161,14 @@ class BwdConfig:
 # Measured choices (H100, session 25): "wide" with one dkv accumulator and dkv_lines (BENCHMARKS.md).
 SCHEDULES = {
     "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector",
-              "overlap_dkv": True, "dkv_lines": False},
+              "overlap_dkv": True, "dkv_lines": False, "uniform_send": False},
     "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 32, "consumer_regs": 240, "consumer1_regs": 232,
-             "dkv_write": "pair", "overlap_dkv": False, "dkv_lines": True},
+             "dkv_write": "pair", "overlap_dkv": False, "dkv_lines": True, "uniform_send": True},
 }
+# Register splits that differ by head dim: at D = 576 the wide schedule's producer needs 40 registers not to
+# spill (its 9 gathered pieces per row); the same times within 1.4% (H100, session 26). At D = 512 that split
+# spills more in consumer 0, so it keeps 32 / 240 / 232 (4 values in local memory, BENCHMARKS.md session 25).
+HEAD_DIM_REGISTERS = {("wide", 576): {"producer_regs": 40, "consumer1_regs": 224}}
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: run the op with another schedule
 
 
@@ -452,10 +460,9 @@ _KERNEL_VARIANTS = {
     "wide_64B": {"schedule": "wide", "dkv_lines": False},
     "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
     "wide_halves": {"schedule": "wide", "kv_halves": True},
-    "wide_p40": {"schedule": "wide", "producer_regs": 40, "consumer1_regs": 224},   # no spills at D = 576
-    "wide_uniform": {"schedule": "wide", "uniform_send": True},
-    "wide_uniform_overlap": {"schedule": "wide", "uniform_send": True, "overlap_dkv": True},
-    "wide_uniform_p40": {"schedule": "wide", "uniform_send": True, "producer_regs": 40, "consumer1_regs": 224},
+    # session 25's default: lines without uniform_send, registers 32 / 240 / 232 (spills at D = 576)
+    "wide_s25": {"schedule": "wide", "uniform_send": False, "producer_regs": 32, "consumer1_regs": 232},
+    "wide_uniform_p32": {"schedule": "wide", "producer_regs": 32, "consumer1_regs": 232},
 }
 
 

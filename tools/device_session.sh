@@ -178,14 +178,14 @@ cutebwd)   # staged, at most ~500 s: the CuTe backward's GPU tests (the whole fi
            # session 25), then its kernels alone against the split schedule, with ablations, at H = 64 and 128 (D = 576)
   capped 300 cute_bwd_pytest.log python -m pytest -q -p no:cacheprovider -rfE tests/test_cute_sm90_bwd.py "$@"
   capped 240 bwd_ablation.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 128 --no-triton \
-    --ablation ${CUTEBWD_VARIANTS:-kernel split wide_s25 wide_uniform_p32 wide_overlap wide_64B wide_no_dkv_write \
-    wide_no_dkv}
+    --ablation ${CUTEBWD_VARIANTS:-kernel split wide_uniform wide_uniform_p40 wide_p40 wide_overlap wide_64B \
+    wide_no_dkv_write wide_no_dkv}
   ;;
 cutebwdop) # staged, at most ~440 s, right after cutebwd: the default against split at D = 512 and at H = 16 / 32
            # (with Triton), then the op with CUTEBWD_SCHEDULE (default wide) against cuDNN's SM90 backward, same run
   if [ -z "${SKIP_D512:-}" ]; then
     capped 100 bwd_ablation_d512.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 --D 512 --no-triton \
-      --ablation kernel split wide_s25
+      --ablation kernel split wide_uniform
   fi
   capped 100 bwd_ablation_h16.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 32 --ablation kernel split
   DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 230 bench_bwd.log python -m benchmarks.run \

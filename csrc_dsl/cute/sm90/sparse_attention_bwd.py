@@ -140,8 +140,7 @@ class BwdConfig:
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}: expected one of {tuple(SCHEDULES)}")
-        defaults = {**SCHEDULES[self.schedule], **HEAD_DIM_REGISTERS.get((self.schedule, self.head_dim), {})}
-        for name, value in defaults.items():
+        for name, value in SCHEDULES[self.schedule].items():
             given = getattr(self, name)
             if given is None or (not isinstance(given, bool) and given in (0, "")):   # False is a choice
                 # uniform_send is a way of sending lines: 64-byte pieces (dkv_lines=False) go without it
@@ -158,17 +157,16 @@ class BwdConfig:
 #       wgmma's M: its dkv products have N = 64 where "split" has N = 32 (two thirds of the shared-memory
 #       reads per multiply-add), and its dkv values leave the accumulator with one lane exchange (4 shuffles
 #       per 8 values) for whole 128-byte lines per instruction, or none for 64-byte pieces (dkv_lines=False).
-# Measured choices (H100, session 25): "wide" with one dkv accumulator and dkv_lines (BENCHMARKS.md).
+# Measured choices (H100, BENCHMARKS.md): "wide" with one dkv accumulator and dkv_lines (session 25).
+# uniform_send timed faster in session 26 (kernel alone, same run: 7.47 against 7.67 ms at H = 64; 15.06
+# against 17.36 at H = 128, where session 25 had timed the default at 15.11) and passed the GPU tests at
+# D = 576, but has not run on the GPU at D = 512 (`test_bwd_uniform_send_agrees`): not the default yet.
 SCHEDULES = {
     "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector",
               "overlap_dkv": True, "dkv_lines": False, "uniform_send": False},
     "wide": {"block_n": 64, "num_stages": 1, "producer_regs": 32, "consumer_regs": 240, "consumer1_regs": 232,
-             "dkv_write": "pair", "overlap_dkv": False, "dkv_lines": True, "uniform_send": True},
+             "dkv_write": "pair", "overlap_dkv": False, "dkv_lines": True, "uniform_send": False},
 }
-# Register splits that differ by head dim: at D = 576 the wide schedule's producer needs 40 registers not to
-# spill (its 9 gathered pieces per row); the same times within 1.4% (H100, session 26). At D = 512 that split
-# spills more in consumer 0, so it keeps 32 / 240 / 232 (4 values in local memory, BENCHMARKS.md session 25).
-HEAD_DIM_REGISTERS = {("wide", 576): {"producer_regs": 40, "consumer1_regs": 224}}
 ENV_SCHEDULE = "DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE"     # tests and benchmarks: run the op with another schedule
 
 
@@ -460,9 +458,10 @@ _KERNEL_VARIANTS = {
     "wide_64B": {"schedule": "wide", "dkv_lines": False},
     "wide_64B_overlap": {"schedule": "wide", "dkv_lines": False, "overlap_dkv": True},
     "wide_halves": {"schedule": "wide", "kv_halves": True},
-    # session 25's default: lines without uniform_send, registers 32 / 240 / 232 (spills at D = 576)
-    "wide_s25": {"schedule": "wide", "uniform_send": False, "producer_regs": 32, "consumer1_regs": 232},
-    "wide_uniform_p32": {"schedule": "wide", "producer_regs": 32, "consumer1_regs": 232},
+    "wide_p40": {"schedule": "wide", "producer_regs": 40, "consumer1_regs": 224},    # no spills at D = 576
+    "wide_uniform": {"schedule": "wide", "uniform_send": True},
+    "wide_uniform_overlap": {"schedule": "wide", "uniform_send": True, "overlap_dkv": True},
+    "wide_uniform_p40": {"schedule": "wide", "uniform_send": True, "producer_regs": 40, "consumer1_regs": 224},
 }
 
 

@@ -39,6 +39,8 @@ Kernel alone, T = 4096, S_kv = 8192, K = 2048, D = 576, H = 64 / 128 (BENCHMARKS
   wide, `dkv_lines`, one accumulator (default)      7.61 / 15.11
   wide, `dkv_lines`, two                            7.53 / 17.74
   wide without the dkv writes / without dkv         6.24 / 13.15 and 3.92 / 8.50 (lines: the shuffles stay)
+Session 26, same run: default 7.67 / 17.36, `uniform_send` 7.47 / 15.06 (H = 128's default is bimodal across
+runs, 15.1 or 17.4 ms, unexplained); uniform_send is not the default until it has run on the GPU at D = 512.
 The writes are what bounds it: 4.83 G fp32 reductions at H = 64, which L2 takes at 685 G values/s in 64-byte
 pieces and 819 in 128-byte ones on this H100 (benchmarks/bench_dkv_reduction.py): 7.05 and 5.90 ms.
 Timing: `tools/device_session.sh cutebwd` and `cutebwdop`.

@@ -9,7 +9,6 @@ torch.cuda.max_memory_allocated() during the call minus what was allocated befor
 """
 
 import argparse
-import math
 
 import torch
 

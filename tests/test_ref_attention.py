@@ -287,7 +287,7 @@ def make_paged_case(seed, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     batch, num_q, heads, head_dim, d_v, num_slots, page = 3, 2, 3, 40, 32, 21, 16
     seq_lens = [37, 5, 0]
-    max_pages, num_pages = 3, 9
+    num_pages = 9
     kv_cache = torch.full((num_pages, page, head_dim), 50.0, dtype=dtype)  # junk: would dominate
     page_order = torch.randperm(num_pages, generator=gen).tolist()
     block_table = torch.tensor([[page_order[0], page_order[1], page_order[2]],

@@ -22,8 +22,6 @@ chunk of query rows into a reusable workspace of at most ``WORKSPACE_BYTES`` and
 team's Triton top-k (csrc_dsl/triton/topk.py) with per-row lengths, so the masked tail is never scanned.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl

@@ -47,7 +47,10 @@ Timing: `tools/device_session.sh cutebwd` and `cutebwdop`.
 Registers: producer 32, consumer 0 240, consumer 1 232 (`SCHEDULES`). What ptxas keeps in local memory (the
 split schedule: nothing): at D = 576 one producer value per tile, at D = 512 four consumer-0 values across
 its tile loop; consumer 1 none. The spill-free split at D = 576 (producer 40, consumer 1 224) measured 0.6% /
-3.4% slower at H = 64 / 128 (`wide_p40`).
+3.4% slower at H = 64 / 128 (`wide_p40`) in session 25, and with uniform_send 1.4% slower / 0.4% faster in
+session 26. The D = 512 values are shared-memory addresses of the P / dS' stores: ptxas hoists one swizzled
+address per st.shared out of the tile loop (the swizzle XOR hides that rows r and r + 8, or sP and sdS, differ
+by constants), so computing the swizzled 16-byte chunk once per chunk and adding the constants is the fix to try.
 
 Synchronisation per tile t (named barriers between the consumers, 256 threads unless noted):
   full / empty mbarriers: the kv stage, as in the split schedule (both consumers release it).

@@ -261,6 +261,11 @@ def _config_id(config):
             + ("-halves" if config.kv_halves else ""))
 
 
+def _consumer1_sass(sass: str, config) -> str:
+    """The wide kernel's consumer-1 code: from its setmaxnreg (`consumer1_regs`) to the next one."""
+    return sass.split(f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {config.consumer1_regs:#x}")[1].split("USETMAXREG")[0]
+
+
 def _expected_hgmma(config):
     """Static wgmma count: per tile, S (D/16 k-steps) and dP (d_v/16), dQ (2 k-steps of 16 keys per
     wgmma: two 256-column ones, plus the 64 RoPE columns), dkv^T blocks (4 k-steps over 64 heads each,
@@ -310,8 +315,7 @@ def test_bwd_shipped_configs_compile_for_sm90a(config):
         assert ops["LDL"] <= max_spills and ops["STL"] <= max_spills
         if config.schedule == "wide":
             assert config.consumer1_regs != config.consumer_regs    # consumer 1's code found by its setmaxnreg
-            consumer1 = sass.split(f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {config.consumer1_regs:#x}")[1]
-            consumer1 = consumer1.split("USETMAXREG")[0]
+            consumer1 = _consumer1_sass(sass, config)
             assert "STL" not in consumer1 and "LDL" not in consumer1
             assert ("STG.E.128" if config.deterministic else "REDG.E.ADD.F32x4") in consumer1   # its dkv writes
         assert ops["USETMAXREG"] >= 2                                  # producer down, consumers up
@@ -417,8 +421,7 @@ def test_bwd_wide_schedule_compiles_for_sm90a(config):
         if config.dkv_lines:
             # consumer 1's selects: per block and thread, 8 values of each of 4 (row half, pair of pieces) are
             # exchanged, with 12 selects per 8 values, or 8 with `uniform_send`
-            consumer1 = sass.split(f"USETMAXREG.TRY_ALLOC.CTAPOOL UP0, {config.consumer1_regs:#x}")[1]
-            consumer1 = consumer1.split("USETMAXREG")[0]
+            consumer1 = _consumer1_sass(sass, config)
             assert consumer1.count("FSEL") == (32 if config.uniform_send else 48) * blocks
         pieces = 8 * blocks if config.ablation == "none" else 0
         if config.deterministic:

@@ -143,9 +143,6 @@ class BwdConfig:
         for name, value in SCHEDULES[self.schedule].items():
             given = getattr(self, name)
             if given is None or (not isinstance(given, bool) and given in (0, "")):   # False is a choice
-                # uniform_send is a way of sending lines: 64-byte pieces (dkv_lines=False) go without it
-                if name == "uniform_send" and not self.dkv_lines:
-                    value = False
                 object.__setattr__(self, name, value)
 
 
@@ -160,7 +157,8 @@ class BwdConfig:
 # Measured choices (H100, BENCHMARKS.md): "wide" with one dkv accumulator and dkv_lines (session 25).
 # uniform_send timed faster in session 26 (kernel alone, same run: 7.47 against 7.67 ms at H = 64; 15.06
 # against 17.36 at H = 128, where session 25 had timed the default at 15.11) and passed the GPU tests at
-# D = 576, but has not run on the GPU at D = 512 (`test_bwd_uniform_send_agrees`): not the default yet.
+# D = 576, but has not run on the GPU at D = 512 (`test_bwd_uniform_send_agrees`): not the default yet. (When it
+# is, a config with dkv_lines=False must also pass uniform_send=False: the wide kernel refuses the pair.)
 SCHEDULES = {
     "split": {"block_n": 32, "num_stages": 2, "producer_regs": 40, "consumer_regs": 232, "dkv_write": "vector",
               "overlap_dkv": True, "dkv_lines": False, "uniform_send": False},

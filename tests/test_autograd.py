@@ -104,3 +104,22 @@ def test_unused_lse_keeps_the_kernel_path(monkeypatch):
     out, lse = torch.ops.dsa.sparse_attention(*args)
     (out.sum() + lse.masked_fill(lse.isinf(), 0).sum()).backward()
     assert seen[0] is None and seen[1] is not None
+
+
+def test_boundary_skips_torchs_per_call_default_filling(monkeypatch):
+    """Our Autograd kernels (`dsa_ops/ops/_library.py: register_autograd`) read the schema's defaults once;
+    torch's `register_autograd` refills them on every call through `fill_defaults` (about 25 us a call on the
+    CPU machine). Pin that no op pays it, in forward or backward, with and without the trailing defaults."""
+    import torch._library.utils as library_utils
+
+    def fail(*args, **kwargs):
+        raise AssertionError("torch._library.utils.fill_defaults called per op call")
+
+    monkeypatch.setattr(library_utils, "fill_defaults", fail)
+    for op in DIFFERENTIABLE:
+        for optionals in (True, False):
+            args = sample_args(op, dtype=torch.float64, seed=3, requires_grad=True, with_optionals=optionals)
+            out = getattr(torch.ops.dsa, op)(*args)
+            out = out[0] if isinstance(out, tuple) else out
+            out.masked_fill(out.isinf(), 0.0).sum().backward()
+            assert any(a.grad is not None for a in args if isinstance(a, torch.Tensor))

@@ -74,17 +74,59 @@ def define_out_variant(name: str, functional: str, schema: str, check: Callable)
     LIB.impl(name, kernel, "CUDA")
 
 
+def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+    """Registers the Autograd kernel of dsa::<name>, as `torch.library.register_autograd(name, backward,
+    setup_context=...)` does and with the same contract (`setup_context(ctx, inputs, output)` sees every
+    argument; `ctx.needs_input_grad` has an entry per argument the dispatcher passed), without its per-call
+    cost: torch's kernel puts back the arguments the dispatcher dropped by walking the schema's argument list
+    through pybind on every call (`torch._library.utils.fill_defaults`, about 25 us a call on the CPU
+    machine, half of the boundary's cost when inputs require grad; BENCHMARKS.md, op-boundary overhead).
+    Here the defaults are read from the schema once."""
+    op = getattr(torch.ops.dsa, name).default
+    defaults = tuple(a.default_value for a in op._schema.arguments)
+    below_autograd = torch._C._after_autograd_keyset
+
+    def forward(ctx, *args):
+        keyset, args = args[-1], args[:-1]      # the keyset rides last so that input positions stay the op's
+        with torch._C._AutoDispatchBelowAutograd():
+            output = op.redispatch(keyset & below_autograd, *args)
+        setup_context(ctx, args + defaults[len(args):], output)
+        return output
+
+    def backward_without_keyset(ctx, *grads):
+        need = ctx.needs_input_grad
+        ctx.needs_input_grad = need[:-1]
+        try:
+            grads_in = backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = need
+        return (*grads_in, None) if isinstance(grads_in, tuple) else (grads_in, None)
+
+    function = type(f"{NAMESPACE}_{name}_autograd", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward_without_keyset)})
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            return function.apply(*args, keyset)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below_autograd, *args)
+
+    autograd_kernel.__name__ = f"{name}_autograd"
+    LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+
+
 def no_gradient(name: str) -> None:
-    """Outputs of ops with no gradient never require grad (instead of failing late in backward)."""
+    """Ops with no gradient: an Autograd kernel that runs the op below autograd, so that its outputs never
+    require grad (instead of failing late in backward), at no per-call cost beyond the redispatch."""
+    op = getattr(torch.ops.dsa, name).default
+    below_autograd = torch._C._after_autograd_keyset
 
-    def setup_context(ctx, inputs, output):
-        outs = output if isinstance(output, tuple) else (output,)
-        ctx.mark_non_differentiable(*outs)
+    def autograd_kernel(keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & below_autograd, *args)
 
-    def backward(ctx, *grads):
-        raise RuntimeError(f"dsa.{name} has no gradient")  # unreachable: outputs are non-differentiable
-
-    torch.library.register_autograd(f"{NAMESPACE}::{name}", backward, setup_context=setup_context, lib=LIB)
+    autograd_kernel.__name__ = f"{name}_autograd"
+    LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def input_grads(ctx, grads: dict) -> tuple:

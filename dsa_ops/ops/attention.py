@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, define_out_variant, input_grads, no_gradient
+from ._library import define, define_out_variant, input_grads, no_gradient, register_autograd
 
 define("sparse_attention",
        "(Tensor q, Tensor kv, Tensor indices, float scale, int d_v=512, Tensor? attn_sink=None, "
@@ -51,7 +51,6 @@ def _attention_backward(ctx, dout, dlse):
     return input_grads(ctx, {0: dq, 1: dkv, 5: d_sink})
 
 
-torch.library.register_autograd("dsa::sparse_attention", _attention_backward, setup_context=_attention_setup,
-                                lib=LIB)
+register_autograd("sparse_attention", _attention_backward, _attention_setup)
 for _name in ("sparse_attention_decode", "sparse_attn_score", "dense_attn_score"):
     no_gradient(_name)

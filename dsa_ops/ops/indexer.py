@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, define_out_variant, input_grads, no_gradient
+from ._library import define, define_out_variant, input_grads, no_gradient, register_autograd
 
 define("indexer_logits",
        "(Tensor q_idx, Tensor k_idx, Tensor w, float scale=1.0, int ratio=1, Tensor? q_start=None) -> Tensor",
@@ -47,6 +47,6 @@ def _logits_backward(ctx, grad_scores):
     return input_grads(ctx, {0: dq, 1: dk, 2: dw})
 
 
-torch.library.register_autograd("dsa::indexer_logits", _logits_backward, setup_context=_logits_setup, lib=LIB)
+register_autograd("indexer_logits", _logits_backward, _logits_setup)
 for _name in ("topk", "indexer_topk", "indexer_topk_paged", "sparse_indexer_score"):
     no_gradient(_name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, input_grads
+from ._library import define, input_grads, register_autograd
 
 define("indexer_loss",
        "(Tensor q_idx, Tensor k_idx, Tensor w, Tensor indices, Tensor target, float scale=1.0, "
@@ -53,5 +53,5 @@ def _dense_backward(ctx, grad_loss):
     return input_grads(ctx, {0: dq, 1: dk, 2: dw})
 
 
-torch.library.register_autograd("dsa::indexer_loss", _sparse_backward, setup_context=_sparse_setup, lib=LIB)
-torch.library.register_autograd("dsa::dense_indexer_loss", _dense_backward, setup_context=_dense_setup, lib=LIB)
+register_autograd("indexer_loss", _sparse_backward, _sparse_setup)
+register_autograd("dense_indexer_loss", _dense_backward, _dense_setup)

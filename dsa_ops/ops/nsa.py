@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, input_grads, no_gradient
+from ._library import define, input_grads, no_gradient, register_autograd
 
 define("nsa_compress", "(Tensor k, int block=32, int stride=16) -> Tensor", V.check_nsa_compress)
 define("nsa_compress_backward", "(Tensor grad_out, Tensor k, int block=32, int stride=16) -> Tensor",
@@ -34,7 +34,7 @@ def _compress_backward(ctx, grad_out):
     return input_grads(ctx, {0: dk})
 
 
-torch.library.register_autograd("dsa::nsa_compress", _compress_backward, setup_context=_compress_setup, lib=LIB)
+register_autograd("nsa_compress", _compress_backward, _compress_setup)
 
 
 # nsa_gate_combine: gradient to the three branch outputs and the raw gates.
@@ -47,8 +47,7 @@ def _combine_backward(ctx, grad_out):
     return input_grads(ctx, dict(enumerate(grads)))
 
 
-torch.library.register_autograd("dsa::nsa_gate_combine", _combine_backward, setup_context=_combine_setup,
-                                lib=LIB)
+register_autograd("nsa_gate_combine", _combine_backward, _combine_setup)
 
 # nsa_select returns block ids: no gradient.
 no_gradient("nsa_select")

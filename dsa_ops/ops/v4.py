@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validate as V
-from ._library import LIB, define, input_grads
+from ._library import define, input_grads, register_autograd
 
 define("hca_compress", "(Tensor c, Tensor z, int m=128) -> Tensor", V.check_hca_compress)
 define("hca_compress_backward", "(Tensor grad_out, Tensor c, Tensor z, int m=128) -> (Tensor, Tensor)",
@@ -37,7 +37,7 @@ def _compress_autograd(name: str) -> None:
         dc, dz = backward_op(grad_out.contiguous(), c, z, ctx.m)
         return input_grads(ctx, {0: dc, 1: dz})
 
-    torch.library.register_autograd(f"dsa::{name}", backward, setup_context=_compress_setup, lib=LIB)
+    register_autograd(name, backward, _compress_setup)
 
 
 for _name in ("hca_compress", "csa_compress"):
@@ -61,5 +61,4 @@ def _merge_backward(ctx, grad_out, grad_lse):
     return input_grads(ctx, {0: d_outs, 1: d_lses, 2: d_sink})
 
 
-torch.library.register_autograd("dsa::merge_attention_with_sink", _merge_backward, setup_context=_merge_setup,
-                                lib=LIB)
+register_autograd("merge_attention_with_sink", _merge_backward, _merge_setup)

@@ -18,9 +18,11 @@ import pytest  # noqa: E402
 
 from csrc_dsl.triton.sparse_attention_bwd import (  # noqa: E402
     CONFIG_ENV,
+    MAX_GRID_YZ,
     WORKSPACE_ENV,
     dq_launch,
     pick_config,
+    query_chunk,
     sparse_attention_backward,
 )
 from tests.sm90_compile import run_compiled  # noqa: E402
@@ -274,6 +276,20 @@ def test_query_chunks_and_head_blocks(monkeypatch, deterministic):
     if deterministic:
         again = run(case, deterministic)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_query_chunk_fits_the_grid(monkeypatch):
+    """A chunk's queries are a grid axis of the dkv launch, which CUDA caps at 65535: a V4 backward (K = 512)
+    of 16 heads over 70000 tokens fits 65536 queries into the default 2 GiB, one more than a launch takes."""
+    monkeypatch.delenv(WORKSPACE_ENV, raising=False)
+    per_query = 16 * 512 * 2 * 2                    # P and dS in bf16 per (head, slot)
+    assert (2048 << 20) // per_query == MAX_GRID_YZ + 1
+    assert query_chunk(70000, per_query) == MAX_GRID_YZ
+    assert query_chunk(1000, per_query) == 1000
+    monkeypatch.setenv(WORKSPACE_ENV, "1")          # 1 MiB
+    assert query_chunk(1000, per_query) == (1 << 20) // per_query
+    monkeypatch.setenv(WORKSPACE_ENV, "0")          # below one query: still one
+    assert query_chunk(1000, per_query) == 1
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])

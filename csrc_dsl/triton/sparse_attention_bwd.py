@@ -537,6 +537,16 @@ def _workspace_bytes() -> int:
     return int(os.environ.get(WORKSPACE_ENV, _DEFAULT_WORKSPACE_MB)) << 20
 
 
+# CUDA caps grid axes 1 and 2 at 65535 programs; the dkv kernel puts a chunk's queries on axis 1.
+MAX_GRID_YZ = 65535
+
+
+def query_chunk(num_tokens: int, per_query_bytes: int) -> int:
+    """Queries per launch: as many as the workspace budget holds, and no more than a grid axis takes
+    (a V4 backward with K = 512 and 16 heads holds 65536 queries in the default 2 GiB)."""
+    return max(1, min(num_tokens, _workspace_bytes() // per_query_bytes, MAX_GRID_YZ))
+
+
 def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_sink, topk_length,
                               deterministic: bool, grad_lse=None):
     """Gradients (dq, dkv, d_sink) of sparse MQA attention; see the module docstring.
@@ -582,7 +592,7 @@ def sparse_attention_backward(dout, q, kv, out, lse, indices, scale, d_v, attn_s
     per_query = num_heads * triton.cdiv(topk, _WS_PAD) * _WS_PAD * 2 * torch.finfo(ws_dtype).bits // 8
     if deterministic:
         per_query += topk * head_dim * 4
-    chunk = max(1, min(num_tokens, _workspace_bytes() // per_query))
+    chunk = query_chunk(num_tokens, per_query)
     ws_stride = triton.cdiv(topk, _WS_PAD) * _WS_PAD  # aligned workspace rows, whatever K is
     p_ws = torch.empty(chunk, num_heads, ws_stride, dtype=ws_dtype, device=device)
     ds_ws = torch.empty(chunk, num_heads, ws_stride, dtype=ws_dtype, device=device)

@@ -181,13 +181,18 @@ cutebwd)   # staged, at most ~500 s: the CuTe backward's GPU tests (the whole fi
     --ablation ${CUTEBWD_VARIANTS:-kernel split wide_uniform wide_uniform_p40 wide_p40 wide_overlap wide_64B \
     wide_no_dkv_write wide_no_dkv}
   ;;
-cutebwdop) # staged, at most ~440 s, right after cutebwd: the default against split at D = 512 and at H = 16 / 32
+cutebwdop) # staged, at most ~560 s, right after cutebwd: the default against split at D = 512 and at H = 16 / 32
            # (with Triton), then the op with CUTEBWD_SCHEDULE (default wide) against cuDNN's SM90 backward, same run
   if [ -z "${SKIP_D512:-}" ]; then
     capped 100 bwd_ablation_d512.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 64 --D 512 --no-triton \
       --ablation kernel split wide_uniform
   fi
-  capped 100 bwd_ablation_h16.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 32 --ablation kernel split
+  capped 120 bwd_ablation_h16.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 32 --ablation none kernel split
+  # the dispatch's two Triton rows for the backward (`cute_backward_faster`, measured in November with the split
+  # schedule): H <= 16, and deterministic mode above 64 heads; both kernels alone, same run
+  if [ -z "${SKIP_DET:-}" ]; then
+    capped 120 bwd_det_h16_h128.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 128 --deterministic
+  fi
   DSA_OPS_CUTE_SPARSE_BWD_SCHEDULE=${CUTEBWD_SCHEDULE:-wide} capped 230 bench_bwd.log python -m benchmarks.run \
     --headline --ops sparse_attention_backward --no-overhead --out "$OUT/bwd"
   ;;

@@ -74,6 +74,19 @@ def define_out_variant(name: str, functional: str, schema: str, check: Callable)
     LIB.impl(name, kernel, "CUDA")
 
 
+def _below_autograd(name: str) -> Callable:
+    """dsa::<name> run past the Autograd key (`run(keyset, *args)`): what an Autograd kernel calls for the
+    work itself, recording nothing."""
+    op = getattr(torch.ops.dsa, name).default
+    after_autograd = torch._C._after_autograd_keyset
+
+    def run(keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & after_autograd, *args)
+
+    return run
+
+
 def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
     """Registers the Autograd kernel of dsa::<name>, as `torch.library.register_autograd(name, backward,
     setup_context=...)` does and with the same contract (`setup_context(ctx, inputs, output)` sees every
@@ -82,14 +95,12 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     through pybind on every call (`torch._library.utils.fill_defaults`, about 25 us a call on the CPU
     machine, half of the boundary's cost when inputs require grad; BENCHMARKS.md, op-boundary overhead).
     Here the defaults are read from the schema once."""
-    op = getattr(torch.ops.dsa, name).default
-    defaults = tuple(a.default_value for a in op._schema.arguments)
-    below_autograd = torch._C._after_autograd_keyset
+    defaults = tuple(a.default_value for a in getattr(torch.ops.dsa, name).default._schema.arguments)
+    run = _below_autograd(name)
 
     def forward(ctx, *args):
         keyset, args = args[-1], args[:-1]      # the keyset rides last so that input positions stay the op's
-        with torch._C._AutoDispatchBelowAutograd():
-            output = op.redispatch(keyset & below_autograd, *args)
+        output = run(keyset, *args)
         setup_context(ctx, args + defaults[len(args):], output)
         return output
 
@@ -108,25 +119,18 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     def autograd_kernel(keyset, *args):
         if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
             return function.apply(*args, keyset)
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below_autograd, *args)
+        return run(keyset, *args)
 
     autograd_kernel.__name__ = f"{name}_autograd"
     LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
 
 
 def no_gradient(name: str) -> None:
-    """Ops with no gradient: an Autograd kernel that runs the op below autograd, so that its outputs never
-    require grad (instead of failing late in backward), at no per-call cost beyond the redispatch."""
-    op = getattr(torch.ops.dsa, name).default
-    below_autograd = torch._C._after_autograd_keyset
-
-    def autograd_kernel(keyset, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & below_autograd, *args)
-
-    autograd_kernel.__name__ = f"{name}_autograd"
-    LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    """Ops with no gradient: the Autograd kernel runs them below autograd, so that their outputs never require
+    grad (instead of failing late in backward), at no per-call cost beyond the redispatch."""
+    run = _below_autograd(name)
+    run.__name__ = f"{name}_autograd"
+    LIB.impl(name, run, "Autograd", with_keyset=True)
 
 
 def input_grads(ctx, grads: dict) -> tuple:

@@ -4,7 +4,8 @@
   all-reduce adds up, and its sparse_attn_score target (normalised per row) enters the whole one weighted
   by its share of the heads;
 - context parallel: a rank holds a slice of the queries, placed in the sequence by `q_start`; every
-  row-wise op gives the unsharded op's rows.
+  row-wise op gives the unsharded op's rows, and indexer_loss (a mean over the rows with a valid key)
+  enters the whole one weighted by the rank's count of such rows.
 On the CPU the ops run the reference (fp32); on a GPU the same tests run the kernels (bf16), where a shard of
 heads may take another tile shape than the whole, so values are compared within the SPEC tolerances."""
 import pytest
@@ -95,6 +96,13 @@ def test_context_parallel_query_shards(ratio):
     ids, _ = torch.ops.dsa.indexer_topk(q_idx, k_idx, w, topk, 1.0, ratio)
     attn = [torch.ops.dsa.sparse_attention(q[b], kv[b], ids[b], scale, D_V, sink) for b in range(B)]
 
+    # indexer_loss is a mean over the rows that have a valid key: ranks combine it weighted by that count
+    target = torch.stack([torch.ops.dsa.sparse_attn_score(q[b], kv[b], attn[b][1], ids[b], scale) for b in range(B)])
+    q_idx_leaf = q_idx.detach().requires_grad_(True)
+    loss = torch.ops.dsa.indexer_loss(q_idx_leaf, k_idx, w, ids, target)
+    (d_q_idx,) = torch.autograd.grad(loss, q_idx_leaf)
+    shard_losses, shard_rows = [], []
+
     for a, e in ((0, 5), (5, 13), (13, Sq)):
         rows = slice(a, e)
         q_start = torch.full((B,), first + a, dtype=torch.int32, device=DEVICE)
@@ -111,3 +119,12 @@ def test_context_parallel_query_shards(ratio):
             close(out, attn[b][0][rows], f"out of sequence {b}, rows {rows}", FWD_TOL)
             close(lse[lse.isfinite()], attn[b][1][rows][lse.isfinite()], f"lse of sequence {b}, rows {rows}",
                   FWD_TOL)
+        shard_q_idx.requires_grad_(True)
+        shard_loss = torch.ops.dsa.indexer_loss(shard_q_idx, k_idx, shard_w, shard_ids, target[:, rows].contiguous())
+        (shard_grad,) = torch.autograd.grad(shard_loss, shard_q_idx)
+        n_rows = (shard_ids >= 0).any(-1).sum()               # rows with a valid key (top-k pads with -1)
+        shard_losses.append(shard_loss.detach() * n_rows)
+        shard_rows.append(n_rows)
+        close(shard_grad * n_rows / (ids >= 0).any(-1).sum(), d_q_idx[:, rows], f"d q_idx of rows {rows}", BWD_TOL)
+    close(sum(shard_losses) / sum(shard_rows), loss.detach(), "indexer_loss, row-weighted mean of the shards'",
+          FWD_TOL)

@@ -132,3 +132,46 @@ def test_cute_rows_defer_to_triton_where_it_measured_faster(monkeypatch):
     # the forward row has no preference: its predicate is the kernel's own `supports`, for every H
     assert dispatch.TABLE["sparse_attention"]["sm90"][0].supports == \
         "csrc_dsl.cute.sm90.sparse_attention_fwd:supports"
+
+
+def test_cuda_calls_run_on_their_tensors_device(monkeypatch):
+    """The CUDA kernel of every op makes its tensors' device current for the call (Triton and CuTe-DSL launch
+    on the current device), and leaves it alone when it already is (CPU: torch.cuda mocked)."""
+    from dsa_ops.ops import _library
+
+    current, entered = [0], []
+
+    class DeviceContext:
+        def __init__(self, device):
+            self.index, self.saved = torch.device(device).index, None
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.saved, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", DeviceContext)
+    seen = []
+    run = _library.run_on(torch.device("cuda", 1), lambda x: seen.append(current[0]) or x, (5,))
+    assert (run, seen, entered, current[0]) == (5, [1], [1], 0)        # switched for the call, then back
+    _library.run_on(torch.device("cuda", 0), lambda: seen.append(current[0]), ())
+    assert (seen[-1], entered) == (0, [1])                               # already current: no switch
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_ops_on_a_device_that_is_not_current():
+    """Inputs on cuda:1 while cuda:0 is current: the same results as with cuda:1 current."""
+    results = []
+    for current in (1, 0):
+        with torch.cuda.device(current):
+            args = sample_args("sparse_attention", device="cuda:1", dtype=torch.bfloat16, seed=4)
+            out, lse = torch.ops.dsa.sparse_attention(*args)
+            ids, _ = torch.ops.dsa.indexer_topk(*sample_args("indexer_topk", device="cuda:1",
+                                                             dtype=torch.bfloat16, seed=4))
+            torch.cuda.synchronize(1)
+            results.append((out, lse, ids))
+    for a, b in zip(*results):
+        assert a.device == torch.device("cuda", 1) and torch.equal(a, b)

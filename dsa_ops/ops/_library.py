@@ -36,6 +36,27 @@ def with_defaults(name: str, fn: Callable, suffix: str) -> Callable:
     return full_args
 
 
+def run_on(device: torch.device, fn: Callable, args: tuple):
+    """fn(*args) with `device` the current CUDA device. Triton and CuTe-DSL launch on the current device's
+    current stream, so a call whose tensors sit on another GPU than the current one (a process that never
+    called torch.cuda.set_device, pipeline stages in one process) would run there, on memory of another
+    device; torch's own ops switch devices this way too."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return fn(*args)
+    with torch.cuda.device(device):
+        return fn(*args)
+
+
+def on_inputs_device(kernel: Callable) -> Callable:
+    """The CUDA kernel of an op: `kernel` run on the device of its first tensor argument (the checks have
+    made every tensor argument share it)."""
+    def cuda_kernel(*args):
+        return run_on(next(a.device for a in args if isinstance(a, torch.Tensor)), kernel, args)
+
+    cuda_kernel.__name__ = kernel.__name__
+    return cuda_kernel
+
+
 def define(name: str, schema: str, check: Callable) -> None:
     """Defines dsa::<name> with `schema` and registers its CPU and CUDA kernel."""
     LIB.define(name + schema)
@@ -47,7 +68,7 @@ def define(name: str, schema: str, check: Callable) -> None:
 
     kernel = with_defaults(name, kernel, "kernel")
     LIB.impl(name, kernel, "CPU")
-    LIB.impl(name, kernel, "CUDA")
+    LIB.impl(name, on_inputs_device(kernel), "CUDA")
 
 
 def define_out_variant(name: str, functional: str, schema: str, check: Callable) -> None:
@@ -71,7 +92,7 @@ def define_out_variant(name: str, functional: str, schema: str, check: Callable)
 
     kernel.__name__ = f"{name}_kernel"
     LIB.impl(name, kernel, "CPU")
-    LIB.impl(name, kernel, "CUDA")
+    LIB.impl(name, on_inputs_device(kernel), "CUDA")
 
 
 def _below_autograd(name: str) -> Callable:

@@ -282,14 +282,19 @@ class NoImplementation(RuntimeError):
     pass
 
 
-def pick(op: str, args: tuple) -> Callable:
-    """The implementation of `op` for these (validated) arguments."""
-    return choose(op, args)[1]
+def device_of(args: tuple) -> torch.device:
+    """The device of a call: that of its first tensor argument (the checks make every tensor share it)."""
+    return next(a.device for a in args if isinstance(a, torch.Tensor))
 
 
-def choose(op: str, args: tuple) -> tuple[Impl, Callable]:
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    arch = arch_of(device)
+def pick(op: str, args: tuple, device: Optional[torch.device] = None) -> Callable:
+    """The implementation of `op` for these (validated) arguments (`device`: `device_of(args)`, when the
+    caller has it already)."""
+    return choose(op, args, device)[1]
+
+
+def choose(op: str, args: tuple, device: Optional[torch.device] = None) -> tuple[Impl, Callable]:
+    arch = arch_of(device_of(args) if device is None else device)
     forced = forced_backend(op)
     reasons = []
     for impl in TABLE[op][arch]:

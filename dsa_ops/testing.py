@@ -33,6 +33,12 @@ def _gen(seed: int, device) -> torch.Generator:
     return g
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in fp64 (SPEC section 9's measure); NaN anywhere gives NaN, which no bound passes."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
 def randn(*shape, g, dtype, device, requires_grad=False):
     t = torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     return t.requires_grad_(requires_grad)

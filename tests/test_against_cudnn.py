@@ -15,13 +15,10 @@ import torch
 from benchmarks import common
 from benchmarks import run as bench
 from dsa_ops.reference import attention as ref_attention
+from dsa_ops.testing import rel_err
 
 _DSA, _NOTE = common.load_cudnn_dsa() if torch.cuda.is_available() else (None, "needs a CUDA GPU")
 pytestmark = pytest.mark.skipif(_DSA is None, reason=f"cuDNN frontend DSA unavailable: {_NOTE}")
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 def cosine(x, ref):

@@ -15,6 +15,7 @@ from csrc_dsl.cute.common import fake_compile
 from csrc_dsl.cute.common.launch import sm90_unavailable_reason
 from csrc_dsl.cute.sm90 import sparse_attn_score as score
 from dsa_ops.reference import attention as ref_attention
+from dsa_ops.testing import rel_err
 
 needs_dsl = pytest.mark.skipif(not common.is_available(), reason=str(common.unavailable_reason()))
 _GPU_REASON = sm90_unavailable_reason()
@@ -79,10 +80,6 @@ def make_inputs(T, H, D, S, K, *, seed, topk_length=True, invalid=0.1, dup=0.05)
     # a consistent lse: the log-sum-exp of each row's valid scores (fp32 reference forward)
     _, lse = ref_attention.sparse_attention(q.float(), kv.float(), idx, scale, 512, None, lengths)
     return q, kv, lse.float().contiguous(), idx, scale, lengths
-
-
-def rel_err(x, ref):
-    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
 _HEADS_K = [(1, 2000), (16, 128), (64, 2048), (100, 2000), (128, 2048), (128, 37)]

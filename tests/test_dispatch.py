@@ -135,7 +135,7 @@ def test_cute_rows_defer_to_triton_where_it_measured_faster(monkeypatch):
 
 
 def test_cuda_calls_run_on_their_tensors_device(monkeypatch):
-    """`run_on`, through which every op's CUDA kernel runs (`on_inputs_device`), makes the tensors' device
+    """`run_on`, through which every op's kernel calls its implementation, makes the tensors' device
     current for the call (Triton and CuTe-DSL launch on the current device) and leaves it alone when it
     already is (on the CPU machine: torch.cuda mocked; the two-GPU test below runs the ops themselves)."""
     from dsa_ops.ops import _library

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dsa_ops  # noqa: F401
-from dsa_ops.testing import randn
+from dsa_ops.testing import randn, rel_err
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -21,8 +21,7 @@ D, D_V = 576, 512
 
 
 def close(got, want, what, rel):
-    got, want = got.double(), want.double()
-    err = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+    err = rel_err(got, want)
     assert err <= rel, f"{what}: relative error {err:.2e} > {rel:.0e}"
 
 

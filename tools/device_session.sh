@@ -189,7 +189,7 @@ cutebwdop) # staged, at most ~560 s, right after cutebwd: the default against sp
   fi
   capped 120 bwd_ablation_h16.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 32 --ablation none kernel split
   # the dispatch's two Triton rows for the backward (`cute_backward_faster`, measured in November with the split
-  # schedule): H <= 16, and deterministic mode above 64 heads; both kernels alone, same run
+  # schedule): H <= 16, and deterministic mode above 64 heads; the two whole ops, same run
   if [ -z "${SKIP_DET:-}" ]; then
     capped 120 bwd_det_h16_h128.log python -m csrc_dsl.cute.sm90.sparse_attention_bwd --H 16 128 --deterministic
   fi

@@ -18,13 +18,17 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 SCHEMAS: dict[str, str] = {}
 
 
+def schema_defaults(name: str) -> tuple:
+    """dsa::<name>'s default per argument, in schema order (None where an argument has none)."""
+    return tuple(a.default_value for a in getattr(torch.ops.dsa, name).default._schema.arguments)
+
+
 def with_defaults(name: str, fn: Callable, suffix: str) -> Callable:
     """Wraps `fn` so it always receives the full positional argument list of dsa::<name>.
 
     The dispatcher drops trailing arguments that equal their defaults; they are put back here, once, so
     checks, implementations and fakes never deal with missing arguments."""
-    op = getattr(torch.ops.dsa, name).default
-    defaults = tuple(a.default_value for a in op._schema.arguments)
+    defaults = schema_defaults(name)
     n_args = len(defaults)
 
     def full_args(*args):
@@ -37,24 +41,14 @@ def with_defaults(name: str, fn: Callable, suffix: str) -> Callable:
 
 
 def run_on(device: torch.device, fn: Callable, args: tuple):
-    """fn(*args) with `device` the current CUDA device. Triton and CuTe-DSL launch on the current device's
-    current stream, so a call whose tensors sit on another GPU than the current one (a process that never
-    called torch.cuda.set_device, pipeline stages in one process) would run there, on memory of another
-    device; torch's own ops switch devices this way too."""
+    """fn(*args) with `device` the current CUDA device (a CPU device: as is). Triton and CuTe-DSL launch on the
+    current device's current stream, so a call whose tensors sit on another GPU than the current one (a process
+    that never called torch.cuda.set_device, pipeline stages in one process) would run there, on memory of
+    another device; torch's own ops switch devices this way too."""
     if device.index is None or device.index == torch.cuda.current_device():
         return fn(*args)
     with torch.cuda.device(device):
         return fn(*args)
-
-
-def on_inputs_device(kernel: Callable) -> Callable:
-    """The CUDA kernel of an op: `kernel` run on the device of its first tensor argument (the checks have
-    made every tensor argument share it)."""
-    def cuda_kernel(*args):
-        return run_on(next(a.device for a in args if isinstance(a, torch.Tensor)), kernel, args)
-
-    cuda_kernel.__name__ = kernel.__name__
-    return cuda_kernel
 
 
 def define(name: str, schema: str, check: Callable) -> None:
@@ -64,11 +58,12 @@ def define(name: str, schema: str, check: Callable) -> None:
 
     def kernel(*args):
         check(*args)
-        return dispatch.pick(name, args)(*args)
+        device = dispatch.device_of(args)
+        return run_on(device, dispatch.pick(name, args, device), args)
 
     kernel = with_defaults(name, kernel, "kernel")
     LIB.impl(name, kernel, "CPU")
-    LIB.impl(name, on_inputs_device(kernel), "CUDA")
+    LIB.impl(name, kernel, "CUDA")
 
 
 def define_out_variant(name: str, functional: str, schema: str, check: Callable) -> None:
@@ -83,16 +78,17 @@ def define_out_variant(name: str, functional: str, schema: str, check: Callable)
     def kernel(*args):
         check(*args)
         inputs, outs = args[:n_inputs], args[n_inputs:]
-        implementation = dispatch.pick(functional, inputs)
+        device = dispatch.device_of(inputs)
+        implementation = dispatch.pick(functional, inputs, device)
         if getattr(implementation, "writes_out", False):
-            implementation(*inputs, out=tuple(outs))
+            run_on(device, lambda: implementation(*inputs, out=tuple(outs)), ())
             return
-        for out, result in zip(outs, implementation(*inputs)):
+        for out, result in zip(outs, run_on(device, implementation, inputs)):
             out.copy_(result)
 
     kernel.__name__ = f"{name}_kernel"
     LIB.impl(name, kernel, "CPU")
-    LIB.impl(name, on_inputs_device(kernel), "CUDA")
+    LIB.impl(name, kernel, "CUDA")
 
 
 def _below_autograd(name: str) -> Callable:
@@ -116,7 +112,7 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     through pybind on every call (`torch._library.utils.fill_defaults`, about 25 us a call on the CPU
     machine, half of the boundary's cost when inputs require grad; BENCHMARKS.md, op-boundary overhead).
     Here the defaults are read from the schema once."""
-    defaults = tuple(a.default_value for a in getattr(torch.ops.dsa, name).default._schema.arguments)
+    defaults = schema_defaults(name)
     run = _below_autograd(name)
 
     def forward(ctx, *args):
